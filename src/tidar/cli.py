@@ -1,0 +1,120 @@
+"""The ``tidar`` command line. Every user error ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import TidarError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage plus a line
+        raise TidarError(message)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TidarError("--device cuda requested but no CUDA device is available")
+    return name
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory, .gguf file or hub id "
+                   "(default: the embedded smollm2-135m-instruct)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", default=None, help="drafter checkpoint from `tidar convert` "
+                   "(default: the model's shipped drafter, if any)")
+    p.add_argument("--sampler", default="lossless", choices=["ar", "lossless", "mix"])
+    p.add_argument("--beta", type=float, default=0.7, help="mix weight of the AR logits")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=None, help="default: the drafter's")
+    p.add_argument("--proposals", default=None, help="proposal blocks per pass, N or auto "
+                   "(default: all b)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tidar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate text for a prompt")
+    gen.add_argument("prompt")
+    add_model_args(gen)
+    add_decode_args(gen)
+    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--compare", action="store_true", help="also run `ar`; print the speedup")
+
+    info = sub.add_parser("info", help="describe a model")
+    info.add_argument("model", nargs="?", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "generate":
+            from .generate import run_generate
+
+            return run_generate(args)
+        if args.command == "info":
+            return run_info(args)
+        return 2
+    except TidarError as exc:
+        print(f"tidar: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tidar: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_info(args) -> int:
+    from .loading import load_model
+
+    start = time.perf_counter()
+    loaded = load_model(args.model)
+    cfg = loaded.config
+    total, active = loaded.model.num_parameters()
+    info = {
+        "model": loaded.source,
+        "family": cfg.family,
+        "kind": "moe" if cfg.moe else "dense",
+        "parameters": total,
+        "active_parameters": active,
+        "layers": cfg.n_layers,
+        "hidden_size": cfg.dim,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position,
+        "dtype": str(getattr(cfg.hf_config, "dtype", None) or "float32").replace("torch.", ""),
+        "fingerprint": loaded.fingerprint,
+    }
+    if cfg.moe:
+        info["experts"] = f"{cfg.moe.top_k} of {cfg.moe.num_experts}"
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    print(f"(loaded in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``tidar generate``: text in, text out, around the token-level engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .engine import DecodeConfig, Engine, proposal_set
+from .errors import TidarError
+from .sampling import SamplingParams
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def shipped_drafter(model_name: str) -> Path | None:
+    """The drafter that ships inside the package for an embedded model, if there is one."""
+    path = resources.files("tidar") / "drafters" / f"{model_name}.safetensors"
+    return Path(str(path)) if path.is_file() else None
+
+
+def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
+    if not raw and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return list(ids)
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def stop_ids(loaded) -> tuple[int, ...]:
+    ids = set(loaded.config.eos_token_ids)
+    if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def decode_config(args, block_size: int) -> DecodeConfig:
+    b = args.block_size or block_size
+    proposals = None
+    if args.proposals not in (None, "all"):
+        if args.proposals == "auto":
+            raise TidarError("--proposals auto needs the tuner, which runs on a GPU: use a number")
+        try:
+            count = int(args.proposals)
+        except ValueError:
+            raise TidarError(f"--proposals takes a number, got {args.proposals!r}") from None
+        proposals = proposal_set(count, b)
+    return DecodeConfig(
+        sampler=args.sampler,
+        block_size=b,
+        proposals=proposals,
+        beta=args.beta if args.sampler == "mix" else 1.0,
+        sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    ).resolved()
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive, holding back incomplete characters."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def add(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, on_tokens=None) -> dict:
+    cfg = cfg.resolved()
+    start = time.perf_counter()
+    tokens: list[int] = []
+    for _, new in engine.stream([prompt_ids], cfg):
+        tokens.extend(new)
+        if on_tokens:
+            on_tokens(new)
+    seconds = time.perf_counter() - start
+    stats = engine.last_stats.as_dict()
+    return {
+        "token_ids": tokens,
+        "num_tokens": len(tokens),
+        "passes": stats["passes"],
+        "tokens_per_pass": stats["tokens_per_pass"],
+        "seconds": seconds,
+        "tokens_per_second": len(tokens) / seconds if seconds > 0 else 0.0,
+        "sampler": cfg.sampler,
+        "block_size": cfg.block_size,
+        "proposals": len(cfg.proposals),
+        "acceptance_by_position": stats["acceptance_by_position"],
+        "committed_per_pass_histogram": stats["committed_per_pass_histogram"],
+    }
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from .cli import _device, _dtype
+    from .drafter import apply_drafter
+    from .loading import load_model
+
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, device=device, dtype=_dtype(args.dtype))
+    drafter_path = args.drafter
+    if drafter_path is None and loaded.is_default:
+        drafter_path = shipped_drafter("smollm2-135m-instruct")
+    block_size = DEFAULT_BLOCK_SIZE
+    drafter = "untrained (mean embedding)"
+    if drafter_path is not None:
+        info = apply_drafter(loaded.model, drafter_path, loaded.fingerprint)
+        block_size, drafter = info.block_size, str(drafter_path)
+    cfg = decode_config(args, block_size)
+    prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)
+    engine = Engine(loaded.model, stop_ids(loaded))
+
+    stream = None if args.json else TextStream(loaded.tokenizer, sys.stdout)
+    result = run_once(engine, prompt_ids, cfg, stream.add if stream else None)
+    result["text"] = loaded.tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+    result["drafter"] = drafter
+    if args.compare:
+        ar = run_once(engine, prompt_ids, DecodeConfig(
+            sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+        ))
+        result["compare"] = {
+            "ar_tokens_per_second": ar["tokens_per_second"],
+            "speedup": result["tokens_per_second"] / max(ar["tokens_per_second"], 1e-9),
+            "identical": ar["token_ids"] == result["token_ids"],
+        }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(file=sys.stdout)
+    print(
+        f"[{result['sampler']}] {result['num_tokens']} tokens, {result['passes']} passes, "
+        f"{result['tokens_per_pass']:.2f} tokens/pass, {result['tokens_per_second']:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    if args.compare:
+        cmp = result["compare"]
+        same = "identical to" if cmp["identical"] else "DIFFERENT from"
+        print(
+            f"[ar] {cmp['ar_tokens_per_second']:.1f} tokens/s; speedup {cmp['speedup']:.2f}x; "
+            f"output {same} ar",
+            file=sys.stderr,
+        )
+    return 0

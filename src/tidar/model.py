@@ -1,0 +1,307 @@
+"""One decoder-only transformer for every supported family, dense and MoE.
+
+Single-device and small, in the spirit of gpt-fast's ``model.py``: family differences are
+fields of ``ModelConfig``. Parameter names follow the Hugging Face layout (minus the
+``model.`` prefix), so loading a checkpoint is mostly a rename. The forward takes a
+``Layout`` (positions plus the visibility rule of ``layouts.py``) and an optional ``KVCache``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .layouts import KeyMeta, Layout, dense_mask, key_meta
+
+
+class RowGate:
+    """Which rows are mask tokens, shared with adapters that apply to those rows only."""
+
+    mask: Tensor | None = None
+
+
+class RowLoRA(nn.Module):
+    """A LoRA adapter on a linear layer whose update applies only to mask-token rows.
+
+    Clean tokens never attend to mask tokens, so with these adapters the AR path of the model
+    is the base model, exactly (the frozen-AR conversion mode).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: RowGate):
+        super().__init__()
+        self.base = base
+        self.gate = gate
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        delta = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + delta * (self.scale * self.gate.mask.to(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Static per-layer key/value buffers: ``capacity`` committed slots plus a scratch area.
+
+    Slot ``p < capacity`` holds the token at position ``p``; scratch slots hold the current
+    pass's mask tokens. Each row's committed length lives in the engine, not here.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, scratch: int, dtype, device):
+        shape = (batch, cfg.n_kv_heads, capacity + scratch, cfg.head_dim)
+        self.capacity = capacity
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` ``[B, H, T, D]`` at ``slots`` ``[B, T]``; return the whole buffers."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v[layer].dtype)
+        return self.k[layer], self.v[layer]
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies and output scale, with the scaling type the checkpoint declares."""
+    hf = cfg.hf_config
+    params = getattr(hf, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim
+        return 1.0 / (theta**exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        from .errors import TidarError
+
+        raise TidarError(f"unsupported RoPE scaling type {rope_type!r}")
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, None)
+    return inv_freq.float(), float(scale)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, masks, cache: KVCache | None, slots) -> Tensor:
+        cfg = self.cfg
+        batch, length, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, length, cfg.n_heads, cfg.head_dim)
+        k = k.view(batch, length, cfg.n_kv_heads, cfg.head_dim)
+        v = v.view(batch, length, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, slots, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=masks[self.window], enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """``x`` rows sorted by expert, times ``weight[e].T`` for each expert's row range."""
+    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    # torch's CUDA grouped GEMM is bf16-only: other dtypes (fp32 checks) loop over experts.
+    out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = x[start:end] @ weight[e].T
+        start = end
+    return out
+
+
+class Experts(nn.Module):
+    """All experts of one layer as two stacked weights, run as grouped matmuls."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x: Tensor, expert: Tensor, weight: Tensor) -> Tensor:
+        """``x`` ``[N, D]``; ``expert``, ``weight`` ``[N, k]``: the weighted sum of k experts."""
+        n_experts = self.gate_up_proj.shape[0]
+        flat = expert.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // expert.shape[1]
+        counts = torch.bincount(flat, minlength=n_experts)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        xs = x[token]
+        gate, up = grouped_mm(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        ys = grouped_mm(F.silu(gate) * up, self.down_proj, offsets)
+        ys = ys * weight.reshape(-1)[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        moe = cfg.moe
+        self.top_k = moe.top_k
+        self.normalize = moe.normalize_top_k
+        self.gate = nn.Linear(cfg.dim, moe.num_experts, bias=False)
+        self.experts = Experts(moe.num_experts, cfg.dim, moe.expert_dim)
+        if moe.shared_expert_dim:
+            self.shared_expert = MLP(cfg.dim, moe.shared_expert_dim)
+            self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
+        else:
+            self.shared_expert = None
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weight, expert = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weight = weight / weight.sum(-1, keepdim=True)
+        return expert, weight.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        expert, weight = self.route(x)
+        out = self.experts(x, expert, weight)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
+        self.mlp = MoE(cfg) if sparse else MLP(cfg.dim, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, masks, cache, slots) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # The input-only mask token (id == vocab_size); the output head keeps the vocabulary.
+        self.mask_embedding = nn.Parameter(torch.zeros(cfg.dim))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        )
+        inv_freq, self.rope_scale = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.row_gate = RowGate()
+
+    def init_mask_embedding(self) -> None:
+        """The mean token embedding: a neutral start for an untrained drafter."""
+        with torch.no_grad():
+            self.mask_embedding.copy_(self.embed_tokens.weight.float().mean(0))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        is_mask = (tokens == self.cfg.mask_id)[..., None]
+        x = self.embed_tokens(tokens.clamp(max=self.cfg.vocab_size - 1))
+        return torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
+
+    def head(self, h: Tensor) -> Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)
+
+    def rope(self, positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, head_dim]
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def masks(self, layout: Layout, keys: KeyMeta) -> dict:
+        return {w: dense_mask(layout, keys, w) for w in set(self.cfg.sliding_windows or [None])}
+
+    def forward(
+        self, layout: Layout, cache: KVCache | None = None, masks: dict | None = None,
+        hidden_only: bool = False,
+    ) -> Tensor:
+        """Logits ``[B, T, V]`` (or final hidden states) for the layout's query tokens."""
+        x = self.embed(layout.tokens)
+        self.row_gate.mask = (layout.block > 0)[..., None]
+        cos, sin = self.rope(layout.positions, x.dtype)
+        if masks is None:
+            masks = self.masks(layout, key_meta(layout, cache.slots if cache else None))
+        slots = layout.slots if cache is not None else None
+        for block in self.layers:
+            x = block(x, cos, sin, masks, cache, slots)
+        x = self.norm(x)
+        return x if hidden_only else self.head(x)
+
+    def num_parameters(self) -> tuple[int, int]:
+        """Total and active-per-token parameter counts (they differ for MoE)."""
+        total = sum(p.numel() for p in self.parameters()) - self.mask_embedding.numel()
+        active = total
+        for block in self.layers:
+            if isinstance(block.mlp, MoE):
+                experts = block.mlp.experts
+                per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // (
+                    experts.gate_up_proj.shape[0]
+                )
+                active -= per_expert * (experts.gate_up_proj.shape[0] - block.mlp.top_k)
+        return total, active
