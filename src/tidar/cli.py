@@ -50,6 +50,65 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    "(default: all b)")
 
 
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig(out="")
+    p.add_argument("--out", required=True, help="run directory: checkpoint, drafter, logs")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="sources: text files or dirs, .jsonl, .parquet, datasets dirs; "
+                   "SOURCE:WEIGHT to mix")
+    p.add_argument("--model", default=None)
+    p.add_argument("--mode", default=d.mode, choices=["frozen-ar", "full"])
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="clean tokens per row")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step, global")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 frozen-ar, 1e-5 full")
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the AR loss (full)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="adapter rank (default 64 frozen-ar; 0 = all weights in full mode)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: the rank")
+    p.add_argument("--router-aux", type=float, default=d.router_aux)
+    p.add_argument("--freeze-router", action="store_true")
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-rows", type=int, default=d.eval_rows)
+    p.add_argument("--eval-prompt", action="append", default=[], dest="eval_prompts")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
+def run_convert(args) -> int:
+    from .train import TrainConfig, train
+
+    full = args.mode == "full"
+    rank = args.lora_rank if args.lora_rank is not None else (0 if full else 64)
+    cfg = TrainConfig(
+        out=args.out, data=args.data, model=args.model, mode=args.mode,
+        block_size=args.block_size, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, steps=args.steps,
+        lr=args.lr if args.lr is not None else (1e-5 if full else 1e-3),
+        warmup=args.warmup, weight_decay=args.weight_decay, alpha=args.alpha,
+        lora_rank=rank, lora_alpha=args.lora_alpha if args.lora_alpha is not None else rank or 1,
+        router_aux=args.router_aux, freeze_router=args.freeze_router, dtype=args.dtype,
+        compile=args.compile, grad_checkpointing=args.grad_checkpointing,
+        eval_every=args.eval_every, eval_rows=args.eval_rows, eval_prompts=args.eval_prompts,
+        save_every=args.save_every, log_every=args.log_every, seed=args.seed, device=args.device,
+    )
+    result = train(cfg, resume=args.resume)
+    print(f"drafter written to {result['drafter']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -61,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--compare", action="store_true", help="also run `ar`; print the speedup")
+
+    conv = sub.add_parser("convert", help="train a model into a TiDAR drafter")
+    add_convert_args(conv)
 
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=None)
@@ -74,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             from .generate import run_generate
 
             return run_generate(args)
+        if args.command == "convert":
+            return run_convert(args)
         if args.command == "info":
             return run_info(args)
         return 2

@@ -51,16 +51,6 @@ def add_row_lora(model: Transformer, rank: int, alpha: float, targets=LORA_TARGE
                 setattr(module, child_name, RowLoRA(child, rank, alpha, model.row_gate))
 
 
-def drafter_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """The trainable drafter state: mask embedding and every adapter."""
-    out = {"mask_embedding": model.mask_embedding.detach()}
-    for name, module in model.layers.named_modules():
-        if isinstance(module, RowLoRA):
-            out[f"layers.{name}.lora_A"] = module.lora_A.detach()
-            out[f"layers.{name}.lora_B"] = module.lora_B.detach()
-    return out
-
-
 def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: DrafterInfo) -> None:
     from safetensors.torch import save_file
 

@@ -3,10 +3,17 @@
 It sees token ids, not text. Each pass verifies the previous pass's drafts with the AR head
 and proposes the next drafts for every acceptance length in the proposal set ``S``
 (DESIGN.md section 3); ``ar`` is the same engine with ``b = 1`` and no proposals.
+
+All decoding state lives in fixed-shape device tensors that a pass updates in place, with no
+host synchronisation: token bookkeeping (stop tokens, budgets, output buffer) is tensor
+arithmetic and randomness is a counter-based hash of (row seed, pass, slot). On CUDA the pass
+is captured once in a CUDA graph and replayed; the host looks at the state every
+``sync_every`` passes to stream tokens and stop.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -18,7 +25,9 @@ from .layouts import decode_layout, prefill_layout
 from .model import KVCache, Transformer
 from .sampling import (
     SamplingParams,
+    hash_uniforms,
     mix_logits,
+    one_hot,
     probabilities,
     sample,
     verify_greedy,
@@ -76,16 +85,11 @@ class Stats:
     block_size: int
     passes: list[int] = field(default_factory=list)  # per row
     tokens: list[int] = field(default_factory=list)  # per row
-    committed_hist: list[int] = field(default_factory=list)  # [n] = passes committing n tokens
-    reached: list[int] = field(default_factory=list)  # [j] = passes with k >= j (j >= 1)
-    decode_passes: int = 0
+    committed_hist: list[int] = field(default_factory=list)  # [n] = decode passes with k+1 = n
 
-    def record(self, committed: list[int]) -> None:
-        for n in committed:
-            self.committed_hist[n] += 1
-            for j in range(1, n):
-                self.reached[j] += 1
-        self.decode_passes += len(committed)
+    @property
+    def decode_passes(self) -> int:
+        return sum(self.committed_hist)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -94,7 +98,8 @@ class Stats:
     @property
     def acceptance(self) -> list[float]:
         """``P(k >= j)`` for draft positions ``j = 1 .. b-1`` over decode passes."""
-        return [self.reached[j] / max(1, self.decode_passes) for j in range(1, self.block_size)]
+        total = max(1, self.decode_passes)
+        return [sum(self.committed_hist[j + 1 :]) / total for j in range(1, self.block_size)]
 
     def as_dict(self) -> dict:
         return {
@@ -108,80 +113,86 @@ class Stats:
 
 @dataclass
 class _State:
-    """Per-row decoding state; every tensor has the batch as its first dimension."""
+    """Per-row decoding state: fixed-shape device tensors, updated in place by each pass."""
 
-    committed: Tensor  # tokens in the cache
-    next_token: Tensor  # g: committed, not yet in the cache
+    committed: Tensor  # [B] tokens in the cache
+    next_token: Tensor  # [B] g: committed, not yet in the cache
     drafts: Tensor  # [B, b-1]
+    draft_valid: Tensor  # [B, b-1] False for fillers of a partial proposal set
     draft_logits: Tensor | None  # [B, b-1, V] z_D of the drafting block (mix)
     draft_probs: Tensor | None  # [B, b-1, V] q (sampling)
-    draft_valid: Tensor  # [B, b-1] False for fillers of a partial proposal set
+    active: Tensor  # [B] bool
+    generated: Tensor  # [B] tokens emitted
+    out: Tensor  # [B, max_new + b + 1] emitted tokens; the last column absorbs masked writes
+    passes: Tensor  # [B] passes while active, prefill included
+    counter: Tensor  # [B] passes run, the RNG counter
+    seeds: Tensor  # [B]
+    hist: Tensor  # [b + 1] decode passes by k+1 (index 0 collects inactive rows)
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, Tensor)]
 
 
 class Engine:
-    def __init__(self, model: Transformer, stop_ids: tuple[int, ...] = ()):
+    def __init__(self, model: Transformer, stop_ids: tuple[int, ...] = (),
+                 cuda_graphs: bool | None = None):
         self.model = model
-        self.stop_ids = set(stop_ids)
+        self.stop_ids = tuple(stop_ids)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.last_stats: Stats | None = None
 
     # -- public API -------------------------------------------------------------------
     def generate(
         self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None
     ) -> tuple[list[list[int]], Stats]:
         outputs: list[list[int]] = [[] for _ in prompts]
-        for row, tokens in self.stream(prompts, cfg, seeds):
+        # A sync costs little on the CPU; on CUDA, run several graph replays per sync.
+        sync_every = 8 if self.cuda_graphs else 1
+        for row, tokens in self.stream(prompts, cfg, seeds, sync_every=sync_every):
             outputs[row].extend(tokens)
         return outputs, self.last_stats
 
     def stream(
-        self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None
+        self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None,
+        sync_every: int = 1,
     ) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(row, tokens)`` as tokens are committed; stats end up in ``last_stats``.
 
-        Each row draws its randomness from its own generator (seed ``seeds[row]``, default
-        ``cfg.seed``), so a row gets the same tokens in a batch as alone.
+        Each row's randomness is a function of its seed (``seeds[row]``, default
+        ``cfg.seed``) and its pass count, so a row gets the same tokens in a batch as alone.
         """
         cfg = cfg.resolved()
         self._check_prompts(prompts, cfg)
-        b, batch = cfg.block_size, len(prompts)
-        self.last_stats = stats = Stats(
-            b, passes=[0] * batch, tokens=[0] * batch,
-            committed_hist=[0] * (b + 1), reached=[0] * (b + 1),
-        )
+        batch = len(prompts)
         seeds = seeds if seeds is not None else [cfg.seed] * batch
-        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        capacity = max(map(len, prompts)) + cfg.max_new_tokens + b + 1
-        scratch = max(len(cfg.proposals) * b, b)
-        cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
+        if len(seeds) != batch:
+            raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
+        capacity = max(map(len, prompts)) + cfg.max_new_tokens + cfg.block_size + 1
+        scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
         with torch.inference_mode():
-            state = self._prefill(prompts, cfg, cache, gens)
-            emitted = [0] * batch
-            active = [True] * batch
-            first = state.next_token.tolist()
-            for r in range(batch):
-                stats.passes[r] += 1
-                new, active[r] = self._cut([first[r]], emitted[r], cfg)
-                emitted[r] += len(new)
-                yield r, new
-            while any(active):
-                drafts = state.drafts.tolist()
-                k, c, state = self._pass(state, cfg, cache, gens, active)
-                k_list, c_list = k.tolist(), c.tolist()
-                committed = []
+            cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
+            consts = self._constants(cfg)
+            st = self._prefill(prompts, cfg, cache, seeds)
+            step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
+                lambda: self._pass(st, cfg, cache, consts)
+            )
+            shown = [0] * batch
+            while True:
+                generated = st.generated.tolist()
+                out = st.out.cpu()  # one copy per sync, not one per row
                 for r in range(batch):
-                    if not active[r]:
-                        continue
-                    stats.passes[r] += 1
-                    tokens = drafts[r][: k_list[r]] + [c_list[r]]
-                    committed.append(len(tokens))
-                    new, active[r] = self._cut(tokens, emitted[r], cfg)
-                    emitted[r] += len(new)
-                    if new:
-                        yield r, new
-                stats.record(committed)
-            for r in range(batch):
-                stats.tokens[r] = emitted[r]
+                    if generated[r] > shown[r]:
+                        yield r, out[r, shown[r] : generated[r]].tolist()
+                        shown[r] = generated[r]
+                if not bool(st.active.any()):
+                    break
+                for _ in range(sync_every):
+                    step()
+            hist = st.hist.tolist()
+            hist[0] = 0
+            self.last_stats = Stats(cfg.block_size, st.passes.tolist(), generated, hist)
 
     # -- internals --------------------------------------------------------------------
     def _check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
@@ -198,18 +209,18 @@ class Engine:
         if any(t < 0 or t >= vocab for p in prompts for t in p):
             raise TidarError(f"prompt token ids must lie in 0 .. {vocab - 1}")
 
-    def _cut(self, tokens: list[int], emitted: int, cfg: DecodeConfig) -> tuple[list[int], bool]:
-        """Tokens to emit, stopping after a stop token or at the token budget; still active?"""
-        room = cfg.max_new_tokens - emitted
-        out = tokens[:room]
-        for i, t in enumerate(out):
-            if t in self.stop_ids:
-                return out[: i + 1], False
-        return out, emitted + len(out) < cfg.max_new_tokens
-
-    def _uniforms(self, gens, count: int) -> Tensor:
-        """``count`` uniforms per row, each row from its own generator (batch-invariant)."""
-        return torch.stack([torch.rand(count, generator=g, device=self.device) for g in gens])
+    def _constants(self, cfg: DecodeConfig) -> dict:
+        """Per-configuration lookup tensors, built once so a pass does no host work."""
+        S, b, dev = cfg.proposals, cfg.block_size, self.device
+        floor = [max(j for j in S if j <= k) for k in range(b)] if S else [0] * b
+        return {
+            "floor": torch.tensor(floor, device=dev),
+            "slot_of": torch.tensor([S.index(f) if S else 0 for f in floor], device=dev),
+            "stop_ids": torch.tensor(self.stop_ids or (-1,), device=dev),
+            "offsets": torch.arange(b, device=dev),
+            "ks": torch.tensor(S, dtype=torch.long, device=dev),
+            "max_new": cfg.max_new_tokens,
+        }
 
     def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor) -> tuple[Tensor, Tensor | None]:
         """Tokens (and their distributions when sampling) from logits ``[..., V]``."""
@@ -218,92 +229,161 @@ class Engine:
         probs = probabilities(logits, cfg.sampling)
         return sample(probs, u), probs
 
-    def _prefill(self, prompts, cfg: DecodeConfig, cache: KVCache, gens) -> _State:
-        b = cfg.block_size
+    def _prefill(self, prompts, cfg: DecodeConfig, cache: KVCache, seeds) -> _State:
+        b, batch, dev, model = cfg.block_size, len(prompts), self.device, self.model
         n_mask = 0 if cfg.sampler == "ar" else b
-        mask_id = self.model.cfg.mask_id
-        layout = prefill_layout(prompts, n_mask, cache.capacity, mask_id, self.device)
-        hidden = self.model(layout, cache, hidden_only=True)
-        rows = torch.arange(len(prompts), device=self.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        layout = prefill_layout(prompts, n_mask, cache.capacity, model.cfg.mask_id, dev)
+        hidden = model(layout, cache, hidden_only=True)
+        rows = torch.arange(batch, device=dev)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         max_len = max(map(len, prompts))
-        z_ar = self.model.head(hidden[rows, last])  # [B, V], target for position m
-        z_block = self.model.head(hidden[:, max_len:])  # [B, n_mask, V], positions m ..
-        u = self._uniforms(gens, 2 * b)
+        z_ar = model.head(hidden[rows, last])  # [B, V], the target for position m
+        z_block = model.head(hidden[:, max_len:])  # [B, n_mask, V], positions m ..
+        seeds_t = torch.tensor(seeds, device=dev)
+        counter = torch.zeros(batch, dtype=torch.long, device=dev)
+        u = hash_uniforms(seeds_t, counter, 2 * b)
         target = z_ar if n_mask == 0 else mix_logits(z_ar, z_block[:, 0], cfg.beta)
         first, _ = self._draw(target, cfg, u[:, 0])
-        committed = last + 1
-        return self._next_drafts(first, z_block[:, 1:], cfg, u[:, b:], committed, len(prompts))
+        vocab = z_ar.shape[-1]
+        sampled = not cfg.sampling.greedy
+        st = _State(
+            committed=last + 1,
+            next_token=first,
+            drafts=torch.zeros(batch, b - 1, dtype=torch.long, device=dev),
+            draft_valid=torch.zeros(batch, b - 1, dtype=torch.bool, device=dev),
+            draft_logits=(torch.zeros(batch, b - 1, vocab, device=dev)
+                          if cfg.sampler == "mix" else None),
+            draft_probs=torch.zeros(batch, b - 1, vocab, device=dev) if sampled else None,
+            active=torch.ones(batch, dtype=torch.bool, device=dev),
+            generated=torch.zeros(batch, dtype=torch.long, device=dev),
+            out=torch.zeros(batch, cfg.max_new_tokens + b + 1, dtype=torch.long, device=dev),
+            passes=torch.zeros(batch, dtype=torch.long, device=dev),
+            counter=counter + 1,
+            seeds=seeds_t,
+            hist=torch.zeros(b + 1, dtype=torch.long, device=dev),
+        )
+        consts = self._constants(cfg)
+        self._emit(st, first[:, None], torch.ones_like(first), consts)
+        ahead = z_block[:, 1:]
+        self._set_drafts(st, cfg, ahead, torch.ones(batch, b - 1, dtype=torch.bool, device=dev),
+                         u[:, b:])
+        return st
 
-    def _next_drafts(self, next_token, block_logits, cfg, u, committed, batch) -> _State:
-        """State after a pass: ``block_logits [B, n, V]`` predict the ``n`` positions after g."""
-        b = cfg.block_size
-        n = block_logits.shape[1] if block_logits is not None else 0
-        drafts = torch.zeros(batch, b - 1, dtype=torch.long, device=self.device)
-        valid = torch.zeros(batch, b - 1, dtype=torch.bool, device=self.device)
-        logits = probs = None
-        if n:
-            d, q = self._draw(block_logits, cfg, u[:, :n])
-            drafts[:, :n] = d
-            valid[:, :n] = True
-            if cfg.sampler == "mix":
-                logits = block_logits.new_zeros(batch, b - 1, block_logits.shape[-1])
-                logits[:, :n] = block_logits
-            if q is not None:
-                probs = q.new_zeros(batch, b - 1, q.shape[-1])
-                probs[:, :n] = q
-        return _State(committed, next_token, drafts, logits, probs, valid)
+    def _emit(self, st: _State, tokens: Tensor, count: Tensor, consts: dict) -> None:
+        """Append the first ``count`` of ``tokens [B, n]`` to each active row, in place."""
+        n = tokens.shape[1]
+        j = torch.arange(n, device=tokens.device)
+        stop = torch.isin(tokens, consts["stop_ids"]) & (j < count[:, None])
+        first_stop = torch.where(stop.any(1), stop.int().argmax(1), n)
+        room = consts["max_new"] - st.generated
+        count = torch.minimum(torch.minimum(count, first_stop + 1), room) * st.active
+        dump = st.out.shape[1] - 1
+        index = torch.where(j < count[:, None], st.generated[:, None] + j, dump)
+        st.out.scatter_(1, index, tokens)
+        st.generated.add_(count)
+        st.passes.add_(st.active.long())
+        st.active.logical_and_(~stop.any(1) & (st.generated < consts["max_new"]))
 
-    def _pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, gens, active):
-        b, S = cfg.block_size, cfg.proposals
+    def _set_drafts(self, st: _State, cfg: DecodeConfig, ahead: Tensor, real: Tensor, u: Tensor):
+        """Next drafts from block logits ``ahead [B, b-1, V]`` (``real``: not fillers)."""
+        if ahead.shape[1] == 0:
+            return
+        drafts, probs = self._draw(ahead, cfg, u[:, : ahead.shape[1]])
+        st.drafts.copy_(torch.where(real, drafts, 0))
+        st.draft_valid.copy_(real)
+        if st.draft_logits is not None:
+            st.draft_logits.copy_(ahead)
+        if st.draft_probs is not None:
+            st.draft_probs.copy_(probs)
+
+    def _pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict) -> None:
+        b, S, model = cfg.block_size, cfg.proposals, self.model
         batch = st.next_token.shape[0]
-        model = self.model
         verify = torch.cat([st.next_token[:, None], st.drafts], dim=1)
-        layout = decode_layout(st.committed, verify, list(S), b, cache.capacity, model.cfg.mask_id)
-        logits = model(layout, cache)
-        vocab = logits.shape[-1]
-        z_ar = logits[:, :b]
-        z_blocks = logits[:, b:].reshape(batch, len(S), b, vocab)
+        layout = decode_layout(st.committed, verify, consts["ks"], b, cache.capacity,
+                               model.cfg.mask_id)
+        hidden = model(layout, cache, hidden_only=True)
+        z_ar = model.head(hidden[:, :b])  # [B, b, V]
+        u = hash_uniforms(st.seeds, st.counter, 2 * b)
         target = z_ar
-        if cfg.sampler == "mix" and b > 1:
+        if cfg.sampler == "mix" and S:
             # Drafted positions mix with their drafting block; the bonus position with the
-            # first position of the block that would cover it.
-            last = len(S) - 1
-            bonus = z_blocks[:, last, b - 1 - S[-1]]
+            # block that covers it (the last proposal block).
+            bonus = model.head(hidden[:, b + (len(S) - 1) * b + (b - 1 - S[-1])])
             z_d = torch.cat([st.draft_logits, bonus[:, None]], dim=1)
             valid = torch.cat([st.draft_valid, st.draft_valid.new_ones(batch, 1)], dim=1)
             target = torch.where(valid[..., None], mix_logits(z_ar, z_d, cfg.beta), z_ar.float())
-        u = self._uniforms(gens, 2 * b)
         if cfg.sampling.greedy:
             k, c = verify_greedy(target, st.drafts)
         else:
             p = probabilities(target, cfg.sampling)
-            q = st.draft_probs
-            if q is None:
-                q = p.new_zeros(batch, b - 1, vocab)
+            q = st.draft_probs if st.draft_probs is not None else p[:, :0]
             # Fillers of a partial proposal set are drafts with a one-hot q.
-            filler_q = torch.nn.functional.one_hot(st.drafts, vocab).float()
-            q = torch.where(st.draft_valid[..., None], q, filler_q)
+            q = torch.where(st.draft_valid[..., None], q, one_hot(st.drafts, p.shape[-1]))
             k, c = verify_sampled(p, q, st.drafts, u[:, : b - 1], u[:, b - 1])
-        live = torch.tensor(active, device=self.device)
-        committed = st.committed + (k + 1) * live
-        if not S:
-            return k, c, _State(committed, c, st.drafts, None, None, st.draft_valid)
-        # The block for the largest proposed length <= k; it covers positions s+k'+1 ..
-        floor = _floor_lookup(S, b, self.device)[k]
-        slot = torch.searchsorted(torch.tensor(S, device=self.device), floor)
-        block = z_blocks[torch.arange(batch, device=self.device), slot]  # [B, b, V]
-        shift = k - floor  # c sits at index `shift` of that block
-        idx = shift[:, None] + torch.arange(1, b, device=self.device)  # positions after c
-        real = idx < b
-        ahead = block.gather(1, idx.clamp(max=b - 1)[..., None].expand(-1, -1, vocab))
-        state = self._next_drafts(c, ahead, cfg, u[:, b:], committed, batch)
-        state.draft_valid &= real
-        state.drafts = torch.where(real, state.drafts, torch.zeros_like(state.drafts))
-        return k, c, state
+        live = st.active.long()
+        st.hist.scatter_add_(0, (k + 1) * live, torch.ones_like(k))
+        tokens = torch.cat([st.drafts, c[:, None]], dim=1)
+        tokens = torch.where(consts["offsets"] == k[:, None], c[:, None], tokens)
+        self._emit(st, tokens, k + 1, consts)
+        st.committed.add_((k + 1) * live)
+        st.next_token.copy_(torch.where(live.bool(), c, st.next_token))
+        st.counter.add_(1)
+        if S:
+            # The block for the largest proposed length k' <= k covers s+k'+1 ..; c sits at
+            # its index k-k', the next drafts after it (fewer when k' < k: fillers).
+            shift = k - consts["floor"][k]
+            slot = consts["slot_of"][k]
+            idx = shift[:, None] + consts["offsets"][1:]
+            real = idx < b
+            rows = torch.arange(batch, device=k.device)[:, None]
+            pos = b + slot[:, None] * b + idx.clamp(max=b - 1)
+            ahead = model.head(hidden[rows, pos])  # [B, b-1, V]
+            self._set_drafts(st, cfg, ahead, real, u[:, b:])
 
+    def _capture(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
+        """Capture one pass in a CUDA graph; return its replay."""
+        saved = [t.clone() for t in st.tensors()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: allocator and kernels settle outside the graph
+                self._pass(st, cfg, cache, consts)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._pass(st, cfg, cache, consts)
+        # Warm-up passes advanced the state; their cache writes lie past `committed`.
+        for t, s in zip(st.tensors(), saved, strict=True):
+            t.copy_(s)
+        return graph.replay
 
-def _floor_lookup(proposals: tuple[int, ...], b: int, device) -> Tensor:
-    """``table[k] = max{j in S : j <= k}`` for ``k = 0 .. b-1``."""
-    table = [max(j for j in proposals if j <= k) for k in range(b)]
-    return torch.tensor(table, device=device)
+    @torch.inference_mode()
+    def time_pass(self, cfg: DecodeConfig, batch: int, context: int, repeats: int = 30) -> float:
+        """Median seconds of one decode pass (CUDA-graphed on CUDA) after ``context`` tokens."""
+        cfg = replace(cfg.resolved(), max_new_tokens=(repeats + 4) * cfg.block_size + 1)
+        prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
+                   for r in range(batch)]
+        capacity = context + cfg.max_new_tokens + cfg.block_size + 1
+        scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
+        cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
+        consts = self._constants(cfg)
+        st = self._prefill(prompts, cfg, cache, [0] * batch)
+        step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
+            lambda: self._pass(st, cfg, cache, consts)
+        )
+        times = []
+        for _ in range(repeats):
+            if self.device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]

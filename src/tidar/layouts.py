@@ -75,6 +75,21 @@ def dense_mask(layout: Layout, keys: KeyMeta, window: int | None = None) -> Tens
     )[:, None]
 
 
+def flex_block_mask(layout: Layout, keys: KeyMeta, window: int | None = None):
+    """The same rule as a flex_attention ``BlockMask`` (GPU): fully masked tiles are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_h, q_b, kv_p, kv_b = layout.horizon, layout.block, keys.positions, keys.block
+
+    def mask_mod(b, h, q, kv):
+        return visible(q_h[b, q], q_b[b, q], kv_p[b, kv], kv_b[b, kv], window)
+
+    batch, length = layout.positions.shape
+    return create_block_mask(
+        mask_mod, batch, None, length, kv_p.shape[1], device=layout.positions.device
+    )
+
+
 def causal_layout(tokens: Tensor, start: Tensor | int = 0, with_slots: bool = False) -> Layout:
     """Plain causal decoding of ``tokens`` placed at positions ``start, start+1, ...``."""
     batch, length = tokens.shape
@@ -141,7 +156,7 @@ def prefill_layout(
 def decode_layout(
     committed: Tensor,
     verify: Tensor,
-    proposals: list[int],
+    proposals: list[int] | Tensor,
     block_size: int,
     capacity: int,
     mask_id: int,
@@ -157,7 +172,7 @@ def decode_layout(
     device = verify.device
     s = committed.reshape(-1, 1)
     offsets = torch.arange(b, device=device)
-    ks = torch.tensor(proposals, dtype=torch.long, device=device)
+    ks = torch.as_tensor(proposals, dtype=torch.long, device=device)
     n = len(proposals)
     verify_pos = s + offsets
     prop_pos = (s[:, :, None] + ks[None, :, None] + 1 + offsets).reshape(batch, n * b)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layouts import KeyMeta, Layout, dense_mask, key_meta
+from .layouts import KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
 
 
 class RowGate:
@@ -140,10 +141,23 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, slots, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=masks[self.window], enable_gqa=True
-        )
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+_compiled_flex = None
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    """SDPA with a dense boolean mask, or flex_attention with a BlockMask (compiled once)."""
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -161,11 +175,13 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """``x`` rows sorted by expert, times ``weight[e].T`` for each expert's row range."""
     if x.device.type == "cpu" or x.dtype == torch.bfloat16:
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    # torch's CUDA grouped GEMM is bf16-only: other dtypes (fp32 checks) loop over experts.
-    out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
-    for e, end in enumerate(offsets.tolist()):
-        out[start:end] = x[start:end] @ weight[e].T
-        start = end
+    # torch's CUDA grouped GEMM is bf16-only. Other dtypes (fp32 checks) run every expert on
+    # every row and keep each row's own: wasteful, but free of host syncs (CUDA graphs).
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert = torch.searchsorted(offsets, rows.to(offsets.dtype), right=True)
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    for e in range(weight.shape[0]):
+        out = torch.where((expert == e)[:, None], x @ weight[e].T, out)
     return out
 
 
@@ -185,7 +201,8 @@ class Experts(nn.Module):
         flat = expert.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // expert.shape[1]
-        counts = torch.bincount(flat, minlength=n_experts)
+        counts = torch.zeros(n_experts, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         xs = x[token]
         gate, up = grouped_mm(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
@@ -211,6 +228,10 @@ class MoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)
         weight, expert = torch.topk(probs, self.top_k, dim=-1)
+        if self.training:
+            # Switch-style load balancing: experts' token share times their mean probability.
+            share = F.one_hot(expert, probs.shape[-1]).float().sum(1).mean(0) / self.top_k
+            self.aux_loss = probs.shape[-1] * (share * probs.mean(0)).sum()
         if self.normalize:
             weight = weight / weight.sum(-1, keepdim=True)
         return expert, weight.to(x.dtype)
@@ -254,6 +275,7 @@ class Transformer(nn.Module):
         inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.row_gate = RowGate()
+        self.checkpointing = False  # recompute each block in backward (training memory)
 
     def init_mask_embedding(self) -> None:
         """The mean token embedding: a neutral start for an untrained drafter."""
@@ -274,8 +296,10 @@ class Transformer(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, head_dim]
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
-    def masks(self, layout: Layout, keys: KeyMeta) -> dict:
-        return {w: dense_mask(layout, keys, w) for w in set(self.cfg.sliding_windows or [None])}
+    def masks(self, layout: Layout, keys: KeyMeta, flex: bool = False) -> dict:
+        """One mask per distinct attention window: dense, or flex BlockMasks."""
+        build = flex_block_mask if flex else dense_mask
+        return {w: build(layout, keys, w) for w in set(self.cfg.sliding_windows or [None])}
 
     def forward(
         self, layout: Layout, cache: KVCache | None = None, masks: dict | None = None,
@@ -289,7 +313,10 @@ class Transformer(nn.Module):
             masks = self.masks(layout, key_meta(layout, cache.slots if cache else None))
         slots = layout.slots if cache is not None else None
         for block in self.layers:
-            x = block(x, cos, sin, masks, cache, slots)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, masks, cache, slots, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, masks, cache, slots)
         x = self.norm(x)
         return x if hidden_only else self.head(x)
 

@@ -90,7 +90,7 @@ def verify_sampled(
     ok = u_accept * q_d < p_d  # u < p/q without dividing by zero
     k = accepted_prefix(ok)
     target = p.gather(1, k[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)
-    q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # no draft after the last one
+    q_pad = torch.cat([q, q.new_zeros(q.shape[0], 1, q.shape[-1])], dim=1)  # none after the last
     q_at = q_pad.gather(1, k[:, None, None].expand(-1, 1, q.shape[-1])).squeeze(1)
     residual = (target - q_at).clamp(min=0)
     # A residual of zero mass only happens when p == q there: sample p itself.
@@ -102,3 +102,32 @@ def verify_sampled(
 def accepted_prefix(ok: Tensor) -> Tensor:
     """Length of the all-True prefix of each row of ``ok [B, n]``."""
     return ok.long().cumprod(-1).sum(-1)
+
+
+def one_hot(tokens: Tensor, vocab: int) -> Tensor:
+    """Float one-hot without ``F.one_hot``'s range check (which synchronises on CUDA)."""
+    out = torch.zeros(*tokens.shape, vocab, device=tokens.device)
+    return out.scatter_(-1, tokens[..., None], 1.0)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (two xor-shift-multiply rounds, a final xor-shift), in int64."""
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def hash_uniforms(seeds: Tensor, counter: Tensor, n: int) -> Tensor:
+    """``[B, n]`` uniforms in ``[0, 1)``, a pure function of (row seed, row counter, slot).
+
+    Counter-based randomness: a row draws the same numbers whatever the batch around it, and
+    the computation is plain tensor arithmetic, so it can be captured in a CUDA graph.
+    """
+    slot = torch.arange(n, device=seeds.device)
+    x = _mix32(seeds[:, None] & _MASK32)
+    x = _mix32(x ^ (counter[:, None] & _MASK32))
+    x = _mix32(x ^ slot)
+    return (x >> 8).float() / float(1 << 24)

@@ -1,0 +1,82 @@
+"""Training throughput of the TiDAR objective on the SmolLM2-135M shape (random tokens).
+
+    python benchmarks/train_throughput.py --modes frozen-ar full --batch 32 --seq-len 512
+
+Clean tokens per second (the ``L`` tokens of each doubled row) and model FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import smollm2_shaped, write_json
+
+from tidar.train import TrainConfig, prepare, tidar_losses
+
+
+def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int) -> dict:
+    model = smollm2_shaped(dtype=torch.float32)
+    cfg = TrainConfig(out="", data=["-"], mode=mode, seq_len=seq_len, batch_size=batch,
+                      lora_rank=64 if mode == "frozen-ar" else 0, lora_alpha=64)
+    named = prepare(model, cfg)
+    if mode == "frozen-ar":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    model.cuda().train()
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    fn = torch.compile(model) if compile_model else model
+    vocab = model.cfg.vocab_size
+    times = []
+    for step in range(steps + 3):
+        tokens = torch.randint(0, vocab, (batch, seq_len), device="cuda")
+        offsets = torch.randint(0, cfg.block_size, (batch,), device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ar, diff, _ = tidar_losses(fn, tokens, cfg.block_size, offsets, mode, flex=True)
+        loss = diff if ar is None else (ar + diff) / 2
+        (loss / tokens.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= 3:
+            times.append(time.perf_counter() - t0)
+    sec = sorted(times)[len(times) // 2]
+    n = sum(p.numel() for p in model.parameters())
+    tok_s = batch * seq_len / sec
+    flops_per_token = (6 if mode == "full" else 4) * 2 * n  # doubled rows; frozen: no weight grads
+    return {"mode": mode, "batch": batch, "seq_len": seq_len, "compile": compile_model,
+            "step_seconds": sec, "clean_tokens_per_second": tok_s,
+            "mfu_vs_989tflops": tok_s * flops_per_token / 989e12,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", nargs="+", default=["frozen-ar", "full"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[32])
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    rows = []
+    for mode in args.modes:
+        for batch in args.batch:
+            for comp in compiles:
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    r = run(mode, batch, args.seq_len, comp, args.steps)
+                except Exception as exc:  # report and go on: one failing variant must not
+                    r = {"mode": mode, "batch": batch, "compile": comp, "error": repr(exc)[:300]}
+                rows.append(r)
+                print(r, flush=True)
+    write_json("train_throughput.json", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""``tidar convert``: continued training with the TiDAR objective (DESIGN.md section 2).
+
+One script for one GPU, many GPUs (``torchrun``: FSDP2 applied from outside the model) or the
+CPU. Two modes:
+
+- ``full``: every weight (or peft LoRA on every row) trains on
+  ``(alpha * CE_AR + CE_diff) / (1 + alpha)`` over the doubled sequence;
+- ``frozen-ar``: only the mask embedding and adapters on mask-token rows train, on ``CE_diff``.
+  The clean half runs once without autograd and serves as the KV cache that the mask half
+  attends to, as at decode time; the AR path stays the base model, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .drafter import LORA_TARGETS, DrafterInfo, add_row_lora, save_drafter
+from .errors import TidarError
+from .layouts import Layout, key_meta, training_layout
+from .model import KVCache, MoE, Transformer
+
+MODES = ("frozen-ar", "full")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: list[str] = field(default_factory=list)
+    model: str | None = None
+    mode: str = "frozen-ar"
+    block_size: int = 16
+    seq_len: int = 512
+    batch_size: int = 16  # rows per optimizer step, over all GPUs
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.0
+    alpha: float = 1.0
+    lora_rank: int = 64  # frozen-ar: adapter rank; full: 0 trains every weight
+    lora_alpha: float = 64.0
+    router_aux: float = 0.01
+    freeze_router: bool = False
+    dtype: str = "bfloat16"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    eval_every: int = 200
+    eval_rows: int = 32
+    save_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 10
+    eval_prompts: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise TidarError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 2 <= self.block_size <= 64:
+            raise TidarError(f"--block-size must be between 2 and 64, got {self.block_size}")
+        if self.seq_len < 2 * self.block_size:
+            raise TidarError(
+                f"--seq-len {self.seq_len} is too short for blocks of {self.block_size}"
+            )
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise TidarError("--steps, --batch-size and --grad-accum must be positive")
+        if self.mode == "frozen-ar" and self.lora_rank < 0:
+            raise TidarError("--lora-rank must be >= 0")
+        if not self.data:
+            raise TidarError("no training data: pass --data SOURCE [SOURCE ...]")
+
+    def run_key(self, fingerprint: str) -> str:
+        """What must match for ``--resume``: the base model and everything shaping the run."""
+        keys = ("mode", "block_size", "seq_len", "batch_size", "lora_rank", "data", "seed")
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"base": fingerprint})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- the objective -----------------------------------------------------------------------------
+def _ce_sum(model: Transformer, hidden: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
+    """Summed cross-entropy without materialising ``rows x vocab`` logits at once."""
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(
+                _head_ce, model, h, y, use_reentrant=False
+            )
+        else:
+            total = total + _head_ce(model, h, y)
+    return total
+
+
+def _head_ce(model: Transformer, h: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model.head(h).float(), y, reduction="sum")
+
+
+def mask_half(layout: Layout, length: int, capacity: int) -> Layout:
+    """The mask half of a training layout, with scratch slots after a clean-half cache."""
+    rows = layout.tokens.shape[0]
+    scratch = (capacity + torch.arange(length, device=layout.tokens.device)).expand(rows, -1)
+    return Layout(
+        layout.tokens[:, length:],
+        layout.positions[:, length:],
+        layout.horizon[:, length:],
+        layout.block[:, length:],
+        scratch,
+    )
+
+
+def tidar_losses(
+    model: Transformer, tokens: Tensor, block_size: int, offsets: Tensor, mode: str,
+    flex: bool = False,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(CE_AR sum or None, CE_diff sum, diffusion hidden states)`` for rows ``tokens [B, L]``."""
+    length = tokens.shape[1]
+    layout = training_layout(tokens, block_size, offsets, model.cfg.mask_id)
+    if mode == "full":
+        masks = model.masks(layout, key_meta(layout), flex=flex)
+        hidden = model(layout, masks=masks, hidden_only=True)
+        ar = _ce_sum(model, hidden[:, : length - 1], tokens[:, 1:])
+        diff_hidden = hidden[:, length:]
+        return ar, _ce_sum(model, diff_hidden, tokens), diff_hidden
+    # frozen-ar: the clean half is the base model; run it once as a cache, without autograd.
+    capacity = length
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, tokens.shape[0], capacity, length, dtype, tokens.device)
+    clean = Layout(
+        layout.tokens[:, :length], layout.positions[:, :length], layout.horizon[:, :length],
+        layout.block[:, :length], layout.positions[:, :length],
+    )
+    with torch.no_grad():
+        model(clean, cache, masks=model.masks(clean, key_meta(clean, cache.slots), flex=flex),
+              hidden_only=True)
+    drafts = mask_half(layout, length, capacity)
+    masks = model.masks(drafts, key_meta(drafts, cache.slots), flex=flex)
+    hidden = model(drafts, cache, masks=masks, hidden_only=True)
+    return None, _ce_sum(model, hidden, tokens), hidden
+
+
+def router_aux_loss(model: torch.nn.Module) -> Tensor | None:
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and hasattr(m, "aux_loss")]
+    return torch.stack(losses).mean() if losses else None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine from ``lr`` to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+# -- model preparation -------------------------------------------------------------------------
+def prepare(model: Transformer, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze or wrap for the mode; return the trainable parameters by name."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.mode == "frozen-ar":
+        if cfg.lora_rank:
+            add_row_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    elif cfg.lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(LORA_TARGETS)
+        )
+        inject_adapter_in_model(lora, model)
+    else:
+        for name, p in model.named_parameters():
+            is_router = name.endswith("mlp.gate.weight")
+            p.requires_grad_(not (cfg.freeze_router and is_router))
+    model.mask_embedding.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# -- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, rows: Tensor, cfg: TrainConfig, flex: bool) -> dict:
+    """Held-out AR loss, diffusion loss and diffusion accuracy per block position."""
+    model.eval()
+    b, length = cfg.block_size, rows.shape[1]
+    offsets = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    ar_sum, diff_sum, hidden = tidar_losses(model, rows, b, offsets, "full", flex)
+    preds = model.head(hidden).argmax(-1)
+    correct = (preds == rows).float()
+    per_position = correct.reshape(rows.shape[0], -1, b)[:, : length // b].mean((0, 1))
+    model.train()
+    n = rows.numel()
+    return {
+        "eval/ar_loss": ar_sum.item() / (n - rows.shape[0]),
+        "eval/diff_loss": diff_sum.item() / n,
+        "eval/diff_accuracy": correct.mean().item(),
+        "eval/diff_accuracy_by_position": per_position.tolist(),
+    }
+
+
+def measure_tokens_per_pass(model, prompts: list[list[int]], stop_ids, block_size: int) -> float:
+    """Greedy ``lossless`` tokens per pass of the model being trained, on a few prompts."""
+    from .engine import DecodeConfig, Engine
+
+    model.eval()
+    engine = Engine(model, stop_ids)
+    _, stats = engine.generate(prompts, DecodeConfig(block_size=block_size, max_new_tokens=64))
+    model.train()
+    return stats.tokens_per_pass
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def _write_checkpoint(out: Path, trainable: dict, optim: dict, state: dict) -> None:
+    """Atomically replace ``out/checkpoint``: write a sibling directory, then rename."""
+    from safetensors.torch import save_file
+
+    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.float().contiguous().cpu() for k, v in trainable.items()},
+              str(tmp / "trainable.safetensors"))
+    torch.save(optim, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(out: Path, run_key: str) -> tuple[dict, dict, dict]:
+    from safetensors.torch import load_file
+
+    final = out / "checkpoint"
+    if not (final / "state.json").exists():
+        raise TidarError(f"--resume: no checkpoint in {out}")
+    state = json.loads((final / "state.json").read_text())
+    if state.get("run_key") != run_key:
+        raise TidarError(
+            f"--resume: the checkpoint in {out} belongs to another run (different model, data "
+            "or settings); use a new --out or the original settings"
+        )
+    trainable = load_file(str(final / "trainable.safetensors"))
+    optim = torch.load(final / "optimizer.pt", weights_only=False)
+    return trainable, optim, state
+
+
+# -- the run -------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 datasheet peak, for MFU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if ("H100" in name or "H200" in name) else None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    from .data import PackedRows, held_out_rows
+    from .generate import encode_prompt, stop_ids
+    from .loading import load_model
+
+    cfg.validate()
+    rank, world = _distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise TidarError(
+            f"--batch-size {cfg.batch_size} must be divisible by GPUs x --grad-accum "
+            f"({world} x {cfg.grad_accum})"
+        )
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda"
+                          else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TidarError("--device cuda requested but no CUDA device is available")
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    loaded = load_model(cfg.model, device="cpu", dtype=torch.float32)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise TidarError("the model has no tokenizer: conversion needs one to read the data")
+    run_key = cfg.run_key(loaded.fingerprint)
+    eos = (loaded.config.eos_token_ids or (tokenizer.eos_token_id,))[0]
+    rows_source = PackedRows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.batch_size, cfg.seed)
+    eval_rows = held_out_rows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.eval_rows)
+    named = prepare(model, cfg)
+    amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if device.type == "cuda" and cfg.mode == "frozen-ar":
+        # Frozen weights never update: keep them in the compute dtype; adapters stay fp32.
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(amp)
+    model.to(device)
+    model.checkpointing = cfg.grad_checkpointing
+    model.train()
+    if world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    trainable = [p for _, p in named]
+    names = [n for n, _ in named]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+    step_fn = model
+    if cfg.compile:
+        step_fn = torch.compile(model)
+    flex = device.type == "cuda"
+
+    start_step, history = 0, []
+    if resume:
+        saved, optim_state, state = _read_checkpoint(out, run_key)
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(saved[n].to(p.dtype))
+        optimizer.load_state_dict(optim_state)
+        start_step, history = state["step"], state["history"]
+        # Metrics logged after the checkpoint are replayed by this run: drop them.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    rows_source.skip(start_step)
+
+    prompt_ids = [encode_prompt(tokenizer, p, raw=False) for p in cfg.eval_prompts]
+    writer = _tensorboard(out) if rank == 0 else None
+    total_params = sum(p.numel() for p in model.parameters())
+    flops_per_clean_token = (6 if cfg.mode == "full" else 4) * 2 * total_params
+    peak = _peak_flops(device)
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    bar = _progress(start_step, cfg.steps, enabled=progress and rank == 0)
+    tokens_done, t0 = 0, time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        batch = rows_source.next_batch()[rank::world].to(device)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        offsets = torch.randint(0, cfg.block_size, (batch.shape[0],), generator=gen).to(device)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ar_total = diff_total = 0.0
+        for m in range(cfg.grad_accum):
+            rows, offs = batch[m * micro : (m + 1) * micro], offsets[m * micro : (m + 1) * micro]
+            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                ar, diff, _ = tidar_losses(step_fn, rows, cfg.block_size, offs, cfg.mode, flex)
+            diff_mean = diff / rows.numel()
+            if ar is None:
+                loss = diff_mean
+            else:
+                ar_mean = ar / (rows.numel() - rows.shape[0])
+                loss = (cfg.alpha * ar_mean + diff_mean) / (1 + cfg.alpha)
+                ar_total += ar_mean.item() / cfg.grad_accum
+            aux = router_aux_loss(model) if cfg.mode == "full" else None
+            if aux is not None and cfg.router_aux:
+                loss = loss + cfg.router_aux * aux
+            (loss / cfg.grad_accum).backward()
+            diff_total += diff_mean.item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_done += cfg.batch_size * cfg.seq_len
+        done = step + 1
+        elapsed = time.perf_counter() - t0
+        record = {"step": done, "lr": lr, "diff_loss": diff_total, "grad_norm": float(grad_norm),
+                  "tokens_per_second": tokens_done / elapsed}
+        if cfg.mode == "full":
+            record["ar_loss"] = ar_total
+        if peak:
+            record["mfu"] = record["tokens_per_second"] * flops_per_clean_token / (peak * world)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record.update(evaluate(model, eval_rows.to(device), cfg, flex))
+            if prompt_ids and world == 1:
+                record["eval/tokens_per_pass"] = measure_tokens_per_pass(
+                    model, prompt_ids, stop_ids(loaded), cfg.block_size
+                )
+        if done % cfg.log_every == 0 or "eval/diff_loss" in record:
+            history.append(record)
+            _log(writer, out, record, rank)
+        bar.update(1)
+        bar.set_postfix(loss=f"{diff_total:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            _save(model, optimizer, named, names, cfg, out, loaded.fingerprint, run_key, done,
+                  history, rank)
+    bar.close()
+    return {"history": history, "drafter": str(out / "drafter.safetensors")}
+
+
+def _save(model, optimizer, named, names, cfg, out, fingerprint, run_key, step, history, rank):
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank != 0:
+        return
+    trainable = {n: full[n] for n in names}
+    state = {"step": step, "run_key": run_key, "config": asdict(cfg), "history": history}
+    _write_checkpoint(out, trainable, optim, state)
+    tokens = step * cfg.batch_size * cfg.seq_len
+    info = DrafterInfo(
+        block_size=cfg.block_size, mode=cfg.mode, base_fingerprint=fingerprint,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        extra={"steps": step, "clean_tokens": tokens, "seq_len": cfg.seq_len},
+    )
+    save_drafter(out / "drafter.safetensors", _drafter_tensors(full, names, cfg), info)
+
+
+def _drafter_tensors(full: dict[str, Tensor], names: list[str], cfg: TrainConfig) -> dict:
+    """Drafter file tensors from a full state dict (plain or FSDP-gathered), peft or ours."""
+    out = {"mask_embedding": full["mask_embedding"]}
+    for name in names:
+        if "lora_A" in name or "lora_B" in name:
+            module = name.split(".lora_")[0]
+            kind = "lora_A" if ".lora_A" in name else "lora_B"
+            out[f"{module}.{kind}"] = full[name]
+    if cfg.mode == "full" and not cfg.lora_rank:
+        out.update({f"weights.{n}": full[n] for n in names if n != "mask_embedding"})
+    return out
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log(writer, out: Path, record: dict, rank: int) -> None:
+    if rank != 0:
+        return
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(key, value, record["step"])
+        writer.flush()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="convert", unit="step",
+                file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,178 @@
+"""Tiny model builders shared by the engine tests: no GPU, no network, no weights on disk.
+
+``tiny_model(family)`` is our ``Transformer`` with a tiny config of any supported family and
+random weights at a scale where attention, RoPE, routing and the mask embedding all matter
+(so drafts are nontrivial). ``ScriptedModel`` is a fake with the interface the engine uses,
+whose predictions are a fixed function of the layout: for the never/sometimes/always-accept
+trio.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tidar.config import ModelConfig, from_hf_config
+from tidar.layouts import Layout, causal_layout
+from tidar.model import Transformer
+
+MOE = dict(num_experts_per_tok=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread (two threads on a loaded 2-core box are ~1000x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def chi2_pvalue(counts, probs, min_expected: float = 5.0) -> float:
+    """Chi-square goodness of fit of ``counts`` to ``probs``; bins expecting < 5 are pooled.
+
+    A count on a zero-probability outcome is an outright failure (p-value 0).
+    """
+    from scipy.stats import chisquare
+
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if counts[probs <= 0].sum() > 0:
+        return 0.0
+    expected = probs / probs.sum() * counts.sum()
+    big = expected >= min_expected
+    obs, exp = list(counts[big]), list(expected[big])
+    small = ~big & (probs > 0)
+    if small.any():
+        obs.append(counts[small].sum())
+        exp.append(expected[small].sum())
+    if len(obs) < 2:
+        return 1.0
+    return float(chisquare(obs, exp).pvalue)
+
+# Every supported family, MoE ones with 4 experts and top-2 routing.
+FAMILIES = {
+    "llama": dict(family="llama"),
+    "mistral": dict(family="mistral", sliding_window=5),
+    "qwen2": dict(family="qwen2"),
+    "qwen3": dict(family="qwen3", head_dim=16),
+    "mixtral": dict(family="mixtral", num_local_experts=4, **MOE),
+    "qwen2_moe": dict(
+        family="qwen2_moe",
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        norm_topk_prob=False,
+        **MOE,
+    ),
+    "qwen3_moe": dict(
+        family="qwen3_moe", num_experts=4, moe_intermediate_size=16, norm_topk_prob=True, **MOE
+    ),
+    "olmoe": dict(family="olmoe", num_experts=4, norm_topk_prob=False, **MOE),
+}
+
+
+def tiny_config(family: str = "llama", vocab: int = 16, max_position: int = 256) -> ModelConfig:
+    from transformers import AutoConfig
+
+    spec = dict(FAMILIES[family])
+    hf = AutoConfig.for_model(
+        spec.pop("family"),
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=max_position,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+        **spec,
+    )
+    return from_hf_config(hf)
+
+
+def tiny_model(
+    family: str = "llama",
+    vocab: int = 16,
+    seed: int = 0,
+    std: float = 0.7,
+    max_position: int = 256,
+) -> Transformer:
+    """A float32 ``Transformer`` with every parameter (mask embedding included) ~ N(0, std)."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(family, vocab, max_position))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+def ar_distribution(model: Transformer, context: list[int]) -> Tensor:
+    """The model's AR logits for the token after ``context`` (a full causal forward)."""
+    with torch.inference_mode():
+        return model(causal_layout(torch.tensor([context])))[0, -1]
+
+
+class ScriptedModel(nn.Module):
+    """Predictions are a fixed function of the layout, not of learned weights.
+
+    The text is ``f(p)`` at position ``p`` (``f(p) = 1 + 3p % (vocab - 1)``, never 0, the
+    engine's filler draft, so a filler is never right by accident). A clean (AR) query at
+    position ``p`` whose input token is ``f(p)`` predicts ``f(p + 1)``; with any other input it
+    predicts garbage (so a wrong verify token would derail the output). A mask query at
+    position ``p`` predicts ``draft(p)``: ``f(p)`` always right, ``f(p) + 1`` never right, or
+    right on some positions only.
+    """
+
+    def __init__(self, draft: str, vocab: int = 8, max_position: int = 512):
+        super().__init__()
+        self.draft = draft
+        self.cfg = ModelConfig(
+            family="llama",
+            vocab_size=vocab,
+            dim=vocab,
+            n_layers=1,
+            n_heads=1,
+            n_kv_heads=1,
+            head_dim=2,
+            intermediate_size=1,
+            norm_eps=1e-6,
+            tie_embeddings=False,
+            max_position=max_position,
+        )
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def f(self, pos: Tensor) -> Tensor:
+        return 1 + (3 * pos) % (self.cfg.vocab_size - 1)
+
+    def drafted(self, pos: Tensor) -> Tensor:
+        right, wrong = self.f(pos), (self.f(pos) + 1) % self.cfg.vocab_size
+        if self.draft == "always":
+            return right
+        if self.draft == "never":
+            return wrong
+        return torch.where(self.right(pos), right, wrong)
+
+    def right(self, pos):
+        """Whether the mask query at ``pos`` predicts the text (works on ints and tensors)."""
+        if self.draft == "always":
+            return pos >= 0
+        if self.draft == "never":
+            return pos < 0
+        return (7 * pos) % 11 >= 4  # sometimes: irregularly
+
+    def forward(self, layout: Layout, cache=None, hidden_only: bool = False) -> Tensor:
+        pos, vocab = layout.positions, self.cfg.vocab_size
+        on_track = layout.tokens == self.f(pos)
+        ar = torch.where(on_track, self.f(pos + 1), (layout.tokens + 5) % vocab)
+        target = torch.where(layout.block == 0, ar, self.drafted(pos))
+        return 10.0 * nn.functional.one_hot(target, vocab).float()  # hidden == logits
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return hidden

@@ -1,0 +1,506 @@
+"""The decoding engine on tiny random models and on a scripted fake: no GPU, no weights.
+
+- greedy ``lossless`` (and ``mix`` at beta 1) gives the AR output token for token, for every
+  family, block size and proposal set, alone and batched;
+- sampled ``lossless`` has the AR model's exact output distribution (chi-square against the
+  distribution enumerated from full forwards), and a deliberately wrong verifier fails it;
+- the never/sometimes/always-accept trio (litgpt) pins tokens per pass;
+- batch invariance, KV-cache contents, stop tokens, budgets, streaming, input validation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import (  # noqa: F401
+    FAMILIES,
+    ScriptedModel,
+    ar_distribution,
+    chi2_pvalue,
+    one_thread,
+    tiny_model,
+)
+
+import tidar.engine as engine_module
+from tidar.engine import DecodeConfig, Engine
+from tidar.errors import TidarError
+from tidar.layouts import causal_layout
+from tidar.model import KVCache
+from tidar.sampling import (
+    SamplingParams,
+    accepted_prefix,
+    probabilities,
+    sample,
+    verify_sampled,
+)
+
+ALPHA = 1e-3
+GREEDY_CASES = [  # (block size, proposal set S; None is full)
+    (2, None),
+    (4, None),
+    (4, (0, 1)),
+    (8, (0, 2, 5)),
+    (16, None),
+    (16, (0,)),
+]
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full causal forwards, no cache, no engine."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(ar_distribution(model, seq).argmax()))
+    return seq[len(prompt) :]
+
+
+# -- a. greedy exactness ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab, seed", [(8, 0), (32, 1)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lossless_greedy_equals_ar(family, vocab, seed):
+    model = tiny_model(family, vocab=vocab, seed=seed)
+    engine = Engine(model)
+    prompts = _prompts(vocab, [5, 1, 9], seed)
+    n = 20
+    ar, ar_stats = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=n))
+    assert ar[0] == _naive_greedy(model, prompts[0], n)  # the baseline itself is right
+    assert ar_stats.passes == [n] * 3 and ar_stats.tokens_per_pass == 1.0
+    hist = [0] * 17
+    for b, proposals in GREEDY_CASES:
+        cfg = DecodeConfig(block_size=b, proposals=proposals, max_new_tokens=n)
+        out, stats = engine.generate(prompts, cfg)
+        assert out == ar, (b, proposals)
+        assert stats.tokens == [n] * 3
+        for i, count in enumerate(stats.committed_hist):
+            hist[i] += count
+        if b in (4, 8):  # batch of one, each prompt alone
+            for prompt, expected in zip(prompts, ar, strict=True):
+                assert engine.generate([prompt], cfg)[0] == [expected], (b, proposals)
+    mix_cfg = DecodeConfig(sampler="mix", beta=1.0, block_size=4, max_new_tokens=n)
+    mix, _ = engine.generate(prompts, mix_cfg)
+    assert mix == ar
+    # Drafts were accepted (k > 0) somewhere, or the comparison proved little.
+    assert sum(hist[2:]) > 0, hist
+    if vocab == 8:
+        assert sum(hist[3:]) > 0, hist
+
+
+def test_greedy_accepts_many_lengths():
+    """Over a few small-vocabulary models, every acceptance length k = 0 .. 3 occurs (b = 4)."""
+    hist = [0] * 5
+    for seed in range(3):
+        model = tiny_model("llama", vocab=6, seed=seed)
+        engine = Engine(model)
+        prompts = _prompts(6, [3, 6, 2, 8], seed)
+        ar, _ = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=30))
+        out, stats = engine.generate(prompts, DecodeConfig(block_size=4, max_new_tokens=30))
+        assert out == ar
+        hist = [a + b for a, b in zip(hist, stats.committed_hist, strict=True)]
+    assert all(h > 0 for h in hist[1:]), hist
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_mix_beta_zero_accepts_every_draft(temperature):
+    """At beta = 0 the target is the drafting distribution itself: every draft is accepted."""
+    model = tiny_model("qwen3", vocab=16, seed=3)
+    b, passes = 4, 5
+    n = 1 + passes * b
+    cfg = DecodeConfig(
+        sampler="mix", beta=0.0, block_size=b, max_new_tokens=n,
+        sampling=SamplingParams(temperature=temperature),
+    )
+    out, stats = Engine(model).generate([[1, 2, 3]], cfg)
+    assert len(out[0]) == n
+    assert stats.passes == [1 + passes] and stats.committed_hist[b] == passes
+    assert stats.acceptance == [1.0] * (b - 1)
+
+
+def test_mix_beta_one_sampled_equals_lossless():
+    model = tiny_model("llama", vocab=8, seed=4, std=0.5)
+    cfg = DecodeConfig(block_size=4, sampling=SamplingParams(temperature=1.0), max_new_tokens=20)
+    prompts, seeds = _prompts(8, [3, 5, 2], 4), [7, 8, 9]
+    engine = Engine(model)
+    lossless, _ = engine.generate(prompts, cfg, seeds)
+    mix, _ = engine.generate(prompts, replace(cfg, sampler="mix", beta=1.0), seeds)
+    assert mix == lossless
+
+
+# -- b. sampling exactness -------------------------------------------------------------------
+
+N_S = 6000
+PROMPT_S = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def sampling_models():
+    return {v: tiny_model("llama", vocab=v, seed=0, std=0.5) for v in (3, 4)}
+
+
+def _exact_distribution(model, params: SamplingParams, new: int) -> torch.Tensor:
+    """P(x_1 .. x_new) over all V^new continuations, from the model's own full forwards."""
+    vocab = model.cfg.vocab_size
+    outcomes = list(itertools.product(range(vocab), repeat=new))
+    probs = torch.ones(len(outcomes), dtype=torch.float64)
+    cond = {}
+    for i, seq in enumerate(outcomes):
+        for j in range(new):
+            prefix = seq[:j]
+            if prefix not in cond:
+                logits = ar_distribution(model, PROMPT_S + list(prefix))
+                cond[prefix] = probabilities(logits, params).double()
+            probs[i] *= cond[prefix][seq[j]]
+    return probs
+
+
+def _pvalue(model, cfg: DecodeConfig, check_acceptance: bool = True) -> float:
+    """Chi-square p-value of ``N_S`` engine samples (one row per seed) against the exact AR law."""
+    vocab, new = model.cfg.vocab_size, cfg.max_new_tokens
+    out, stats = Engine(model).generate([PROMPT_S] * N_S, cfg, seeds=list(range(N_S)))
+    assert all(len(o) == new for o in out)
+    index = {seq: i for i, seq in enumerate(itertools.product(range(vocab), repeat=new))}
+    counts = torch.zeros(len(index))
+    for o in out:
+        counts[index[tuple(o)]] += 1
+    if cfg.sampler != "ar" and check_acceptance:
+        assert sum(stats.committed_hist[2:]) > N_S // 4  # drafts were accepted often
+        assert stats.committed_hist[1] > N_S // 4  # and rejected often
+    return chi2_pvalue(counts, _exact_distribution(model, cfg.sampling, new))
+
+
+T1 = SamplingParams(temperature=1.0)
+SAMPLED_CASES = {  # vocabulary, sampler, b, S, sampling, new tokens
+    "ar": (4, "ar", 2, None, T1, 3),
+    "lossless-b2": (4, "lossless", 2, None, T1, 3),
+    "lossless-b4": (4, "lossless", 4, None, T1, 3),
+    "lossless-b4-top-p": (4, "lossless", 4, None, SamplingParams(0.8, top_p=0.7), 3),
+    "lossless-b2-top-k": (4, "lossless", 2, None, SamplingParams(1.5, top_k=3), 3),
+    # b = 2, S = {0}: after a full acceptance the next pass verifies a filler draft (x_4)
+    "lossless-b2-S0-fillers": (3, "lossless", 2, (0,), T1, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLED_CASES))
+def test_sampled_output_distribution_is_ar(sampling_models, case):
+    vocab, sampler, b, proposals, params, new = SAMPLED_CASES[case]
+    cfg = DecodeConfig(
+        sampler=sampler, block_size=b, proposals=proposals, sampling=params, max_new_tokens=new
+    )
+    assert _pvalue(sampling_models[vocab], cfg) > ALPHA
+
+
+def _always_accept(p, q, drafts, u_accept, u_final):
+    return verify_sampled(p, q, drafts, torch.zeros_like(u_accept), u_final)
+
+
+def _residual_from_p(p, q, drafts, u_accept, u_final):
+    """Wrong: after a rejection, draw from ``p`` instead of ``max(0, p - q)``."""
+    p_d = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+    k = accepted_prefix(u_accept * q_d < p_d)
+    return k, sample(p.gather(1, k[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1), u_final)
+
+
+@pytest.mark.parametrize("wrong", [_always_accept, _residual_from_p])
+def test_wrong_sampler_is_rejected(sampling_models, monkeypatch, wrong):
+    monkeypatch.setattr(engine_module, "verify_sampled", wrong)
+    cfg = DecodeConfig(block_size=4, sampling=T1, max_new_tokens=3)
+    assert _pvalue(sampling_models[4], cfg, check_acceptance=False) < ALPHA
+
+
+# -- c. the never / sometimes / always-accept trio -------------------------------------------
+
+
+def _trio(draft: str, b: int, max_new: int, prompt_len: int = 5):
+    model = ScriptedModel(draft)
+    prompt = model.f(torch.arange(prompt_len)).tolist()
+    expected = model.f(torch.arange(prompt_len, prompt_len + max_new)).tolist()
+    cfg = DecodeConfig(block_size=b, max_new_tokens=max_new)
+    out, stats = Engine(model).generate([prompt], cfg)
+    ar, _ = Engine(model).generate([prompt], DecodeConfig(sampler="ar", max_new_tokens=max_new))
+    assert ar == [expected]
+    assert out == [expected]
+    return stats
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_trio_always_accept(b):
+    passes = 5
+    stats = _trio("always", b, 1 + passes * b)
+    assert stats.passes == [1 + passes]  # the prefill pass commits the first token
+    assert stats.tokens_per_pass == (1 + passes * b) / (1 + passes)
+    assert stats.committed_hist[b] == passes and sum(stats.committed_hist) == passes
+    assert stats.acceptance == [1.0] * (b - 1)
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_trio_never_accept(b):
+    stats = _trio("never", b, 21)
+    assert stats.passes == [21]
+    assert stats.tokens_per_pass == 1.0
+    assert stats.committed_hist[1] == 20
+    assert stats.acceptance == [0.0] * (b - 1)
+
+
+@pytest.mark.parametrize("b", [4, 8])
+def test_trio_sometimes_accept(b):
+    n = 21
+    stats = _trio("sometimes", b, n)
+    passes = 1 + (n - 1 + b - 1) // b
+    assert 1.0 < stats.tokens_per_pass < n / passes
+    assert sum(1 for count in stats.committed_hist if count) >= 2  # varied acceptance
+
+
+def _simulate(model: ScriptedModel, b: int, proposals, prompt_len: int, max_new: int):
+    """DESIGN.md section 3 in prose: passes and the committed-per-pass histogram.
+
+    After the prefill, ``g`` is at position ``m`` with ``b - 1`` real drafts. A pass accepts
+    real drafts while they are right, commits ``k + 1``, and the block for
+    ``k' = max{j in S: j <= k}`` leaves ``b - 1 - (k - k')`` real drafts for the next pass.
+    """
+    S = tuple(range(b)) if proposals is None else proposals
+    s, real, emitted, passes, hist = prompt_len, b - 1, 1, 1, [0] * (b + 1)
+    while emitted < max_new:
+        k = 0
+        while k < real and model.right(s + 1 + k):
+            k += 1
+        hist[k + 1] += 1
+        passes += 1
+        emitted += k + 1
+        real = b - 1 - (k - max(j for j in S if j <= k))
+        s += k + 1
+    return passes, hist
+
+
+@pytest.mark.parametrize("draft", ["always", "never", "sometimes"])
+@pytest.mark.parametrize(
+    "b, proposals", [(4, None), (8, None), (4, (0,)), (8, (0, 1)), (8, (0, 2, 5)), (16, (0, 3, 7))]
+)
+def test_scripted_pass_accounting(draft, b, proposals):
+    """Per pass, which drafts exist and get accepted, for full and partial proposal sets."""
+    model, m, n = ScriptedModel(draft), 5, 40
+    prompt = model.f(torch.arange(m)).tolist()
+    cfg = DecodeConfig(block_size=b, proposals=proposals, max_new_tokens=n)
+    out, stats = Engine(model).generate([prompt], cfg)
+    assert out == [model.f(torch.arange(m, m + n)).tolist()]
+    passes, hist = _simulate(model, b, proposals, m, n)
+    assert stats.passes == [passes]
+    assert stats.committed_hist == hist
+
+
+# -- d. batch invariance ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecodeConfig(block_size=4, proposals=(0, 1, 2), max_new_tokens=16),
+        DecodeConfig(block_size=4, sampling=SamplingParams(temperature=1.0), max_new_tokens=16),
+        DecodeConfig(
+            sampler="mix", beta=0.5, block_size=8, proposals=(0, 3),
+            sampling=SamplingParams(temperature=0.9, top_p=0.9), max_new_tokens=16,
+        ),
+        DecodeConfig(sampler="ar", sampling=SamplingParams(temperature=1.0), max_new_tokens=16),
+    ],
+    ids=["greedy", "sampled", "mix-sampled", "ar-sampled"],
+)
+def test_batch_gives_each_row_its_own_tokens(family, cfg):
+    model = tiny_model(family, vocab=16, seed=5, std=0.5)
+    engine = Engine(model, stop_ids=(3,))  # rows stop at different passes
+    prompts, seeds = _prompts(16, [4, 1, 7, 3], 5), [11, 12, 13, 14]
+    batched, stats = engine.generate(prompts, cfg, seeds)
+    for r, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        alone, alone_stats = engine.generate([prompt], cfg, [seed])
+        assert alone == [batched[r]]
+        assert alone_stats.passes == [stats.passes[r]]  # per-row pass counts, too
+        assert alone_stats.tokens == [stats.tokens[r]]
+    if not cfg.sampling.greedy:  # rows with different seeds differ
+        assert len({tuple(o) for o in batched}) > 1
+
+
+# -- e. KV cache contents --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "mixtral"])
+def test_kv_cache_equals_causal_forward(family, monkeypatch):
+    caches = []
+
+    class RecordingCache(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(engine_module, "KVCache", RecordingCache)
+    model = tiny_model(family, vocab=8, seed=6)
+    engine = Engine(model)
+    prompts = _prompts(8, [6, 2, 9], 6)
+    cfg = DecodeConfig(block_size=4, proposals=(0, 1, 3), max_new_tokens=18)
+    final, _ = engine.generate(prompts, cfg)
+    # K/V at position p depend on tokens <= p only: one causal forward per row is the reference.
+    refs = []
+    for prompt, out in zip(prompts, final, strict=True):
+        tokens = torch.tensor([prompt + out])
+        ref = KVCache(model.cfg, 1, tokens.shape[1], 0, torch.float32, "cpu")
+        with torch.inference_mode():
+            model(causal_layout(tokens, with_slots=True), ref)
+        refs.append(ref)
+
+    emitted = [0] * len(prompts)
+    checks = 0
+    for row, tokens in engine.stream(prompts, cfg):
+        emitted[row] += len(tokens)
+        cache = caches[-1]
+        n = len(prompts[row]) + emitted[row] - 1  # the newest token is not in the cache yet
+        for layer in range(model.cfg.n_layers):
+            for got, want in ((cache.k, refs[row].k), (cache.v, refs[row].v)):
+                torch.testing.assert_close(
+                    got[layer][row, :, :n], want[layer][0, :, :n], atol=1e-5, rtol=0
+                )
+        checks += 1
+    assert checks > len(prompts)  # after the prefill and after later passes
+
+
+# -- f. stop tokens, budgets, streaming ------------------------------------------------------
+
+
+def test_stop_token_mid_pass():
+    """Always-accept drafts: the stop token arrives inside a pass of b tokens."""
+    model = ScriptedModel("always")
+    prompt = model.f(torch.arange(5)).tolist()
+    text = model.f(torch.arange(5, 30)).tolist()
+    stop = text[6]
+    assert stop not in text[:6]
+    out, stats = Engine(model, stop_ids=(stop,)).generate(
+        [prompt], DecodeConfig(block_size=4, max_new_tokens=25)
+    )
+    assert out == [text[:7]] and stats.tokens == [7]
+
+
+@pytest.mark.parametrize("sampler", ["ar", "lossless"])
+def test_stop_token_random_model(sampler):
+    model = tiny_model("llama", vocab=16, seed=8)
+    prompts = _prompts(16, [3, 6, 1], 8)
+    ar, _ = Engine(model).generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=24))
+    stop = ar[0][5]
+    out, _ = Engine(model, stop_ids=(stop,)).generate(
+        prompts, DecodeConfig(sampler=sampler, block_size=4, max_new_tokens=24)
+    )
+    for full, got in zip(ar, out, strict=True):
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert got == expected
+    assert out[0][-1] == stop and len(out[0]) <= 6
+
+
+def test_stop_token_first_token():
+    model = ScriptedModel("always")
+    prompt = model.f(torch.arange(5)).tolist()
+    first = int(model.f(torch.tensor(5)))
+    out, stats = Engine(model, stop_ids=(first,)).generate([prompt], DecodeConfig(block_size=4))
+    assert out == [[first]] and stats.passes == [1]
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 5, 7, 13])
+@pytest.mark.parametrize("sampler", ["ar", "lossless", "mix"])
+def test_max_new_tokens_exact(max_new, sampler):
+    model = ScriptedModel("always")
+    prompt = model.f(torch.arange(5)).tolist()
+    cfg = DecodeConfig(sampler=sampler, beta=0.5, block_size=4, max_new_tokens=max_new)
+    out, stats = Engine(model).generate([prompt, prompt[:2]], cfg)
+    assert out[0] == model.f(torch.arange(5, 5 + max_new)).tolist()
+    assert [len(o) for o in out] == [max_new, max_new]
+    assert stats.tokens == [max_new, max_new]
+
+
+def test_max_new_tokens_random_model():
+    model = tiny_model("olmoe", vocab=8, seed=9)
+    prompts = _prompts(8, [2, 7], 9)
+    for n in (1, 3, 10):
+        out, _ = Engine(model).generate(prompts, DecodeConfig(block_size=8, max_new_tokens=n))
+        assert [len(o) for o in out] == [n, n]
+
+
+def test_stream_matches_generate():
+    model = tiny_model("qwen3_moe", vocab=8, seed=10)
+    engine = Engine(model, stop_ids=(7,))
+    prompts = _prompts(8, [4, 2, 6], 10)
+    cfg = DecodeConfig(block_size=4, sampling=SamplingParams(temperature=1.0), max_new_tokens=20)
+    out, _ = engine.generate(prompts, cfg, seeds=[1, 2, 3])
+    streamed = [[] for _ in prompts]
+    events = 0
+    for row, tokens in engine.stream(prompts, cfg, seeds=[1, 2, 3]):
+        assert tokens, "empty chunk"
+        assert streamed[row] == out[row][: len(streamed[row])]  # chunks arrive in order
+        streamed[row].extend(tokens)
+        events += 1
+    assert streamed == out
+    assert events > len(prompts)
+
+
+def test_stream_is_lazy():
+    """The first token comes out after the prefill, before the rest is decoded."""
+    model = ScriptedModel("never")
+    prompt = model.f(torch.arange(3)).tolist()
+    stream = Engine(model).stream([prompt], DecodeConfig(block_size=4, max_new_tokens=50))
+    assert next(stream) == (0, [int(model.f(torch.tensor(3)))])
+    stream.close()
+
+
+# -- g. input validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(sampler="greedy"),
+        dict(sampler="mix", beta=-0.1),
+        dict(sampler="mix", beta=1.5),
+        dict(sampling=SamplingParams(temperature=-1.0)),
+        dict(sampling=SamplingParams(temperature=1.0, top_p=0.0)),
+        dict(sampling=SamplingParams(temperature=1.0, top_p=1.5)),
+        dict(sampling=SamplingParams(temperature=1.0, top_k=-1)),
+        dict(block_size=1),
+        dict(block_size=65),
+        dict(sampler="mix", block_size=1),
+        dict(block_size=4, proposals=(1, 2)),
+        dict(block_size=4, proposals=(0, 4)),
+        dict(block_size=4, proposals=()),
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=100),  # 10 + 100 tokens beyond the 64-token context
+    ],
+)
+def test_bad_config_raises(kwargs):
+    engine = Engine(tiny_model("llama", vocab=8, max_position=64))
+    with pytest.raises(TidarError):
+        engine.generate([list(range(8)) + [0, 1]], DecodeConfig(**kwargs))
+
+
+@pytest.mark.parametrize("prompts", [[], [[]], [[1, 2], []], [[1, 8]], [[-1]]])
+def test_bad_prompts_raise(prompts):
+    engine = Engine(tiny_model("llama", vocab=8, max_position=64))
+    with pytest.raises(TidarError):
+        engine.generate(prompts, DecodeConfig(block_size=4, max_new_tokens=4))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecodeConfig(block_size=2, proposals=(0,), max_new_tokens=3),
+        DecodeConfig(sampler="mix", beta=0.0, block_size=64, max_new_tokens=3),
+        DecodeConfig(sampler="ar", block_size=1, max_new_tokens=3),
+        DecodeConfig(block_size=2, sampling=SamplingParams(1.0, top_k=0, top_p=1.0)),
+    ],
+)
+def test_valid_edges_run(cfg):
+    engine = Engine(tiny_model("llama", vocab=8, max_position=256))
+    cfg = replace(cfg, max_new_tokens=3)
+    out, _ = engine.generate([[1]], cfg)
+    assert len(out[0]) == 3
