@@ -135,12 +135,16 @@ class _State:
 
 class Engine:
     def __init__(self, model: Transformer, stop_ids: tuple[int, ...] = (),
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool = False):
+        """``compile``: fuse the decode pass's forward with torch.compile (before capture)."""
         self.model = model
         self.stop_ids = tuple(stop_ids)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._hidden = self._eager_hidden
+        if compile:
+            self._hidden = torch.compile(self._eager_hidden, dynamic=False)
         self.last_stats: Stats | None = None
 
     # -- public API -------------------------------------------------------------------
@@ -195,6 +199,9 @@ class Engine:
             self.last_stats = Stats(cfg.block_size, st.passes.tolist(), generated, hist)
 
     # -- internals --------------------------------------------------------------------
+    def _eager_hidden(self, layout, cache: KVCache) -> Tensor:
+        return self.model(layout, cache, hidden_only=True)
+
     def _check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise TidarError("every prompt needs at least one token")
@@ -302,7 +309,7 @@ class Engine:
         verify = torch.cat([st.next_token[:, None], st.drafts], dim=1)
         layout = decode_layout(st.committed, verify, consts["ks"], b, cache.capacity,
                                model.cfg.mask_id)
-        hidden = model(layout, cache, hidden_only=True)
+        hidden = self._hidden(layout, cache)
         z_ar = model.head(hidden[:, :b])  # [B, b, V]
         u = hash_uniforms(st.seeds, st.counter, 2 * b)
         target = z_ar

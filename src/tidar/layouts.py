@@ -85,8 +85,9 @@ def flex_block_mask(layout: Layout, keys: KeyMeta, window: int | None = None):
         return visible(q_h[b, q], q_b[b, q], kv_p[b, kv], kv_b[b, kv], window)
 
     batch, length = layout.positions.shape
+    device = layout.positions.device
     return create_block_mask(
-        mask_mod, batch, None, length, kv_p.shape[1], device=layout.positions.device
+        mask_mod, batch, None, length, kv_p.shape[1], device=device, _compile=device.type == "cuda"
     )
 
 

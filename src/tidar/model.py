@@ -149,9 +149,20 @@ _compiled_flex = None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """SDPA with a dense boolean mask, or flex_attention with a BlockMask (compiled once)."""
+    """SDPA with a dense boolean mask, or flex_attention with a BlockMask (compiled once).
+
+    With a dense mask, the query heads sharing a KV head are folded into one longer query
+    sequence: plain attention over the unexpanded cache, which SDPA's memory-efficient kernel
+    runs with a mask (its grouped-query mode would fall back to materialising scores).
+    """
     if isinstance(mask, Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        batch, heads, length, dim = q.shape
+        group = heads // k.shape[1]
+        if group > 1:
+            q = q.reshape(batch, k.shape[1], group * length, dim)
+            mask = mask.repeat(1, 1, group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.reshape(batch, heads, length, dim)
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention

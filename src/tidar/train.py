@@ -344,9 +344,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 p.copy_(saved[n].to(p.dtype))
         optimizer.load_state_dict(optim_state)
         start_step, history = state["step"], state["history"]
+        rows_source.load_state_dict(state["data"])
         # Metrics logged after the checkpoint are replayed by this run: drop them.
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    rows_source.skip(start_step)
 
     prompt_ids = [encode_prompt(tokenizer, p, raw=False) for p in cfg.eval_prompts]
     writer = _tensorboard(out) if rank == 0 else None
@@ -404,13 +404,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         bar.update(1)
         bar.set_postfix(loss=f"{diff_total:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
         if done % cfg.save_every == 0 or done == cfg.steps:
-            _save(model, optimizer, named, names, cfg, out, loaded.fingerprint, run_key, done,
-                  history, rank)
+            _save(model, optimizer, names, cfg, out, loaded.fingerprint, run_key, done,
+                  history, rows_source.state_dict(), rank)
     bar.close()
     return {"history": history, "drafter": str(out / "drafter.safetensors")}
 
 
-def _save(model, optimizer, named, names, cfg, out, fingerprint, run_key, step, history, rank):
+def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history, data, rank):
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -423,7 +423,8 @@ def _save(model, optimizer, named, names, cfg, out, fingerprint, run_key, step, 
     if rank != 0:
         return
     trainable = {n: full[n] for n in names}
-    state = {"step": step, "run_key": run_key, "config": asdict(cfg), "history": history}
+    state = {"step": step, "run_key": run_key, "config": asdict(cfg), "history": history,
+             "data": data}
     _write_checkpoint(out, trainable, optim, state)
     tokens = step * cfg.batch_size * cfg.seq_len
     info = DrafterInfo(

@@ -1,0 +1,186 @@
+"""Conversion on the CPU: a tiny model learns to draft a predictable language, resumes
+exactly, and the frozen-AR mode leaves the AR path bit-identical."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tidar import train as train_mod
+from tidar.drafter import apply_drafter
+from tidar.engine import DecodeConfig, Engine
+from tidar.errors import TidarError
+from tidar.layouts import causal_layout
+from tidar.loading import load_model
+from tidar.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _repeating_doc(rng: random.Random, length: int = 48) -> str:
+    """A random 3-token pattern of t10..t19, repeated: after one period the rest of the
+    document is determined, so a whole block can be drafted in one step."""
+    pattern = [f"t{10 + rng.randrange(10)}" for _ in range(3)]
+    return " ".join(pattern[i % 3] for i in range(length))
+
+
+EOS = 127
+
+
+def _tiny_model_dir(path, seed: int):
+    """A random 2-layer Llama with a word-level tokenizer whose EOS (t127) is no substring
+    of the data's words (transformers splits text on special-token strings)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=EOS, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
+                            eos_token=f"t{EOS}").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    model_dir = _tiny_model_dir(root / "model", seed=0)
+    rng = random.Random(0)
+    data = root / "repeat.jsonl"
+    with data.open("w") as f:
+        for _ in range(600):
+            f.write(json.dumps({"text": _repeating_doc(rng)}) + "\n")
+    return model_dir, data
+
+
+def _config(tiny_setup, out, **kw) -> TrainConfig:
+    model_dir, data = tiny_setup
+    base = dict(
+        out=str(out), data=[str(data)], model=str(model_dir), block_size=4, seq_len=32,
+        batch_size=16, steps=40, lr=3e-3, warmup=10, dtype="float32", eval_every=1000,
+        eval_rows=8, save_every=20, log_every=1, seed=0,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def _prompts(n: int = 4) -> list[str]:
+    rng = random.Random(123)
+    return [_repeating_doc(rng, 6) for _ in range(n)]
+
+
+def _tokens_per_pass(model_dir, drafter=None) -> tuple[float, bool]:
+    loaded = load_model(str(model_dir))
+    if drafter is not None:
+        apply_drafter(loaded.model, drafter, loaded.fingerprint)
+    ids = [loaded.tokenizer.encode(p) for p in _prompts()]
+    assert all(10 <= t < 20 for row in ids for t in row)
+    engine = Engine(loaded.model, (EOS,))
+    ar, _ = engine.generate(ids, DecodeConfig(sampler="ar", max_new_tokens=24))
+    out, stats = engine.generate(ids, DecodeConfig(block_size=4, max_new_tokens=24))
+    return stats.tokens_per_pass, out == ar
+
+
+def test_full_conversion_learns_to_draft(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, tmp_path / "run", mode="full", lora_rank=0, steps=400, lr=5e-3,
+                  save_every=400)
+    result = train(cfg, progress=False)
+    before, exact_before = _tokens_per_pass(tiny_setup[0])
+    after, exact_after = _tokens_per_pass(tiny_setup[0], result["drafter"])
+    assert exact_before and exact_after  # lossless stays exact with any drafter
+    assert before < 1.3
+    # A perfect drafter gives 24 tokens in 7 passes (3.43): prefill, then 4 per pass.
+    assert after > 3.0, f"trained drafter gives {after:.2f} tokens per pass (b = 4)"
+    losses = [r["diff_loss"] for r in result["history"]]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_frozen_ar_keeps_ar_logits_bit_identical(tiny_setup, tmp_path):
+    cfg = _config(tiny_setup, tmp_path / "run", mode="frozen-ar", lora_rank=8, lora_alpha=8)
+    result = train(cfg, progress=False)
+    original = load_model(str(tiny_setup[0]))
+    converted = load_model(str(tiny_setup[0]))
+    info = apply_drafter(converted.model, result["drafter"], converted.fingerprint)
+    assert info.mode == "frozen-ar"
+    adapters = [n for n, _ in converted.model.named_parameters() if "lora_B" in n]
+    assert adapters and any(p.abs().sum() > 0 for n, p in converted.model.named_parameters()
+                            if "lora_B" in n)
+    tokens = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        a = original.model(causal_layout(tokens))
+        b = converted.model(causal_layout(tokens))
+    assert torch.equal(a, b)
+
+
+def test_resume_reproduces_the_loss_curve(tiny_setup, tmp_path, monkeypatch):
+    full = train(_config(tiny_setup, tmp_path / "whole", mode="frozen-ar", lora_rank=4,
+                         lora_alpha=4), progress=False)
+    real_save = train_mod._save
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the first checkpoint (step 20)
+
+    monkeypatch.setattr(train_mod, "_save", save_then_die)
+    cfg = _config(tiny_setup, tmp_path / "killed", mode="frozen-ar", lora_rank=4, lora_alpha=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_mod, "_save", real_save)
+    resumed = train(cfg, resume=True, progress=False)
+    a = [r["diff_loss"] for r in full["history"]]
+    b = [r["diff_loss"] for r in resumed["history"]]
+    assert len(a) == len(b) == 40
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 41))
+
+
+def test_resume_refuses_another_run(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_setup, out, steps=20, lora_rank=4, lora_alpha=4), progress=False)
+    with pytest.raises(TidarError, match="another run"):
+        train(_config(tiny_setup, out, steps=20, block_size=8, lora_rank=4, lora_alpha=4),
+              resume=True, progress=False)
+    with pytest.raises(TidarError, match="no checkpoint"):
+        train(_config(tiny_setup, tmp_path / "empty", steps=20), resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"block_size": 1}, "block-size"),
+        ({"block_size": 32}, "too short"),
+        ({"mode": "half"}, "mode"),
+        ({"data": []}, "no training data"),
+        ({"steps": 0}, "positive"),
+    ],
+)
+def test_bad_settings(tiny_setup, tmp_path, change, message):
+    with pytest.raises(TidarError, match=message):
+        train(_config(tiny_setup, tmp_path / "run", **change), progress=False)
+
+
+def test_unusable_data(tiny_setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n{\"text\": \"\"}\n{\"other\": 1}\n")
+    with pytest.raises(TidarError):
+        train(_config(tiny_setup, tmp_path / "run", data=[str(bad)]), progress=False)
+
+
+def test_drafter_for_another_base_is_refused(tiny_setup, tmp_path):
+    result = train(_config(tiny_setup, tmp_path / "run", steps=20, lora_rank=4, lora_alpha=4),
+                   progress=False)
+    other = load_model(str(_tiny_model_dir(tmp_path / "other", seed=1)))
+    with pytest.raises(TidarError, match="another base model"):
+        apply_drafter(other.model, result["drafter"], other.fingerprint)
