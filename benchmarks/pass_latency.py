@@ -19,12 +19,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the pass forward")
     args = ap.parse_args()
     model = smollm2_shaped()
-    engine = Engine(model)
+    engine = Engine(model, compile=args.compile)
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results = {"device": name, "context": args.context, "params": params, "curves": {}}
+    results = {"device": name, "compile": args.compile, "context": args.context,
+               "params": params, "curves": {}}
     for batch in args.batch:
         ar = engine.time_pass(DecodeConfig(sampler="ar"), batch, args.context, args.repeats)
         curve = {1: ar}
@@ -40,7 +42,7 @@ def main() -> None:
     weight_bytes = params * 2
     results["ar_floor_bytes"] = {"weights": weight_bytes, "kv_per_token": kv}
     results["notes"] = "t(q) in seconds, median of CUDA-event-timed graph replays"
-    write_json("pass_latency.json", results)
+    write_json(f"pass_latency{'_compiled' if args.compile else ''}.json", results)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="train a model into a TiDAR drafter")
     add_convert_args(conv)
 
+    from .synth import add_data_commands
+
+    add_data_commands(sub)
+
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=None)
     return parser
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "data":
+            from .synth import run_data
+
+            return run_data(args)
         if args.command == "info":
             return run_info(args)
         return 2

@@ -310,7 +310,7 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in extensions:
                 found.append(Path(dirpath) / name)
-    return found
+    return sorted(found)
 
 
 # -- a source: its files' items laid end to end ---------------------------------------------------

@@ -124,11 +124,11 @@ class SynthConfig:
     min_prompt_chars: int = 8
     shard_size: int = 1000
     seed: int = 0
-    max_rounds: int = 20  # prompt rounds per batch of prompts needed, before giving up
+    max_attempts: int = 20  # sampled prompts per prompt needed, before giving up
 
     def validate(self) -> None:
         for name in ("num_prompts", "batch_size", "max_prompt_tokens", "max_new_tokens",
-                     "shard_size", "max_rounds"):
+                     "shard_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise TidarError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.greedy_fraction <= 1.0:
@@ -139,7 +139,7 @@ class SynthConfig:
     def manifest(self) -> dict:
         """The settings that decide the shards' content."""
         d = asdict(self)
-        for k in ("out", "num_prompts", "batch_size", "max_rounds"):
+        for k in ("out", "num_prompts", "batch_size", "max_attempts"):
             d.pop(k)
         return d
 
@@ -201,12 +201,12 @@ class Synthesizer:
             sampling=SamplingParams(cfg.prompt_temperature, 0, cfg.prompt_top_p),
         )
         got: list[str] = []
-        limit = cfg.max_rounds * math.ceil(want / b)
-        for round_ in range(limit):
-            if len(got) >= want:
-                break
-            seeds = [_seed(cfg.seed, "prompt", tag, round_, i) for i in range(b)]
+        attempt, limit = 0, cfg.max_attempts * max(want, b)
+        while len(got) < want and attempt < limit:
+            # attempt a's randomness depends on (seed, tag, a) only, not on the batch size
+            seeds = [_seed(cfg.seed, "prompt", tag, attempt + i) for i in range(b)]
             outs, _ = self.engine.generate([self.prefix] * b, decode, seeds=seeds)
+            attempt += b
             for ids in outs:
                 if not ids or ids[-1] not in self.stops:
                     continue  # ran out of tokens mid-prompt
@@ -290,8 +290,8 @@ def synthesize(model, tokenizer, stop_ids: Iterable[int], cfg: SynthConfig,
             prompts = synth.prompts(want, seen, k)
             if not prompts:
                 raise TidarError(
-                    f"the model produced no usable prompt in {cfg.max_rounds} rounds per batch "
-                    "(all unfinished, too short or duplicates): raise --max-prompt-tokens"
+                    f"shard {k}: the model produced no usable prompt (all unfinished, too short "
+                    "or duplicates): raise --max-prompt-tokens"
                 )
             if len(prompts) < want:
                 summary["short"] += want - len(prompts)
