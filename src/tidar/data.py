@@ -759,8 +759,10 @@ def iter_documents(source, tokenizer=None, extensions: Iterable[str] | None = No
 
 
 def source_stats(source, tokenizer=None, extensions: Iterable[str] | None = None,
-                 max_docs: int | None = None) -> dict:
-    """Rows, usable documents, bad rows by reason, characters and (with a tokenizer) tokens."""
+                 max_docs: int | None = None, count_tokens: bool = True) -> dict:
+    """Rows, usable documents, bad rows by reason, characters and (with a tokenizer and
+    ``count_tokens``) tokens, EOS included. Chat rows need the tokenizer's template."""
+    count_tokens = count_tokens and tokenizer is not None
     bad: Counter = Counter()
     docs = chars = tokens = 0
     batch: list[str] = []
@@ -775,17 +777,17 @@ def source_stats(source, tokenizer=None, extensions: Iterable[str] | None = None
     for text in iter_documents(src, tokenizer, extensions, bad):
         docs += 1
         chars += len(text)
-        if tokenizer is not None:
+        if count_tokens:
             batch.append(text)
             if len(batch) >= _PREFETCH_DOCS:
                 flush()
         if max_docs is not None and docs >= max_docs:
             break
-    if tokenizer is not None:
+    if count_tokens:
         flush()
     out = {"source": str(spec.path), "weight": spec.weight, "rows": src.n_items,
            "documents": docs, "bad_rows": dict(bad), "chars": chars}
-    if tokenizer is not None:
+    if count_tokens:
         out["tokens"] = tokens
     return out
 

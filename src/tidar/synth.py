@@ -523,8 +523,9 @@ def run_stats(args) -> int:
     from .data import load_tokenizer, parse_specs, source_stats
 
     specs = parse_specs(args.sources)
-    tokenizer = None if args.no_tokens else load_tokenizer(args.model)
-    results = [source_stats(s, tokenizer, max_docs=args.max_docs) for s in specs]
+    tokenizer = load_tokenizer(args.model)  # chat rows need its template even without tokens
+    results = [source_stats(s, tokenizer, max_docs=args.max_docs, count_tokens=not args.no_tokens)
+               for s in specs]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0]))
         return 0
