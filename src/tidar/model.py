@@ -73,12 +73,17 @@ class KVCache:
     def slots(self) -> int:
         return self.k[0].shape[2]
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v`` ``[B, H, T, D]`` at ``slots`` ``[B, T]``; return the whole buffers."""
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
-        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k[layer].dtype)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v[layer].dtype)
-        return self.k[layer], self.v[layer]
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.k[index], self.v[index]
+
+
+def write_kv(buffers: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor):
+    """Store ``k, v`` ``[B, H, T, D]`` at ``slots`` ``[B, T]`` of one layer's cache buffers."""
+    k_buf, v_buf = buffers
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    k_buf[rows, :, slots] = k.transpose(1, 2).to(k_buf.dtype)
+    v_buf[rows, :, slots] = v.transpose(1, 2).to(v_buf.dtype)
+    return k_buf, v_buf
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[Tensor, float]:
@@ -110,7 +115,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.layer = layer
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.qkv_bias)
@@ -124,7 +128,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, masks, cache: KVCache | None, slots) -> Tensor:
+    def forward(self, x, cos, sin, masks, kv: tuple[Tensor, Tensor] | None, slots) -> Tensor:
+        """``kv``: this layer's cache buffers (written at ``slots``), or None: no cache."""
         cfg = self.cfg
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -139,8 +144,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(self.layer, slots, k, v)
+        if kv is not None:
+            k, v = write_kv(kv, slots, k, v)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -266,8 +271,8 @@ class Block(nn.Module):
         sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
         self.mlp = MoE(cfg) if sparse else MLP(cfg.dim, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, masks, cache, slots) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, slots)
+    def forward(self, x, cos, sin, masks, kv, slots) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, kv, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -323,11 +328,12 @@ class Transformer(nn.Module):
         if masks is None:
             masks = self.masks(layout, key_meta(layout, cache.slots if cache else None))
         slots = layout.slots if cache is not None else None
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            kv = cache.layer(i) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, masks, cache, slots, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, masks, kv, slots, use_reentrant=False)
             else:
-                x = block(x, cos, sin, masks, cache, slots)
+                x = block(x, cos, sin, masks, kv, slots)
         x = self.norm(x)
         return x if hidden_only else self.head(x)
 
