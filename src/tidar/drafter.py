@@ -51,13 +51,15 @@ def add_row_lora(model: Transformer, rank: int, alpha: float, targets=LORA_TARGE
                 setattr(module, child_name, RowLoRA(child, rank, alpha, model.row_gate))
 
 
-def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: DrafterInfo) -> None:
+def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: DrafterInfo,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write atomically; bf16 by default (half the size, and what the GPU computes in)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+    save_file({k: v.to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata=info.metadata())
     os.replace(tmp, path)
 
