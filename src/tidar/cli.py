@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=None)
+
+    from .bench import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="decoding speed against transformers and ar"))
     return parser
 
 
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(args)
         if args.command == "info":
             return run_info(args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args)
         return 2
     except TidarError as exc:
         print(f"tidar: error: {exc}", file=sys.stderr)

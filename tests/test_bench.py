@@ -1,0 +1,162 @@
+"""``tidar bench`` end to end on the CPU: a tiny random Llama, a file prompt set, every method,
+two batch sizes; then the inputs a user can get wrong."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tidar.bench import add_bench_args, batches, read_prompt_file, run_bench
+from tidar.errors import TidarError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+EOS = 127
+
+
+def _tiny_model_dir(path):
+    """A random 2-layer Llama with a word-level tokenizer whose EOS (t127) is no substring
+    of the prompts' words (transformers splits text on special-token strings)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=EOS, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
+                            eos_token=f"t{EOS}").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model = _tiny_model_dir(root / "model")
+    rng = random.Random(0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(
+        " ".join(f"t{rng.randrange(10, 40)}" for _ in range(rng.randrange(3, 9)))
+        for _ in range(3)) + "\n")
+    return model, prompts
+
+
+def _args(setup, out, *extra):
+    model, prompts = setup
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    return p.parse_args([
+        "--model", str(model), "--device", "cpu", "--dtype", "float32",
+        "--prompt-set", str(prompts), "--num-prompts", "3", "--batch-sizes", "1,2",
+        "--max-new-tokens", "12", "--block-size", "4", "--betas", "0.5", "--repeats", "2",
+        "--pass-repeats", "3", "--out", str(out), *extra,
+    ])
+
+
+def test_bench_end_to_end(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_bench(_args(setup, out)) == 0
+    report = json.loads((out / "bench.json").read_text())
+    meta = report["meta"]
+    assert meta["device_type"] == "cpu" and meta["torch"] == torch.__version__
+    assert meta["drafter"].startswith("untrained") and meta["block_size"] == 4
+    assert meta["methods"] == ["ar", "hf", "pld", "lossless", "mix@0.5"]
+
+    rows = {(r["method"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {(m, b) for m in ("ar", "hf", "lossless", "mix@0.5") for b in (1, 2)} \
+        | {("pld", 1)}  # prompt lookup: batch 1 only
+    for (_, batch), r in rows.items():
+        assert r["sequences"] == (3 if batch == 1 else 4)  # ceil(3 / 2) batches of 2
+        assert 0 < r["tokens"] <= 12 * r["sequences"]
+        assert r["tokens_per_second"] > 0 and r["seconds"] > 0 and r["ttft_ms"] > 0
+        assert len(r["seconds_per_repeat"]) == 2
+        assert 0.0 <= r["identical_to_ar"] <= 1.0
+        assert r["speedup"] is not None and r["speedup"] > 0
+    for batch in (1, 2):
+        ar = rows["ar", batch]
+        assert ar["tokens_per_pass"] == 1.0
+        assert ar["speedup"] == 1.0 and ar["speedup_end_to_end"] == 1.0
+        assert ar["identical_to_ar"] == 1.0
+        lossless = rows["lossless", batch]
+        assert lossless["identical_to_ar"] == 1.0  # fp32 on the CPU: token for token
+        assert len(lossless["committed_per_pass_histogram"]) == 4
+        assert len(lossless["acceptance_by_position"]) == 3
+        assert rows["mix@0.5", batch]["beta"] == 0.5
+    assert rows["pld", 1]["forward_calls"] > 0
+    assert rows["hf", 1]["identical_to_ar"] == 1.0  # transformers greedy == our ar, fp32
+
+    curve = report["pass_latency"]
+    assert [c["batch_size"] for c in curve["curves"]] == [1, 2]
+    qs = [p["q_per_sequence"] for p in curve["curves"][0]["points"]]
+    assert qs == [1, 8, 12, 20]  # ar; b = 4 with |S| = 1, 2, 4
+    assert curve["curves"][0]["points"][0]["relative_to_ar"] == 1.0
+
+    for name in ("speedup_vs_batch.png", "tokens_per_pass_hist.png", "pass_latency.png"):
+        path = out / name
+        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "speedup" in table and "mix@0.5" in table
+
+
+def test_method_subset_always_keeps_ar(setup, tmp_path):
+    out = tmp_path / "out"
+    args = _args(setup, out, "--methods", "lossless", "--batch-sizes", "2", "--pass-repeats",
+                 "0", "--repeats", "1")
+    assert run_bench(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["method"] for r in report["results"]] == ["ar", "lossless"]
+    assert report["pass_latency"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--batch-sizes", "0"), "--batch-sizes"),
+    (("--batch-sizes", "two"), "--batch-sizes"),
+    (("--methods", "ar,eagle"), "unknown method"),
+    (("--betas", "1.5"), "--betas"),
+    (("--repeats", "0"), "--repeats"),
+    (("--prompt-set", "/nonexistent/prompts.txt"), "does not exist"),
+    (("--max-new-tokens", "1000"), "context"),
+])
+def test_bad_inputs_raise(setup, tmp_path, extra, message):
+    with pytest.raises(TidarError, match=message):
+        run_bench(_args(setup, tmp_path / "out", *extra))
+
+
+def test_prompt_files_and_batching(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a b"}\n\n{"prompt": "c"}\n')
+    assert read_prompt_file(jsonl) == ["a b", "c"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n')
+    with pytest.raises(TidarError, match="prompt"):
+        read_prompt_file(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(TidarError, match="no prompts"):
+        read_prompt_file(empty)
+    assert batches([1, 2, 3], 2, 3) == [[1, 2], [3, 1]]
+    assert batches([1, 2, 3], 4, 3) == [[1, 2, 3, 1]]
+    assert batches([1, 2, 3], 1, 2) == [[1], [2]]
+
+
+def test_cli_reports_bad_input_in_one_line(setup, tmp_path, capsys):
+    from tidar.cli import main
+
+    model, prompts = setup
+    assert main(["bench", "--model", str(model), "--prompts", str(prompts), "--device", "cpu",
+                 "--batch-sizes", "1,-4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tidar: error: --batch-sizes")
+    assert main(["bench", "--methods", "ar", "--repeats", "x"]) == 2  # argparse errors too
