@@ -46,8 +46,9 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-size", type=int, default=None, help="default: the drafter's")
-    p.add_argument("--proposals", default=None, help="proposal blocks per pass, N or auto "
-                   "(default: all b)")
+    p.add_argument("--proposals", default="auto", help="proposal blocks per pass: N, all, or "
+                   "auto (default: the tuner picks from measured pass costs, plain ar when "
+                   "drafting does not pay)")
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:

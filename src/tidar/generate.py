@@ -38,11 +38,10 @@ def stop_ids(loaded) -> tuple[int, ...]:
 
 
 def decode_config(args, block_size: int) -> DecodeConfig:
+    """The configuration the flags ask for (``--proposals auto`` is resolved by the tuner)."""
     b = args.block_size or block_size
     proposals = None
-    if args.proposals not in (None, "all"):
-        if args.proposals == "auto":
-            raise TidarError("--proposals auto needs the tuner, which runs on a GPU: use a number")
+    if args.proposals not in (None, "all", "auto"):
         try:
             count = int(args.proposals)
         except ValueError:
@@ -57,6 +56,44 @@ def decode_config(args, block_size: int) -> DecodeConfig:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     ).resolved()
+
+
+def tuned(loaded, cfg: DecodeConfig, reach: list[float]) -> tuple[DecodeConfig, dict]:
+    """``--proposals auto``: the tuner's pick from this device's measured pass costs (cached
+    per model, device, dtype and threads) and the drafter's acceptance profile; plain ``ar``
+    when no drafting setting is expected to be faster."""
+    import torch
+
+    from . import default_model, tuner
+
+    model = loaded.model
+    device = next(model.parameters()).device
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu{torch.get_num_threads()}")
+    key = f"{loaded.fingerprint}-{where.replace(' ', '_')}-{dtype}-b{cfg.block_size}-batch1"
+    path = default_model.cache_dir() / "tuner" / f"{key}.json"
+    profile = tuner.cached_profile(path)
+    if profile is None:
+        print("tidar: measuring pass costs on this device for --proposals auto (once)",
+              file=sys.stderr)
+        b = cfg.block_size
+        queries = [1] + [b + n * b for n in (1, 2, 4, 8, 16) if n <= b]
+        seconds = tuner.measure_pass_seconds(model, queries, context=128, repeats=2)
+        profile = {"pass_seconds": seconds}
+    seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
+    choice = tuner.choose(seconds, reach, cfg.sampler, block_sizes=(cfg.block_size,))
+    tuner.save_profile(path, seconds, choice)
+    info = {"choice": choice.sampler, "block_size": choice.block_size,
+            "proposals": len(choice.proposals),
+            "expected_tokens_per_pass": round(choice.tokens_per_pass, 3),
+            "expected_speedup": round(choice.tokens_per_second * seconds[1], 3)}
+    if choice.sampler == "ar":
+        return DecodeConfig(sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed).resolved(), info
+    return DecodeConfig(sampler=cfg.sampler, block_size=choice.block_size,
+                        proposals=choice.proposals, beta=cfg.beta, sampling=cfg.sampling,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed).resolved(), info
 
 
 class TextStream:
@@ -115,10 +152,15 @@ def run_generate(args) -> int:
         drafter_path = shipped_drafter("smollm2-135m-instruct")
     block_size = DEFAULT_BLOCK_SIZE
     drafter = "untrained (mean embedding)"
+    reach: list[float] = []  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:
         info = apply_drafter(loaded.model, drafter_path, loaded.fingerprint)
         block_size, drafter = info.block_size, str(drafter_path)
+        reach = (info.extra or {}).get("acceptance_by_position", [])
     cfg = decode_config(args, block_size)
+    tuner_info = None
+    if args.proposals in (None, "auto") and cfg.sampler != "ar":
+        cfg, tuner_info = tuned(loaded, cfg, reach)
     prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)
     engine = Engine(loaded.model, stop_ids(loaded))
 
@@ -126,6 +168,8 @@ def run_generate(args) -> int:
     result = run_once(engine, prompt_ids, cfg, stream.add if stream else None)
     result["text"] = loaded.tokenizer.decode(result["token_ids"], skip_special_tokens=True)
     result["drafter"] = drafter
+    if tuner_info is not None:
+        result["tuner"] = tuner_info
     if args.compare:
         ar = run_once(engine, prompt_ids, DecodeConfig(
             sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
@@ -139,6 +183,8 @@ def run_generate(args) -> int:
         print(json.dumps(result))
         return 0
     print(file=sys.stdout)
+    if tuner_info is not None:
+        print(f"tuner: {tuner_info}", file=sys.stderr)
     print(
         f"[{result['sampler']}] {result['num_tokens']} tokens, {result['passes']} passes, "
         f"{result['tokens_per_pass']:.2f} tokens/pass, {result['tokens_per_second']:.1f} tokens/s",

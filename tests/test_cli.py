@@ -1,0 +1,103 @@
+"""The command line on the embedded default: greedy output equals transformers' generate,
+lossless equals ar, and every input a user can get wrong is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tidar.cli import main
+from tidar.engine import DecodeConfig, Engine
+from tidar.generate import encode_prompt, stop_ids
+from tidar.loading import load_model
+
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "What is the capital of France?",
+    "List three colours.",
+]
+
+
+@pytest.fixture(scope="module")
+def default(default_gguf):
+    return load_model(None)
+
+
+def test_ar_equals_transformers_generate(default):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(default.source, dtype=torch.float32).eval()
+    engine = Engine(default.model, stop_ids(default))
+    for prompt in PROMPTS:
+        ids = encode_prompt(default.tokenizer, prompt, raw=False)
+        ours, _ = engine.generate([ids], DecodeConfig(sampler="ar", max_new_tokens=24))
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                              eos_token_id=list(stop_ids(default)), pad_token_id=2)
+        assert ours[0] == ref[0, len(ids):].tolist()
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_lossless_equals_ar(default, capsys):
+    common = ["--max-new-tokens", "20", "--json"]
+    code, out, _ = _run(capsys, "generate", PROMPTS[0], "--sampler", "ar", *common)
+    assert code == 0
+    ar = json.loads(out)
+    for drafter in ([], ["--proposals", "4", "--block-size", "4"]):
+        code, out, _ = _run(capsys, "generate", PROMPTS[0], "--sampler", "lossless",
+                            *drafter, *common)
+        assert code == 0
+        result = json.loads(out)
+        assert result["token_ids"] == ar["token_ids"]
+        for key in ("text", "num_tokens", "passes", "tokens_per_pass", "seconds",
+                    "tokens_per_second", "sampler"):
+            assert key in result
+        assert result["tokens_per_pass"] >= 1.0
+
+
+def test_generate_streams_text_and_summary(default, capsys):
+    code, out, err = _run(capsys, "generate", PROMPTS[1], "--sampler", "ar",
+                          "--max-new-tokens", "12", "--compare")
+    assert code == 0 and out.strip()
+    assert "tokens/pass" in err and "identical to ar" in err
+
+
+def test_info(default, capsys):
+    code, out, _ = _run(capsys, "info")
+    assert code == 0 and "llama" in out and "134515008" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--model", "/no/such/model"], "does not exist"),
+        (["generate", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--top-p", "0"], "top-p"),
+        (["generate", "hi", "--max-new-tokens", "9000"], "context"),
+        (["generate", "hi", "--sampler", "fast"], "invalid choice"),
+        (["generate", "hi", "--beta", "2", "--sampler", "mix"], "beta"),
+        (["generate", "hi", "--block-size", "1", "--proposals", "1"], "block-size"),
+        (["generate", "hi", "--proposals", "many"], "proposals"),
+        (["generate", "hi", "--drafter", "/no/such/drafter"], "does not exist"),
+        (["generate"], "required"),
+    ],
+)
+def test_bad_input_is_one_line(default, capsys, args, message):
+    code, out, err = _run(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tidar: error:") and message in lines[0]
+
+
+def test_corrupt_gguf_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    code, _, err = _run(capsys, "info", str(bad))
+    assert code == 2 and len(err.strip().splitlines()) == 1
