@@ -3,7 +3,10 @@
 
     python benchmarks/humaneval_eval.py --drafter D --device cuda --dtype bfloat16
 
-Completion mode: the raw HumanEval prompt is continued and cut at the usual stop sequences.
+Chat protocol (default, for instruct models): the model is asked for the function and the
+first code block of its answer is appended after the prompt (a later ``def`` replaces the
+prompt's stub). ``--raw``: the prompt is continued and cut at the usual stop sequences (base
+models; an instruct model tends to close the code block and explain instead).
 Runs model-written code: use a sandbox (the GPU machine here).
 """
 
@@ -17,10 +20,22 @@ from common import write_json
 
 from tidar.drafter import apply_drafter
 from tidar.engine import DecodeConfig, Engine
-from tidar.generate import stop_ids
+from tidar.generate import encode_prompt, stop_ids
 from tidar.loading import load_model
 
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+ASK = ("Complete the following Python function. Answer with the whole function in one "
+       "Python code block.\n\n```python\n{prompt}```")
+
+
+def code_block(text: str) -> str:
+    """The first fenced code block of an answer (or the whole answer if it has none)."""
+    if "```" not in text:
+        return text
+    body = text.split("```", 2)[1]
+    return body.split("\n", 1)[1] if body.startswith(("python", "py\n")) else body
 
 
 def truncate(text: str) -> str:
@@ -42,6 +57,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--betas", type=float, nargs="*", default=[0.9, 0.7, 0.5])
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
+    ap.add_argument("--raw", action="store_true", help="completion protocol (base models)")
     args = ap.parse_args()
 
     loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -50,7 +66,11 @@ def main() -> None:
         block = apply_drafter(loaded.model, args.drafter, loaded.fingerprint).block_size
     block = args.block_size or block
     problems = list(read_problems().values())[: args.limit]
-    prompts = [loaded.tokenizer.encode(p["prompt"]) for p in problems]
+    if args.raw:
+        prompts = [loaded.tokenizer.encode(p["prompt"]) for p in problems]
+    else:
+        prompts = [encode_prompt(loaded.tokenizer, ASK.format(prompt=p["prompt"]), raw=False)
+                   for p in problems]
     engine = Engine(loaded.model, stop_ids(loaded))
     methods = [("ar", DecodeConfig(sampler="ar", max_new_tokens=args.max_new_tokens)),
                ("lossless", DecodeConfig(block_size=block, max_new_tokens=args.max_new_tokens))]
@@ -69,7 +89,8 @@ def main() -> None:
             for j, n in enumerate(stats.committed_hist):
                 hist[j] += n
         seconds = time.perf_counter() - start
-        texts = [truncate(loaded.tokenizer.decode(o, skip_special_tokens=True)) for o in outputs]
+        answers = [loaded.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        texts = [truncate(a) if args.raw else "\n" + code_block(a) for a in answers]
         # One at a time: each check forks, and forking from worker threads is unsafe.
         checks = [check_correctness(p, t, 5.0) for p, t in zip(problems, texts, strict=True)]
         passed = sum(c["passed"] for c in checks)
