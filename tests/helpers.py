@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tidar.config import ModelConfig, from_hf_config
 from tidar.layouts import Layout, causal_layout
 from tidar.model import Transformer
+from tidar.sampling import accepted_prefix, sample, verify_sampled
 
 MOE = dict(num_experts_per_tok=2)
 
@@ -176,3 +177,42 @@ class ScriptedModel(nn.Module):
 
     def head(self, hidden: Tensor) -> Tensor:
         return hidden
+
+
+EOS = 127
+
+
+def tiny_model_dir(path, seed: int = 0):
+    """A random 2-layer Llama with a word-level tokenizer whose EOS (t127) is no substring
+    of the prompts' words (transformers splits text on special-token strings)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=EOS, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
+                            eos_token=f"t{EOS}").save_pretrained(path)
+    return path
+
+
+# Deliberately wrong verifiers: statistical tests must reject them.
+def always_accept(p, q, drafts, u_accept, u_final):
+    return verify_sampled(p, q, drafts, torch.zeros_like(u_accept), u_final)
+
+
+def residual_from_p(p, q, drafts, u_accept, u_final):
+    """Wrong: after a rejection, draw from ``p`` instead of ``max(0, p - q)``."""
+    p_d = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
+    k = accepted_prefix(u_accept * q_d < p_d)
+    target = p.gather(1, k[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)
+    return k, sample(target, u_final)

@@ -9,42 +9,17 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_model_dir
 
 from tidar.bench import add_bench_args, batches, read_prompt_file, run_bench
 from tidar.errors import TidarError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-EOS = 127
-
-
-def _tiny_model_dir(path):
-    """A random 2-layer Llama with a word-level tokenizer whose EOS (t127) is no substring
-    of the prompts' words (transformers splits text on special-token strings)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=EOS, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
-                            eos_token=f"t{EOS}").save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    model = _tiny_model_dir(root / "model")
+    model = tiny_model_dir(root / "model")
     rng = random.Random(0)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(

@@ -18,9 +18,11 @@ import torch
 from helpers import (  # noqa: F401
     FAMILIES,
     ScriptedModel,
+    always_accept,
     ar_distribution,
     chi2_pvalue,
     one_thread,
+    residual_from_p,
     tiny_model,
 )
 
@@ -31,10 +33,7 @@ from tidar.layouts import causal_layout
 from tidar.model import KVCache
 from tidar.sampling import (
     SamplingParams,
-    accepted_prefix,
     probabilities,
-    sample,
-    verify_sampled,
 )
 
 ALPHA = 1e-3
@@ -197,19 +196,7 @@ def test_sampled_output_distribution_is_ar(sampling_models, case):
     assert _pvalue(sampling_models[vocab], cfg) > ALPHA
 
 
-def _always_accept(p, q, drafts, u_accept, u_final):
-    return verify_sampled(p, q, drafts, torch.zeros_like(u_accept), u_final)
-
-
-def _residual_from_p(p, q, drafts, u_accept, u_final):
-    """Wrong: after a rejection, draw from ``p`` instead of ``max(0, p - q)``."""
-    p_d = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
-    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
-    k = accepted_prefix(u_accept * q_d < p_d)
-    return k, sample(p.gather(1, k[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1), u_final)
-
-
-@pytest.mark.parametrize("wrong", [_always_accept, _residual_from_p])
+@pytest.mark.parametrize("wrong", [always_accept, residual_from_p])
 def test_wrong_sampler_is_rejected(sampling_models, monkeypatch, wrong):
     monkeypatch.setattr(engine_module, "verify_sampled", wrong)
     cfg = DecodeConfig(block_size=4, sampling=T1, max_new_tokens=3)
@@ -232,7 +219,7 @@ def _trio(draft: str, b: int, max_new: int, prompt_len: int = 5):
 
 
 @pytest.mark.parametrize("b", [2, 4, 8])
-def test_trio_always_accept(b):
+def test_trioalways_accept(b):
     passes = 5
     stats = _trio("always", b, 1 + passes * b)
     assert stats.passes == [1 + passes]  # the prefill pass commits the first token

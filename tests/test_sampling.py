@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import chi2_pvalue, one_thread  # noqa: F401
+from helpers import always_accept, chi2_pvalue, one_thread, residual_from_p  # noqa: F401
 
 from tidar.sampling import (
     SamplingParams,
@@ -213,19 +213,6 @@ P1 = torch.tensor([0.1, 0.5, 0.15, 0.25])
 Q1 = torch.tensor([0.4, 0.1, 0.3, 0.2])
 
 
-def _always_accept(p, q, drafts, u_accept, u_final):
-    return verify_sampled(p, q, drafts, torch.zeros_like(u_accept), u_final)
-
-
-def _residual_from_p(p, q, drafts, u_accept, u_final):
-    """Wrong: after a rejection, draw from ``p`` instead of ``max(0, p - q)``."""
-    p_d = p[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
-    q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
-    k = accepted_prefix(u_accept * q_d < p_d)
-    target = p.gather(1, k[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)
-    return k, sample(target, u_final)
-
-
 def _first_token_distribution(verify, p1, q1, grid: int = 300) -> torch.Tensor:
     """P(first committed token) for one draft (b = 2), by midpoint quadrature over uniforms.
 
@@ -258,7 +245,7 @@ def test_speculative_step_exact_by_quadrature():
     assert (_first_token_distribution(verify_sampled, P1, q0) - P1).abs().max() < 5e-3
 
 
-@pytest.mark.parametrize("wrong", [_always_accept, _residual_from_p])
+@pytest.mark.parametrize("wrong", [always_accept, residual_from_p])
 def test_quadrature_rejects_wrong_verifiers(wrong):
     dist = _first_token_distribution(wrong, P1, Q1)
     assert (dist - P1).abs().max() > 0.05
@@ -302,7 +289,7 @@ def test_speculative_step_exact_chi_square():
         assert chi2_pvalue(counts, p[j]) > ALPHA, f"position {j + 1}"
 
 
-@pytest.mark.parametrize("wrong", [_always_accept, _residual_from_p])
+@pytest.mark.parametrize("wrong", [always_accept, residual_from_p])
 def test_chi_square_rejects_wrong_verifiers(wrong):
     p, q = _targets()
     result = _speculative_positions(wrong, p, q, 60_000, seed=0)

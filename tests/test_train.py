@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import EOS, tiny_model_dir
 
 from tidar import train as train_mod
 from tidar.drafter import apply_drafter
@@ -28,35 +28,10 @@ def _repeating_doc(rng: random.Random, length: int = 48) -> str:
     return " ".join(pattern[i % 3] for i in range(length))
 
 
-EOS = 127
-
-
-def _tiny_model_dir(path, seed: int):
-    """A random 2-layer Llama with a word-level tokenizer whose EOS (t127) is no substring
-    of the data's words (transformers splits text on special-token strings)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=EOS, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok = Tokenizer(WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0",
-                            eos_token=f"t{EOS}").save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
-    model_dir = _tiny_model_dir(root / "model", seed=0)
+    model_dir = tiny_model_dir(root / "model", seed=0)
     rng = random.Random(0)
     data = root / "repeat.jsonl"
     with data.open("w") as f:
@@ -181,6 +156,6 @@ def test_unusable_data(tiny_setup, tmp_path):
 def test_drafter_for_another_base_is_refused(tiny_setup, tmp_path):
     result = train(_config(tiny_setup, tmp_path / "run", steps=20, lora_rank=4, lora_alpha=4),
                    progress=False)
-    other = load_model(str(_tiny_model_dir(tmp_path / "other", seed=1)))
+    other = load_model(str(tiny_model_dir(tmp_path / "other", seed=1)))
     with pytest.raises(TidarError, match="another base model"):
         apply_drafter(other.model, result["drafter"], other.fingerprint)
