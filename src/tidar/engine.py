@@ -178,7 +178,7 @@ class Engine:
         with torch.inference_mode():
             cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
             consts = self._constants(cfg)
-            st = self._prefill(prompts, cfg, cache, seeds)
+            st = self._prefill(prompts, cfg, cache, seeds, consts)
             step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
                 lambda: self._pass(st, cfg, cache, consts)
             )
@@ -236,7 +236,7 @@ class Engine:
         probs = probabilities(logits, cfg.sampling)
         return sample(probs, u), probs
 
-    def _prefill(self, prompts, cfg: DecodeConfig, cache: KVCache, seeds) -> _State:
+    def _prefill(self, prompts, cfg: DecodeConfig, cache: KVCache, seeds, consts) -> _State:
         b, batch, dev, model = cfg.block_size, len(prompts), self.device, self.model
         n_mask = 0 if cfg.sampler == "ar" else b
         layout = prefill_layout(prompts, n_mask, cache.capacity, model.cfg.mask_id, dev)
@@ -269,7 +269,6 @@ class Engine:
             seeds=seeds_t,
             hist=torch.zeros(b + 1, dtype=torch.long, device=dev),
         )
-        consts = self._constants(cfg)
         self._emit(st, first[:, None], torch.ones_like(first), consts)
         ahead = z_block[:, 1:]
         self._set_drafts(st, cfg, ahead, torch.ones(batch, b - 1, dtype=torch.bool, device=dev),
@@ -375,7 +374,7 @@ class Engine:
         scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
         cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
         consts = self._constants(cfg)
-        st = self._prefill(prompts, cfg, cache, [0] * batch)
+        st = self._prefill(prompts, cfg, cache, [0] * batch, consts)
         step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
             lambda: self._pass(st, cfg, cache, consts)
         )

@@ -75,11 +75,6 @@ def choose(
     return best
 
 
-def query_counts(block_sizes=(4, 8, 16), max_queries: int = 272) -> list[int]:
-    return sorted({1} | {b + n * b for b in block_sizes for n in range(1, b + 1)
-                         if b + n * b <= max_queries})
-
-
 @torch.inference_mode()
 def measure_pass_seconds(model, queries: list[int], context: int = 256, batch: int = 1,
                          repeats: int = 5) -> dict[int, float]:
