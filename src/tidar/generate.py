@@ -185,8 +185,11 @@ def run_generate(args) -> int:
     print(file=sys.stdout)
     if tuner_info is not None:
         print(f"tuner: {tuner_info}", file=sys.stderr)
+    label = result["sampler"]
+    if tuner_info is not None and label != args.sampler:
+        label = f"{args.sampler} -> {label} (tuner)"
     print(
-        f"[{result['sampler']}] {result['num_tokens']} tokens, {result['passes']} passes, "
+        f"[{label}] {result['num_tokens']} tokens, {result['passes']} passes, "
         f"{result['tokens_per_pass']:.2f} tokens/pass, {result['tokens_per_second']:.1f} tokens/s",
         file=sys.stderr,
     )
