@@ -69,6 +69,24 @@ def test_generate_streams_text_and_summary(default, capsys):
     assert "tokens/pass" in err and "identical to ar" in err
 
 
+def test_stop_string_ends_generation(default, capsys):
+    common = ["--sampler", "lossless", "--proposals", "2", "--block-size", "4",
+              "--max-new-tokens", "24", "--json"]
+    code, out, _ = _run(capsys, "generate", PROMPTS[0], *common)
+    full = json.loads(out)
+    stop = full["text"][len(full["text"]) // 2 :][:6]
+    assert stop.strip()
+    code, out, _ = _run(capsys, "generate", PROMPTS[0], *common, "--stop", stop)
+    cut = json.loads(out)
+    assert code == 0
+    assert cut["text"] == full["text"][: full["text"].find(stop)]
+    assert cut["token_ids"] == full["token_ids"][: cut["num_tokens"]]
+    assert cut["num_tokens"] < full["num_tokens"]
+    code, out, _ = _run(capsys, "generate", PROMPTS[0], "--sampler", "ar",
+                        "--max-new-tokens", "24", "--stop", stop)
+    assert out.rstrip("\n") == cut["text"].rstrip("\n") and stop not in out
+
+
 def test_info(default, capsys):
     code, out, _ = _run(capsys, "info")
     assert code == 0 and "llama" in out and "134515008" in out

@@ -415,6 +415,22 @@ def test_max_new_tokens_random_model():
         assert [len(o) for o in out] == [n, n]
 
 
+def test_finish_ends_one_row_only():
+    model = tiny_model("llama", vocab=8, seed=3)
+    engine = Engine(model)
+    prompts = _prompts(8, [4, 2, 6], 11)
+    cfg = DecodeConfig(block_size=4, max_new_tokens=20)
+    out, _ = engine.generate(prompts, cfg)
+    got = [[] for _ in prompts]
+    for row, tokens in engine.stream(prompts, cfg):
+        got[row].extend(tokens)
+        if row == 1:
+            engine.finish(1)  # e.g. a stop string appeared in its text
+    assert got[1] == out[1][: len(got[1])] and len(got[1]) < len(out[1])
+    assert got[0] == out[0] and got[2] == out[2]
+    assert engine.last_stats.tokens[1] == len(got[1])
+
+
 def test_stream_matches_generate():
     model = tiny_model("qwen3_moe", vocab=8, seed=10)
     engine = Engine(model, stop_ids=(7,))

@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen)
     add_decode_args(gen)
     gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--stop", action="append", default=[], metavar="STR",
+                     help="stop when the text contains STR (repeatable; STR is not printed)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--compare", action="store_true", help="also run `ar`; print the speedup")
 

@@ -146,6 +146,7 @@ class Engine:
         if compile:
             self._hidden = torch.compile(self._eager_hidden, dynamic=False)
         self.last_stats: Stats | None = None
+        self._live: _State | None = None  # the running stream's state, for finish()
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -178,7 +179,7 @@ class Engine:
         with torch.inference_mode():
             cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
             consts = self._constants(cfg)
-            st = self._prefill(prompts, cfg, cache, seeds, consts)
+            st = self._live = self._prefill(prompts, cfg, cache, seeds, consts)
             step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
                 lambda: self._pass(st, cfg, cache, consts)
             )
@@ -197,6 +198,13 @@ class Engine:
             hist = st.hist.tolist()
             hist[0] = 0
             self.last_stats = Stats(cfg.block_size, st.passes.tolist(), generated, hist)
+
+    def finish(self, row: int) -> None:
+        """End ``row`` of the running stream, e.g. when its text reached a stop string.
+
+        Takes effect at the next pass; the engine sees token ids, the caller decides on text.
+        """
+        self._live.active[row] = False
 
     # -- internals --------------------------------------------------------------------
     def _eager_hidden(self, layout, cache: KVCache) -> Tensor:

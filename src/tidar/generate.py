@@ -97,30 +97,63 @@ def tuned(loaded, cfg: DecodeConfig, reach: list[float]) -> tuple[DecodeConfig, 
 
 
 class TextStream:
-    """Prints decoded text as tokens arrive, holding back incomplete characters."""
+    """Decodes tokens as they arrive and watches for stop strings; optionally prints the text,
+    holding back incomplete characters and anything that may be the start of a stop string."""
 
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.out, self.stops = tokenizer, out, stops
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+        self.text = ""
 
     def add(self, tokens: list[int]) -> None:
         self.ids.extend(tokens)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        cuts = [text.find(s) for s in self.stops if s in text]
+        if cuts:
+            text, self.stopped = text[: min(cuts)], True
+        self.text = text
+        if self.out is None or text.endswith("\ufffd"):
             return
-        self.out.write(text[self.printed :])
+        hold = 0 if self.stopped else max((len(s) - 1 for s in self.stops), default=0)
+        end = max(self.printed, len(text) - hold)
+        self.out.write(text[self.printed : end])
         self.out.flush()
-        self.printed = len(text)
+        self.printed = end
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.write(self.text[self.printed :])
+            self.out.flush()
+
+    def stop_prefix(self) -> list[int]:
+        """The shortest prefix of the ids whose text reaches the stop string."""
+        for n in range(1, len(self.ids) + 1):
+            if len(self.tokenizer.decode(self.ids[:n], skip_special_tokens=True)) >= len(
+                self.text
+            ):
+                return self.ids[:n]
+        return self.ids
 
 
-def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, on_tokens=None) -> dict:
+def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
+             ) -> dict:
+    """One generation; with ``text``, stop strings end it (the engine finishes the row)."""
     cfg = cfg.resolved()
     start = time.perf_counter()
     tokens: list[int] = []
     for _, new in engine.stream([prompt_ids], cfg):
         tokens.extend(new)
-        if on_tokens:
-            on_tokens(new)
+        if text is not None:
+            text.add(new)
+            if text.stopped:
+                engine.finish(0)
     seconds = time.perf_counter() - start
+    if text is not None:
+        text.close()
+        if text.stopped:
+            tokens = text.stop_prefix()
     stats = engine.last_stats.as_dict()
     return {
         "token_ids": tokens,
@@ -164,16 +197,19 @@ def run_generate(args) -> int:
     prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)
     engine = Engine(loaded.model, stop_ids(loaded))
 
-    stream = None if args.json else TextStream(loaded.tokenizer, sys.stdout)
-    result = run_once(engine, prompt_ids, cfg, stream.add if stream else None)
-    result["text"] = loaded.tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+    stops = tuple(args.stop)
+    if any(not s for s in stops):
+        raise TidarError("--stop strings must not be empty")
+    text = TextStream(loaded.tokenizer, None if args.json else sys.stdout, stops)
+    result = run_once(engine, prompt_ids, cfg, text)
+    result["text"] = text.text
     result["drafter"] = drafter
     if tuner_info is not None:
         result["tuner"] = tuner_info
     if args.compare:
         ar = run_once(engine, prompt_ids, DecodeConfig(
             sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-        ))
+        ), TextStream(loaded.tokenizer, None, stops))
         result["compare"] = {
             "ar_tokens_per_second": ar["tokens_per_second"],
             "speedup": result["tokens_per_second"] / max(ar["tokens_per_second"], 1e-9),
