@@ -279,6 +279,14 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _mean_over_ranks(*values: float, device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
 def _peak_flops(device: torch.device) -> float | None:
     """Dense bf16 datasheet peak, for MFU."""
     if device.type != "cuda":
@@ -332,6 +340,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         for block in model.layers:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+    # fully_shard swaps parameters for sharded ones: collect the trainable ones only now.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named]
     names = [n for n, _ in named]
     optimizer = torch.optim.AdamW(
@@ -386,6 +396,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 loss = loss + cfg.router_aux * aux
             (loss / cfg.grad_accum).backward()
             diff_total += diff_mean.item() / cfg.grad_accum
+        if world > 1:  # log the global mean, not rank 0's share of the batch
+            ar_total, diff_total = _mean_over_ranks(ar_total, diff_total, device=device)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
