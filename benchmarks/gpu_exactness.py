@@ -3,7 +3,8 @@
     python benchmarks/gpu_exactness.py
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
-must equal each row run alone.
+must equal each row run alone. Every family runs with eager blocks, two of them (dense and MoE)
+also with compiled blocks (``Engine(compile=True)``).
 """
 
 from __future__ import annotations
@@ -43,21 +44,24 @@ def random_model(family: str, seed: int) -> Transformer:
 def main() -> None:
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]]
     rows, failures = [], 0
-    for family in FAMILIES:
-        for seed in range(2):
-            engine = Engine(random_model(family, seed))
-            ar, _ = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=40))
-            for b, S in [(2, None), (4, (0, 1)), (8, None), (16, (0, 2, 5)), (16, None)]:
-                cfg = DecodeConfig(block_size=b, proposals=S, max_new_tokens=40)
-                out, stats = engine.generate(prompts, cfg)
-                mix, _ = engine.generate(prompts, DecodeConfig(
-                    sampler="mix", beta=1.0, block_size=b, proposals=S, max_new_tokens=40))
-                solo = [engine.generate([p], cfg)[0][0] for p in prompts]
-                ok = out == ar and mix == ar and solo == ar
-                failures += not ok
-                rows.append({"family": family, "seed": seed, "block_size": b, "proposals": S,
-                             "exact": ok, "tokens_per_pass": stats.tokens_per_pass})
-            print(family, seed, all(r["exact"] for r in rows[-5:]), flush=True)
+    runs = [(f, seed, False) for f in FAMILIES for seed in range(2)]
+    runs += [("llama", 0, True), ("qwen3_moe", 0, True)]
+    for family, seed, compiled in runs:
+        engine = Engine(random_model(family, seed), compile=compiled)
+        ar, _ = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=40))
+        for b, S in [(2, None), (4, (0, 1)), (8, None), (16, (0, 2, 5)), (16, None)]:
+            cfg = DecodeConfig(block_size=b, proposals=S, max_new_tokens=40)
+            out, stats = engine.generate(prompts, cfg)
+            mix, _ = engine.generate(prompts, DecodeConfig(
+                sampler="mix", beta=1.0, block_size=b, proposals=S, max_new_tokens=40))
+            solo = [engine.generate([p], cfg)[0][0] for p in prompts]
+            ok = out == ar and mix == ar and solo == ar
+            failures += not ok
+            rows.append({"family": family, "seed": seed, "compiled": compiled,
+                         "block_size": b, "proposals": S, "exact": ok,
+                         "tokens_per_pass": stats.tokens_per_pass})
+        print(family, seed, "compiled" if compiled else "eager",
+              all(r["exact"] for r in rows[-5:]), flush=True)
     write_json("gpu_exactness.json", rows)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(f"{len(rows) - failures}/{len(rows)} configurations exact on {device}")

@@ -1,48 +1,113 @@
-"""Pass latency t(q) of the engine's CUDA-graphed decode pass, and the AR step's floor.
+"""Pass latency t(q) of the engine's CUDA-graphed decode pass, eager and compiled blocks, in
+one process, against the AR step's floors.
 
     python benchmarks/pass_latency.py --context 1024 --batch 1 4 16 64
+
+Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
+device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
+replayed in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from common import SMOLLM2, smollm2_shaped, write_json
 
 from tidar.engine import DecodeConfig, Engine
+from tidar.layouts import decode_layout
+from tidar.model import KVCache
+
+
+def graph_kernel_seconds(n: int = 1000, repeats: int = 20) -> float:
+    """Seconds per kernel of a CUDA graph of ``n`` dependent one-element kernels."""
+    x = torch.zeros(1, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x.add_(1)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            x.add_(1)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / n)
+    return statistics.median(times)
+
+
+def kernels_per_pass(engine: Engine, cfg: DecodeConfig, context: int) -> int:
+    """CUDA kernels one forward of the pass launches (profiled outside any graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = cfg.resolved()
+    model = engine.model
+    cache = KVCache(model.cfg, 1, context + 64, 272, engine.dtype, engine.device)
+    verify = torch.zeros(1, cfg.block_size, dtype=torch.long, device=engine.device)
+    layout = decode_layout(torch.tensor([context], device=engine.device), verify,
+                           cfg.proposals or [], cfg.block_size, context + 64, model.cfg.mask_id)
+    kwargs = {"blocks": engine._blocks} if engine._blocks else {}
+    with torch.inference_mode():
+        for _ in range(2):
+            model(layout, cache, hidden_only=True, **kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(layout, cache, hidden_only=True, **kwargs)
+            torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the pass forward")
+    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM spec)")
     args = ap.parse_args()
     model = smollm2_shaped()
-    engine = Engine(model, compile=args.compile)
+    b = args.block_size
+    counts = sorted({n for n in (1, 2, 4, 8) if n < b} | {b})
+    engines = {"graphed": Engine(model), "graphed+compiled": Engine(model, compile=True)}
     params = sum(p.numel() for p in model.parameters())
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results = {"device": name, "compile": args.compile, "context": args.context,
-               "params": params, "curves": {}}
-    for batch in args.batch:
-        ar = engine.time_pass(DecodeConfig(sampler="ar"), batch, args.context, args.repeats)
-        curve = {1: ar}
-        for b in args.block_sizes:
-            for n in sorted({1, 2, 3, 4, 6, 8, 12, 16} & set(range(1, b + 1))):
+    kv_per_token = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
+    floor_bytes = params * 2 + kv_per_token * args.context
+    per_kernel = graph_kernel_seconds()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "context": args.context, "block_size": b, "params": params,
+               "memory_floor_ms": 1e3 * floor_bytes / args.bandwidth,
+               "bandwidth_bytes_per_s": args.bandwidth,
+               "graph_kernel_us": 1e6 * per_kernel, "variants": {}}
+    for name, engine in engines.items():
+        ar_kernels = kernels_per_pass(engine, DecodeConfig(sampler="ar"), args.context)
+        full_kernels = kernels_per_pass(engine, DecodeConfig(block_size=b), args.context)
+        variant = {"kernels_ar_forward": ar_kernels, "kernels_272_forward": full_kernels,
+                   "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
+        for batch in args.batch:
+            curve = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch, args.context,
+                                         args.repeats)}
+            for n in counts:
                 cfg = DecodeConfig(block_size=b, proposals=tuple(range(n)))
                 curve[b + n * b] = engine.time_pass(cfg, batch, args.context, args.repeats)
-        results["curves"][batch] = curve
-        print(f"batch {batch}: " + "  ".join(f"t({q})={t * 1e3:.2f}ms" for q, t in
-                                            sorted(curve.items())), flush=True)
-    # Memory floor of one AR step: every weight read once, plus the KV cache of the context.
-    kv = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
-    weight_bytes = params * 2
-    results["ar_floor_bytes"] = {"weights": weight_bytes, "kv_per_token": kv}
-    results["notes"] = "t(q) in seconds, median of CUDA-event-timed graph replays"
-    write_json(f"pass_latency{'_compiled' if args.compile else ''}.json", results)
+            variant["curves"][batch] = curve
+            print(f"{name} batch {batch}: " + "  ".join(
+                f"t({q})={t * 1e3:.2f}ms" for q, t in sorted(curve.items())), flush=True)
+        results["variants"][name] = variant
+        print(f"{name}: {ar_kernels} kernels per AR forward, {full_kernels} per 272-query "
+              f"forward; launch floor {variant['launch_floor_ms']:.2f} ms", flush=True)
+    print(f"memory floor {results['memory_floor_ms']:.3f} ms, one graph kernel "
+          f"{results['graph_kernel_us']:.2f} us")
+    results["notes"] = ("t(q) in seconds, median of CUDA-event-timed replays of the whole "
+                        "captured pass (forward, verification, drafting); kernels counted "
+                        "for the forward alone")
+    write_json("pass_latency.json", results)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,11 @@ def test_bench_end_to_end(setup, tmp_path, capsys):
     meta = report["meta"]
     assert meta["device_type"] == "cpu" and meta["torch"] == torch.__version__
     assert meta["drafter"].startswith("untrained") and meta["block_size"] == 4
-    assert meta["methods"] == ["ar", "hf", "pld", "lossless", "mix@0.5"]
+    assert meta["methods"] == ["ar", "hf", "pld", "lossless", "mix@0.5", "auto"]
 
     rows = {(r["method"], r["batch_size"]): r for r in report["results"]}
-    assert set(rows) == {(m, b) for m in ("ar", "hf", "lossless", "mix@0.5") for b in (1, 2)} \
+    assert set(rows) == {(m, b) for m in ("ar", "hf", "lossless", "mix@0.5", "auto")
+                         for b in (1, 2)} \
         | {("pld", 1)}  # prompt lookup: batch 1 only
     for (_, batch), r in rows.items():
         assert r["sequences"] == (3 if batch == 1 else 4)  # ceil(3 / 2) batches of 2
@@ -69,6 +70,9 @@ def test_bench_end_to_end(setup, tmp_path, capsys):
         assert len(lossless["committed_per_pass_histogram"]) == 4
         assert len(lossless["acceptance_by_position"]) == 3
         assert rows["mix@0.5", batch]["beta"] == 0.5
+        # An untrained drafter is never accepted: the tuner must fall back to ar.
+        assert rows["auto", batch]["tuner"]["choice"] == "ar"
+        assert rows["auto", batch]["sampler"] == "ar"
     assert rows["pld", 1]["forward_calls"] > 0
     assert rows["hf", 1]["identical_to_ar"] == 1.0  # transformers greedy == our ar, fp32
 

@@ -527,3 +527,7 @@ def test_data_stats(tok, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{src} (weight 1): 3 rows, 2 documents, 1 bad, 10 chars")
     assert "tokens" not in line and "1 bad JSON" in line
+    leaked = write_jsonl(tmp_path / "h.jsonl", [{"text": humaneval_prompts()[3]}, {"text": "w1"}])
+    assert source_stats(str(leaked), tok, humaneval=True)["humaneval_documents"] == 1
+    assert run_data(parse(["data", "stats", str(leaked), "--humaneval", *model])) == 0
+    assert "1 containing a HumanEval prompt" in capsys.readouterr().out

@@ -82,8 +82,15 @@ def test_full_conversion_learns_to_draft(tiny_setup, tmp_path):
 
 
 def test_frozen_ar_keeps_ar_logits_bit_identical(tiny_setup, tmp_path):
-    cfg = _config(tiny_setup, tmp_path / "run", mode="frozen-ar", lora_rank=8, lora_alpha=8)
+    cfg = _config(tiny_setup, tmp_path / "run", mode="frozen-ar", lora_rank=8, lora_alpha=8,
+                  eval_prompts=_prompts(2))
     result = train(cfg, progress=False)
+    # The final evaluation's calibration goes into the drafter, for the tuner.
+    from tidar.drafter import read_drafter
+
+    extra = read_drafter(result["drafter"])[1].extra
+    assert len(extra["acceptance_by_position"]) == 3 and extra["calibration"]["prompts"] == 2
+    assert extra["calibration"]["tokens_per_pass"] >= 1.0
     original = load_model(str(tiny_setup[0]))
     converted = load_model(str(tiny_setup[0]))
     info = apply_drafter(converted.model, result["drafter"], converted.fingerprint)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import TidarError
 
-METHODS = ("hf", "pld", "ar", "lossless", "mix")
+METHODS = ("hf", "pld", "ar", "lossless", "mix", "auto")
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as transformers' docs suggest
 HUMANEVAL_WRAPPER = "Complete this Python function:\n"
 
@@ -88,7 +88,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--betas", nargs="+", default=["0.9,0.7,0.5"], help="betas for mix")
     p.add_argument("--methods", nargs="+", default=[",".join(METHODS)],
                    help=f"subset of {','.join(METHODS)}: hf is transformers generate, pld "
-                   "its prompt-lookup decoding (batch 1 only); ar always runs (the baseline)")
+                   "its prompt-lookup decoding (batch 1 only), auto the lossless setting "
+                   "`--proposals auto` picks at each batch size; ar always runs (the baseline)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     p.add_argument("--pass-repeats", type=int, default=20,
                    help="passes timed per point of the t(q) curve (0: skip the curve)")
@@ -306,9 +307,10 @@ class HFRunner:
 # -- the benchmark -----------------------------------------------------------------------
 @dataclass
 class Method:
-    name: str  # hf, pld, ar, lossless, mix@0.7
+    name: str  # hf, pld, ar, lossless, mix@0.7, auto
     kind: str  # hf, pld, engine
-    cfg: object = None  # DecodeConfig for the engine
+    cfg: object = None  # DecodeConfig for the engine (auto: set per batch size by the tuner)
+    tuner: dict | None = None  # auto: the tuner's choice and expectation
 
 
 def _median(xs: list[float]) -> float:
@@ -473,6 +475,7 @@ def run_bench(args) -> int:
     from .generate import DEFAULT_BLOCK_SIZE, decode_config, encode_prompt, shipped_drafter
     from .generate import stop_ids as model_stop_ids
     from .loading import load_model
+    from .tuner import auto_config
 
     # Validate everything a user can get wrong before loading anything.
     batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1, 1024)
@@ -499,9 +502,11 @@ def run_bench(args) -> int:
     if drafter_path is None and loaded.is_default:
         drafter_path = shipped_drafter("smollm2-135m-instruct")
     block_size, drafter = DEFAULT_BLOCK_SIZE, "untrained (mean embedding)"
+    reach: list[float] = []  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:
         info = apply_drafter(loaded.model, drafter_path, loaded.fingerprint)
         block_size, drafter = info.block_size, str(drafter_path)
+        reach = (info.extra or {}).get("acceptance_by_position", [])
     dargs = argparse.Namespace(block_size=args.block_size, proposals=args.proposals,
                                sampler="lossless", beta=1.0, temperature=0.0, top_k=0,
                                top_p=1.0, max_new_tokens=max(lengths), seed=0)
@@ -515,6 +520,8 @@ def run_bench(args) -> int:
                 sampler="ar", max_new_tokens=base.max_new_tokens).resolved()))
         elif name == "lossless":
             methods.append(Method("lossless", "engine", base))
+        elif name == "auto":
+            methods.append(Method("auto", "engine"))
         else:
             methods += [Method(f"mix@{beta:g}", "engine", DecodeConfig(
                 sampler="mix", block_size=base.block_size, proposals=base.proposals, beta=beta,
@@ -528,8 +535,6 @@ def run_bench(args) -> int:
     eager = Engine(loaded.model, stops, cuda_graphs=False)  # prefill timing only
     for length in lengths:  # every prompt must fit with every length: fail before timing
         engine._check_prompts(prompt_ids, replace(base, max_new_tokens=length))
-    if args.compile:
-        _raise_recompile_limit()
     hf = None
     if any(m.kind in ("hf", "pld") for m in methods):
         _log("loading the transformers baseline")
@@ -550,11 +555,19 @@ def run_bench(args) -> int:
     for length in lengths:
         for batch in batch_sizes:
             here = [m for m in methods if m.kind != "pld" or batch == 1]
+            for m in here:
+                if m.name == "auto":
+                    m.cfg, m.tuner = auto_config(engine, loaded.fingerprint, base, reach, batch)
+                    _log(f"auto at batch {batch}: {m.tuner}")
             groups = batches(prompt_ids, batch, args.num_prompts)
             _log(f"max_new_tokens {length}, batch {batch}: {len(groups)} batches x "
                  f"{len(here)} methods x {args.repeats} repeats")
             rec = _measure_cell(here, engine, eager, hf, groups, length, args.repeats)
             results += _summarise(here, rec, batch, length, len(groups))
+            for row in results[-len(here):]:
+                tuned = next(m for m in here if m.name == row["method"]).tuner
+                if tuned is not None:
+                    row["tuner"] = tuned
 
     curve, curve_notes = None, []
     if args.pass_repeats:
@@ -603,16 +616,6 @@ def run_bench(args) -> int:
     print(table(results))
     _log(f"wrote {out_dir / 'bench.json'}" + "".join(f", {p}" for p in report["plots"]))
     return 0
-
-
-def _raise_recompile_limit() -> None:
-    """One compiled graph per (batch, configuration): allow more than dynamo's default 8."""
-    import torch._dynamo
-
-    conf = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(conf, name):
-            setattr(conf, name, max(getattr(conf, name), 256))
 
 
 def _version(package: str) -> str | None:

@@ -49,6 +49,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proposals", default="auto", help="proposal blocks per pass: N, all, or "
                    "auto (default: the tuner picks from measured pass costs, plain ar when "
                    "drafting does not pay)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode pass "
+                   "(a slower first call, faster passes; for the GPU)")
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:

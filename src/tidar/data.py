@@ -759,12 +759,14 @@ def iter_documents(source, tokenizer=None, extensions: Iterable[str] | None = No
 
 
 def source_stats(source, tokenizer=None, extensions: Iterable[str] | None = None,
-                 max_docs: int | None = None, count_tokens: bool = True) -> dict:
+                 max_docs: int | None = None, count_tokens: bool = True,
+                 humaneval: bool = False) -> dict:
     """Rows, usable documents, bad rows by reason, characters and (with a tokenizer and
-    ``count_tokens``) tokens, EOS included. Chat rows need the tokenizer's template."""
+    ``count_tokens``) tokens, EOS included; with ``humaneval``, the documents that contain a
+    HumanEval prompt. Chat rows need the tokenizer's template."""
     count_tokens = count_tokens and tokenizer is not None
     bad: Counter = Counter()
-    docs = chars = tokens = 0
+    docs = chars = tokens = contaminated = 0
     batch: list[str] = []
 
     def flush():
@@ -777,6 +779,7 @@ def source_stats(source, tokenizer=None, extensions: Iterable[str] | None = None
     for text in iter_documents(src, tokenizer, extensions, bad):
         docs += 1
         chars += len(text)
+        contaminated += humaneval and contains_humaneval(text)
         if count_tokens:
             batch.append(text)
             if len(batch) >= _PREFETCH_DOCS:
@@ -789,6 +792,8 @@ def source_stats(source, tokenizer=None, extensions: Iterable[str] | None = None
            "documents": docs, "bad_rows": dict(bad), "chars": chars}
     if count_tokens:
         out["tokens"] = tokens
+    if humaneval:
+        out["humaneval_documents"] = contaminated
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import TidarError
-from .model import RowLoRA, Transformer
+from .model import MLP, RowLoRA, Transformer
 
 FORMAT = "tidar-drafter/1"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,11 +44,14 @@ class DrafterInfo:
 
 
 def add_row_lora(model: Transformer, rank: int, alpha: float, targets=LORA_TARGETS) -> None:
-    """Wrap the dense linear layers named in ``targets`` with mask-row-only adapters."""
-    for module in list(model.layers.modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, RowLoRA(child, rank, alpha, model.row_gate))
+    """Wrap the attention and dense-MLP linear layers named in ``targets`` with mask-row-only
+    adapters (MoE experts flatten the sequence, so their rows carry no position: left alone)."""
+    for block in model.layers:
+        modules = [block.self_attn] + ([block.mlp] if isinstance(block.mlp, MLP) else [])
+        for module in modules:
+            for child_name, child in list(module.named_children()):
+                if child_name in targets and isinstance(child, nn.Linear):
+                    setattr(module, child_name, RowLoRA(child, rank, alpha, model.row_gate))
 
 
 def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: DrafterInfo,

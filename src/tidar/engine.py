@@ -7,14 +7,17 @@ and proposes the next drafts for every acceptance length in the proposal set ``S
 All decoding state lives in fixed-shape device tensors that a pass updates in place, with no
 host synchronisation: token bookkeeping (stop tokens, budgets, output buffer) is tensor
 arithmetic and randomness is a counter-based hash of (row seed, pass, slot). On CUDA the pass
-is captured once in a CUDA graph and replayed; the host looks at the state every
-``sync_every`` passes to stream tokens and stop.
+is captured in a CUDA graph and replayed; the host looks at the state every ``sync_every``
+passes to stream tokens and stop. Graphs, caches and state buffers are kept per (batch size,
+cache-capacity bucket, configuration) and reused by later calls: a call with the same shapes
+only prefills and replays.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -123,7 +126,8 @@ class _State:
     draft_probs: Tensor | None  # [B, b-1, V] q (sampling)
     active: Tensor  # [B] bool
     generated: Tensor  # [B] tokens emitted
-    out: Tensor  # [B, max_new + b + 1] emitted tokens; the last column absorbs masked writes
+    budget: Tensor  # [B] max new tokens
+    out: Tensor  # [B, capacity + b + 1] emitted tokens; the last column absorbs masked writes
     passes: Tensor  # [B] passes while active, prefill included
     counter: Tensor  # [B] passes run, the RNG counter
     seeds: Tensor  # [B]
@@ -133,20 +137,42 @@ class _State:
         return [t for t in vars(self).values() if isinstance(t, Tensor)]
 
 
+@dataclass
+class _Runner:
+    """What one (batch, capacity, configuration) keeps between calls: the KV cache, the state
+    buffers a pass updates in place, and the captured pass."""
+
+    cache: KVCache
+    consts: dict
+    state: _State | None = None
+    step: Callable[[], None] | None = None
+
+
+CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths share graphs
+MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
+
+
 class Engine:
     def __init__(self, model: Transformer, stop_ids: tuple[int, ...] = (),
                  cuda_graphs: bool | None = None, compile: bool = False):
-        """``compile``: fuse the decode pass's forward with torch.compile (before capture)."""
+        """``compile``: fuse each block of the decode pass with torch.compile (one compiled
+        graph serves every block; prefill stays eager, as its shapes vary per call).
+
+        The engine assumes the model's weights stay as they are while it exists.
+        """
         self.model = model
         self.stop_ids = tuple(stop_ids)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._hidden = self._eager_hidden
+        self._blocks = None
+        self.compiled = compile
         if compile:
-            self._hidden = torch.compile(self._eager_hidden, dynamic=False)
+            raise_recompile_limit()
+            self._blocks = [torch.compile(block) for block in model.layers]
         self.last_stats: Stats | None = None
         self._live: _State | None = None  # the running stream's state, for finish()
+        self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -174,15 +200,9 @@ class Engine:
         seeds = seeds if seeds is not None else [cfg.seed] * batch
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
-        capacity = max(map(len, prompts)) + cfg.max_new_tokens + cfg.block_size + 1
-        scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
         with torch.inference_mode():
-            cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
-            consts = self._constants(cfg)
-            st = self._live = self._prefill(prompts, cfg, cache, seeds, consts)
-            step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
-                lambda: self._pass(st, cfg, cache, consts)
-            )
+            runner = self._runner(batch, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
+            st = self._live = self._start(runner, prompts, cfg, seeds)
             shown = [0] * batch
             while True:
                 generated = st.generated.tolist()
@@ -194,7 +214,7 @@ class Engine:
                 if not bool(st.active.any()):
                     break
                 for _ in range(sync_every):
-                    step()
+                    runner.step()
             hist = st.hist.tolist()
             hist[0] = 0
             self.last_stats = Stats(cfg.block_size, st.passes.tolist(), generated, hist)
@@ -207,8 +227,34 @@ class Engine:
         self._live.active[row] = False
 
     # -- internals --------------------------------------------------------------------
-    def _eager_hidden(self, layout, cache: KVCache) -> Tensor:
-        return self.model(layout, cache, hidden_only=True)
+    def _runner(self, batch: int, length: int, cfg: DecodeConfig) -> _Runner:
+        """The runner for ``batch`` rows of up to ``length`` tokens (prompt plus output)."""
+        need = length + cfg.block_size + 1
+        capacity = -(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET
+        key = (batch, capacity, replace(cfg, max_new_tokens=0, seed=0))
+        runner = self._runners.pop(key, None)
+        if runner is None:
+            while len(self._runners) >= MAX_RUNNERS:
+                self._runners.popitem(last=False)
+            scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
+            cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
+            runner = _Runner(cache, self._constants(cfg))
+        self._runners[key] = runner
+        return runner
+
+    def _start(self, runner: _Runner, prompts, cfg: DecodeConfig, seeds) -> _State:
+        """Prefill into the runner's buffers (in place, where a captured pass reads them)."""
+        fresh = self._prefill(prompts, cfg, runner.cache, seeds, runner.consts)
+        if runner.state is None:
+            runner.state = fresh
+            if self.cuda_graphs:
+                runner.step = self._capture(fresh, cfg, runner.cache, runner.consts)
+            else:
+                runner.step = lambda: self._pass(fresh, cfg, runner.cache, runner.consts)
+        else:
+            for kept, new in zip(runner.state.tensors(), fresh.tensors(), strict=True):
+                kept.copy_(new)
+        return runner.state
 
     def _check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -234,7 +280,6 @@ class Engine:
             "stop_ids": torch.tensor(self.stop_ids or (-1,), device=dev),
             "offsets": torch.arange(b, device=dev),
             "ks": torch.tensor(S, dtype=torch.long, device=dev),
-            "max_new": cfg.max_new_tokens,
         }
 
     def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -271,7 +316,8 @@ class Engine:
             draft_probs=torch.zeros(batch, b - 1, vocab, device=dev) if sampled else None,
             active=torch.ones(batch, dtype=torch.bool, device=dev),
             generated=torch.zeros(batch, dtype=torch.long, device=dev),
-            out=torch.zeros(batch, cfg.max_new_tokens + b + 1, dtype=torch.long, device=dev),
+            budget=torch.full((batch,), cfg.max_new_tokens, device=dev),
+            out=torch.zeros(batch, cache.capacity + b + 1, dtype=torch.long, device=dev),
             passes=torch.zeros(batch, dtype=torch.long, device=dev),
             counter=counter + 1,
             seeds=seeds_t,
@@ -289,14 +335,14 @@ class Engine:
         j = torch.arange(n, device=tokens.device)
         stop = torch.isin(tokens, consts["stop_ids"]) & (j < count[:, None])
         first_stop = torch.where(stop.any(1), stop.int().argmax(1), n)
-        room = consts["max_new"] - st.generated
+        room = st.budget - st.generated
         count = torch.minimum(torch.minimum(count, first_stop + 1), room) * st.active
         dump = st.out.shape[1] - 1
         index = torch.where(j < count[:, None], st.generated[:, None] + j, dump)
         st.out.scatter_(1, index, tokens)
         st.generated.add_(count)
         st.passes.add_(st.active.long())
-        st.active.logical_and_(~stop.any(1) & (st.generated < consts["max_new"]))
+        st.active.logical_and_(~stop.any(1) & (st.generated < st.budget))
 
     def _set_drafts(self, st: _State, cfg: DecodeConfig, ahead: Tensor, real: Tensor, u: Tensor):
         """Next drafts from block logits ``ahead [B, b-1, V]`` (``real``: not fillers)."""
@@ -316,7 +362,8 @@ class Engine:
         verify = torch.cat([st.next_token[:, None], st.drafts], dim=1)
         layout = decode_layout(st.committed, verify, consts["ks"], b, cache.capacity,
                                model.cfg.mask_id)
-        hidden = self._hidden(layout, cache)
+        compiled = {"blocks": self._blocks} if self._blocks else {}
+        hidden = model(layout, cache, hidden_only=True, **compiled)
         z_ar = model.head(hidden[:, :b])  # [B, b, V]
         u = hash_uniforms(st.seeds, st.counter, 2 * b)
         target = z_ar
@@ -374,30 +421,35 @@ class Engine:
 
     @torch.inference_mode()
     def time_pass(self, cfg: DecodeConfig, batch: int, context: int, repeats: int = 30) -> float:
-        """Median seconds of one decode pass (CUDA-graphed on CUDA) after ``context`` tokens."""
+        """Median seconds of one decode pass (the captured one on CUDA) after ``context``
+        tokens, on the same runner a generation of that shape uses."""
         cfg = replace(cfg.resolved(), max_new_tokens=(repeats + 4) * cfg.block_size + 1)
         prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
                    for r in range(batch)]
-        capacity = context + cfg.max_new_tokens + cfg.block_size + 1
-        scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
-        cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
-        consts = self._constants(cfg)
-        st = self._prefill(prompts, cfg, cache, [0] * batch, consts)
-        step = self._capture(st, cfg, cache, consts) if self.cuda_graphs else (
-            lambda: self._pass(st, cfg, cache, consts)
-        )
+        runner = self._runner(batch, context + cfg.max_new_tokens, cfg)
+        self._start(runner, prompts, cfg, [0] * batch)
         times = []
         for _ in range(repeats):
             if self.device.type == "cuda":
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
-                step()
+                runner.step()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / 1000)
             else:
                 t0 = time.perf_counter()
-                step()
+                runner.step()
                 times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
+
+
+def raise_recompile_limit() -> None:
+    """One compiled graph per pass shape: allow more than dynamo's default of 8."""
+    import torch._dynamo
+
+    conf = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(conf, name):
+            setattr(conf, name, max(getattr(conf, name), 256))

@@ -11,6 +11,7 @@ from pathlib import Path
 from .engine import DecodeConfig, Engine, proposal_set
 from .errors import TidarError
 from .sampling import SamplingParams
+from .tuner import auto_config
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -56,44 +57,6 @@ def decode_config(args, block_size: int) -> DecodeConfig:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     ).resolved()
-
-
-def tuned(loaded, cfg: DecodeConfig, reach: list[float]) -> tuple[DecodeConfig, dict]:
-    """``--proposals auto``: the tuner's pick from this device's measured pass costs (cached
-    per model, device, dtype and threads) and the drafter's acceptance profile; plain ``ar``
-    when no drafting setting is expected to be faster."""
-    import torch
-
-    from . import default_model, tuner
-
-    model = loaded.model
-    device = next(model.parameters()).device
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"cpu{torch.get_num_threads()}")
-    key = f"{loaded.fingerprint}-{where.replace(' ', '_')}-{dtype}-b{cfg.block_size}-batch1"
-    path = default_model.cache_dir() / "tuner" / f"{key}.json"
-    profile = tuner.cached_profile(path)
-    if profile is None:
-        print("tidar: measuring pass costs on this device for --proposals auto (once)",
-              file=sys.stderr)
-        b = cfg.block_size
-        queries = [1] + [b + n * b for n in (1, 2, 4, 8, 16) if n <= b]
-        seconds = tuner.measure_pass_seconds(model, queries, context=128, repeats=2)
-        profile = {"pass_seconds": seconds}
-    seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
-    choice = tuner.choose(seconds, reach, cfg.sampler, block_sizes=(cfg.block_size,))
-    tuner.save_profile(path, seconds, choice)
-    info = {"choice": choice.sampler, "block_size": choice.block_size,
-            "proposals": len(choice.proposals),
-            "expected_tokens_per_pass": round(choice.tokens_per_pass, 3),
-            "expected_speedup": round(choice.tokens_per_second * seconds[1], 3)}
-    if choice.sampler == "ar":
-        return DecodeConfig(sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens,
-                            seed=cfg.seed).resolved(), info
-    return DecodeConfig(sampler=cfg.sampler, block_size=choice.block_size,
-                        proposals=choice.proposals, beta=cfg.beta, sampling=cfg.sampling,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed).resolved(), info
 
 
 class TextStream:
@@ -191,11 +154,11 @@ def run_generate(args) -> int:
         block_size, drafter = info.block_size, str(drafter_path)
         reach = (info.extra or {}).get("acceptance_by_position", [])
     cfg = decode_config(args, block_size)
+    engine = Engine(loaded.model, stop_ids(loaded), compile=args.compile)
     tuner_info = None
     if args.proposals in (None, "auto") and cfg.sampler != "ar":
-        cfg, tuner_info = tuned(loaded, cfg, reach)
+        cfg, tuner_info = auto_config(engine, loaded.fingerprint, cfg, reach)
     prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)
-    engine = Engine(loaded.model, stop_ids(loaded))
 
     stops = tuple(args.stop)
     if any(not s for s in stops):

@@ -20,7 +20,7 @@ overwrite committed entries and committing tokens only moves a length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ class Layout:
     positions: Tensor  # [B, T]
     horizon: Tensor  # [B, T]
     block: Tensor  # [B, T]
+    clean: int  # the first ``clean`` query tokens are clean, every later one is a mask token
     slots: Tensor | None = None  # [B, T] cache slot of each token, None without a cache
 
 
@@ -101,6 +102,7 @@ def causal_layout(tokens: Tensor, start: Tensor | int = 0, with_slots: bool = Fa
         positions=positions,
         horizon=positions,
         block=torch.zeros_like(positions),
+        clean=length,
         slots=positions if with_slots else None,
     )
 
@@ -122,6 +124,7 @@ def training_layout(tokens: Tensor, block_size: int, offsets: Tensor, mask_id: i
         positions=torch.cat([idx, idx], dim=1),
         horizon=torch.cat([idx, block_start - 1], dim=1),
         block=torch.cat([torch.zeros_like(idx), block_index + 2], dim=1),
+        clean=length,
     )
 
 
@@ -149,6 +152,7 @@ def prefill_layout(
         positions=positions,
         horizon=torch.cat([clean_pos, (lengths - 1).expand(batch, block_size)], dim=1),
         block=torch.cat([torch.zeros_like(clean_pos), torch.ones_like(mask_pos)], dim=1),
+        clean=max_len,
         slots=torch.cat([clean_pos, (capacity + torch.arange(block_size)).expand(batch, -1)], 1),
     )
     return _to(layout, device)
@@ -185,6 +189,7 @@ def decode_layout(
         positions=torch.cat([verify_pos, prop_pos], dim=1),
         horizon=torch.cat([verify_pos, prop_horizon], dim=1),
         block=torch.cat([torch.zeros_like(verify_pos), prop_block], dim=1),
+        clean=b,
         slots=torch.cat([verify_pos, scratch], dim=1),
     )
 
@@ -192,8 +197,7 @@ def decode_layout(
 def _to(layout: Layout, device) -> Layout:
     if device is None:
         return layout
-    return Layout(
-        *(t.to(device) if t is not None else None for t in (
-            layout.tokens, layout.positions, layout.horizon, layout.block, layout.slots
-        ))
-    )
+    return replace(layout, **{
+        name: getattr(layout, name).to(device)
+        for name in ("tokens", "positions", "horizon", "block", "slots")
+    })

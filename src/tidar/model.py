@@ -18,16 +18,19 @@ from .layouts import KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
 
 
 class RowGate:
-    """Which rows are mask tokens, shared with adapters that apply to those rows only."""
+    """Where the mask-token rows start along the sequence (``Layout.clean``), shared with the
+    adapters that apply to those rows only. Every layout puts its clean tokens first."""
 
-    mask: Tensor | None = None
+    start: int = 0
 
 
 class RowLoRA(nn.Module):
     """A LoRA adapter on a linear layer whose update applies only to mask-token rows.
 
     Clean tokens never attend to mask tokens, so with these adapters the AR path of the model
-    is the base model, exactly (the frozen-AR conversion mode).
+    is the base model, exactly (the frozen-AR conversion mode). Without autograd (decoding),
+    the layer runs as one matmul over the base weight stacked with the adapted one, each row
+    keeping its half; a pass with no mask rows (plain AR) runs the base layer alone.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: RowGate):
@@ -38,10 +41,35 @@ class RowLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+        self._stacked: tuple[tuple, Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        delta = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + delta * (self.scale * self.gate.mask.to(x.dtype))
+        start = self.gate.start
+        if start >= x.shape[-2]:
+            return self.base(x)
+        if not torch.is_grad_enabled():
+            weight, bias = self.stacked()
+            y = F.linear(x, weight, bias)
+            out = self.base.out_features
+            return torch.cat([y[..., :start, :out], y[..., start:, out:]], dim=-2)
+        y = self.base(x)
+        masked = x[..., start:, :]
+        delta = F.linear(F.linear(masked, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return torch.cat([y[..., :start, :], y[..., start:, :] + self.scale * delta], dim=-2)
+
+    def stacked(self) -> tuple[Tensor, Tensor | None]:
+        """``[W; W + scale * B A]`` (and the bias twice), rebuilt when a weight changed."""
+        params = (self.base.weight, self.lora_A, self.lora_B)
+        key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
+        if self._stacked is None or self._stacked[0] != key:
+            with torch.no_grad():
+                w = self.base.weight
+                delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+                weight = torch.cat([w, (w.float() + delta).to(w.dtype)])
+                bias = self.base.bias
+                bias = None if bias is None else torch.cat([bias, bias])
+            self._stacked = (key, weight, bias)
+        return self._stacked[1], self._stacked[2]
 
 
 class RMSNorm(nn.Module):
@@ -319,16 +347,19 @@ class Transformer(nn.Module):
 
     def forward(
         self, layout: Layout, cache: KVCache | None = None, masks: dict | None = None,
-        hidden_only: bool = False,
+        hidden_only: bool = False, blocks=None,
     ) -> Tensor:
-        """Logits ``[B, T, V]`` (or final hidden states) for the layout's query tokens."""
+        """Logits ``[B, T, V]`` (or final hidden states) for the layout's query tokens.
+
+        ``blocks``: callables to run in place of ``self.layers`` (compiled wrappers of them).
+        """
         x = self.embed(layout.tokens)
-        self.row_gate.mask = (layout.block > 0)[..., None]
+        self.row_gate.start = layout.clean
         cos, sin = self.rope(layout.positions, x.dtype)
         if masks is None:
             masks = self.masks(layout, key_meta(layout, cache.slots if cache else None))
         slots = layout.slots if cache is not None else None
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(blocks or self.layers):
             kv = cache.layer(i) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, masks, kv, slots, use_reentrant=False)

@@ -524,8 +524,8 @@ def run_stats(args) -> int:
 
     specs = parse_specs(args.sources)
     tokenizer = load_tokenizer(args.model)  # chat rows need its template even without tokens
-    results = [source_stats(s, tokenizer, max_docs=args.max_docs, count_tokens=not args.no_tokens)
-               for s in specs]
+    results = [source_stats(s, tokenizer, max_docs=args.max_docs, count_tokens=not args.no_tokens,
+                            humaneval=args.humaneval) for s in specs]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0]))
         return 0
@@ -536,6 +536,8 @@ def run_stats(args) -> int:
         if "tokens" in r:
             per = r["tokens"] / max(1, r["documents"])
             line += f", {r['tokens']:,} tokens ({per:.0f} per document, EOS included)"
+        if "humaneval_documents" in r:
+            line += f", {r['humaneval_documents']:,} containing a HumanEval prompt"
         if bad:
             line += " [" + ", ".join(f"{n} {why}" for why, n in r["bad_rows"].items()) + "]"
         print(line)
@@ -597,6 +599,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--no-tokens", action="store_true", help="skip tokenising")
     t.add_argument("--max-docs", type=int, default=None, help="stop each source early")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--humaneval", action="store_true",
+                   help="count documents containing a HumanEval prompt (decontamination check)")
     return data
 
 

@@ -117,7 +117,8 @@ def mask_half(layout: Layout, length: int, capacity: int) -> Layout:
         layout.positions[:, length:],
         layout.horizon[:, length:],
         layout.block[:, length:],
-        scratch,
+        clean=0,
+        slots=scratch,
     )
 
 
@@ -140,7 +141,7 @@ def tidar_losses(
     cache = KVCache(model.cfg, tokens.shape[0], capacity, length, dtype, tokens.device)
     clean = Layout(
         layout.tokens[:, :length], layout.positions[:, :length], layout.horizon[:, :length],
-        layout.block[:, :length], layout.positions[:, :length],
+        layout.block[:, :length], clean=length, slots=layout.positions[:, :length],
     )
     with torch.no_grad():
         model(clean, cache, masks=model.masks(clean, key_meta(clean, cache.slots), flex=flex),
@@ -219,15 +220,17 @@ def evaluate(model, rows: Tensor, cfg: TrainConfig, flex: bool) -> dict:
     }
 
 
-def measure_tokens_per_pass(model, prompts: list[list[int]], stop_ids, block_size: int) -> float:
-    """Greedy ``lossless`` tokens per pass of the model being trained, on a few prompts."""
+def measure_acceptance(model, prompts: list[list[int]], stop_ids, block_size: int) -> dict:
+    """Greedy ``lossless`` tokens per pass and acceptance by draft position (``P(k >= j)``)
+    of the model being trained, on a few prompts: the calibration the tuner reads."""
     from .engine import DecodeConfig, Engine
 
     model.eval()
     engine = Engine(model, stop_ids)
-    _, stats = engine.generate(prompts, DecodeConfig(block_size=block_size, max_new_tokens=64))
+    _, stats = engine.generate(prompts, DecodeConfig(block_size=block_size, max_new_tokens=128))
     model.train()
-    return stats.tokens_per_pass
+    return {"eval/tokens_per_pass": stats.tokens_per_pass,
+            "eval/acceptance_by_position": stats.acceptance}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -413,9 +416,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if done % cfg.eval_every == 0 or done == cfg.steps:
             record.update(evaluate(model, eval_rows.to(device), cfg, flex))
             if prompt_ids and world == 1:
-                record["eval/tokens_per_pass"] = measure_tokens_per_pass(
-                    model, prompt_ids, stop_ids(loaded), cfg.block_size
-                )
+                record.update(measure_acceptance(model, prompt_ids, stop_ids(loaded),
+                                                 cfg.block_size))
         if done % cfg.log_every == 0 or "eval/diff_loss" in record:
             history.append(record)
             _log(writer, out, record, rank)
@@ -450,6 +452,12 @@ def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         extra={"steps": step, "clean_tokens": tokens, "seq_len": cfg.seq_len},
     )
+    calibrated = [r for r in history if "eval/acceptance_by_position" in r]
+    if calibrated:  # the latest calibration, for the tuner of `--proposals auto`
+        info.extra |= {"acceptance_by_position": calibrated[-1]["eval/acceptance_by_position"],
+                       "calibration": {"step": calibrated[-1]["step"],
+                                       "prompts": len(cfg.eval_prompts),
+                                       "tokens_per_pass": calibrated[-1]["eval/tokens_per_pass"]}}
     save_drafter(out / "drafter.safetensors", _drafter_tensors(full, names, cfg), info)
 
 

@@ -10,11 +10,13 @@ setting slower than AR by its own model.
 from __future__ import annotations
 
 import json
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+MARGIN = 0.03  # the least expected gain over AR for which the tuner picks drafting
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def choose(
     block_sizes: tuple[int, ...] = (4, 8, 16),
 ) -> Choice:
     """The fastest of AR and every ``(b, S = {0 .. n-1})`` whose query count was measured."""
-    best = Choice("ar", 1, (), 1.0, pass_seconds[1])
+    ar = best = Choice("ar", 1, (), 1.0, pass_seconds[1])
     for b in block_sizes:
         for n in range(1, b + 1):
             queries = b + n * b
@@ -69,37 +71,63 @@ def choose(
                 continue
             proposals = tuple(range(n))
             tpp = expected_tokens_per_pass(reach, b, proposals)
+            if tpp <= 1.0:  # no more tokens than an AR step: faster only by timing noise
+                continue
             cand = Choice(sampler, b, proposals, tpp, pass_seconds[queries])
             if cand.tokens_per_second > best.tokens_per_second:
                 best = cand
-    return best
+    # Timings are noisy: drafting must beat AR by a margin, not by a rounding error.
+    return best if best.tokens_per_second > ar.tokens_per_second * (1 + MARGIN) else ar
 
 
-@torch.inference_mode()
-def measure_pass_seconds(model, queries: list[int], context: int = 256, batch: int = 1,
+def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = 128,
                          repeats: int = 5) -> dict[int, float]:
-    """Median wall time of one cached pass with ``q`` query tokens after ``context`` tokens."""
-    from .layouts import causal_layout
-    from .model import KVCache
+    """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for AR and
+    proposal sets of 1, 2, 4, .. blocks, by query tokens per sequence."""
+    from .engine import DecodeConfig
 
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    out = {}
-    for q in queries:
-        cache = KVCache(model.cfg, batch, context + q, 0, dtype, device)
-        tokens = torch.zeros(batch, q, dtype=torch.long, device=device)
-        layout = causal_layout(tokens, context, with_slots=True)
-        times = []
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(layout, cache)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        out[q] = sorted(times[1:])[len(times[1:]) // 2]
-    return out
+    seconds = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch, context, repeats)}
+    for n in sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size}):
+        cfg = DecodeConfig(block_size=block_size, proposals=tuple(range(n)))
+        seconds[block_size + n * block_size] = engine.time_pass(cfg, batch, context, repeats)
+    return seconds
+
+
+def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
+    """``--proposals auto``: the tuner's pick for ``cfg``'s sampler and block size from this
+    device's measured pass costs (cached per model, device, dtype, threads, block size and
+    batch) and the drafter's acceptance profile ``reach``; plain ``ar`` when no drafting
+    setting is expected to be faster. Returns the configuration and a summary."""
+    from dataclasses import replace
+
+    from . import default_model
+    from .engine import DecodeConfig
+
+    device, dtype = engine.device, str(engine.dtype).replace("torch.", "")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu{torch.get_num_threads()}")
+    compiled = "-compiled" if engine.compiled else ""
+    key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{cfg.block_size}"
+           f"-batch{batch}")
+    path = default_model.cache_dir() / "tuner" / f"{key}.json"
+    profile = cached_profile(path)
+    if profile is None:
+        print(f"tidar: measuring pass costs at batch {batch} on this device for --proposals "
+              "auto (once)", file=sys.stderr)
+        repeats = 9 if device.type == "cuda" else 2
+        profile = {"pass_seconds": measure_pass_seconds(engine, cfg.block_size, batch,
+                                                        repeats=repeats)}
+    seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
+    choice = choose(seconds, reach, cfg.sampler, block_sizes=(cfg.block_size,))
+    save_profile(path, seconds, choice)
+    info = {"choice": choice.sampler, "block_size": choice.block_size,
+            "proposals": len(choice.proposals),
+            "expected_tokens_per_pass": round(choice.tokens_per_pass, 3),
+            "expected_speedup": round(choice.tokens_per_second * seconds[1], 3)}
+    if choice.sampler == "ar":
+        return DecodeConfig(sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed).resolved(), info
+    return replace(cfg, block_size=choice.block_size, proposals=choice.proposals).resolved(), info
 
 
 def cached_profile(path: Path) -> dict | None:
