@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=64, help="global rows per step")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--no-compile", action="store_true", help="eager blocks")
     args = ap.parse_args()
     work = Path("/tmp/fsdp_scaling")
     work.mkdir(exist_ok=True)
@@ -69,7 +70,7 @@ def main() -> None:
     if not (work / "data.txt").exists():
         make_data(work / "data.txt")
     flags = ["--model", str(work / "model"), "--data", str(work / "data.txt"),
-             "--mode", args.mode, "--device", "cuda", "--compile",
+             "--mode", args.mode, "--device", "cuda", *([] if args.no_compile else ["--compile"]),
              "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
              "--steps", str(args.steps), "--warmup", "10", "--log-every", "1",
              "--eval-every", "100000", "--save-every", "100000"]
@@ -96,6 +97,7 @@ def main() -> None:
     base = runs[args.gpus[0]]
     keys = ["diff_loss"] + (["ar_loss"] if args.mode == "full" else [])
     report = {"device": torch.cuda.get_device_name(), "gpus": args.gpus, "mode": args.mode,
+              "compile": not args.no_compile,
               "global_batch_rows": args.batch_size, "seq_len": args.seq_len,
               "steps": args.steps, "runs": {}}
     for n, history in runs.items():
