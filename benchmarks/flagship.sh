@@ -2,7 +2,8 @@
 # The flagship conversion of the embedded default (SmolLM2-135M-Instruct) on one H100, as
 # device-tool calls on one warm machine (each call at most 10 minutes):
 #
-#   bash benchmarks/flagship.sh code    # carry .whl .carry/p1: code and docs of installed packages
+#   bash benchmarks/flagship.sh code    # carry .whl .carry/p1: code and docs of installed
+#                                       # packages; pass latency curves meanwhile
 #   bash benchmarks/flagship.sh synth   # carry .carry/p2: self-distilled chats, time-limited
 #   bash benchmarks/flagship.sh train   # frozen-AR conversion; the drafter comes back in $OUT
 #   bash benchmarks/flagship.sh bench   # tidar bench, chat and HumanEval prompts
@@ -28,8 +29,12 @@ CALIBRATE=(
 )
 
 case "$1" in
-code)
-  tidar data code --out $DATA/code --max-mb 150 --quiet
+code)  # the GPU meanwhile measures the pass latency curves
+  tidar data code --out $DATA/code --max-mb 150 --quiet > /tmp/code.log 2>&1 &
+  python3 benchmarks/pass_latency.py --context 1024 --batch 1 4 16 64 --repeats 30 2>&1 \
+    | grep -v Warning | tail -14
+  wait
+  cat /tmp/code.log
   ;;
 synth)
   timeout "${SYNTH_SECONDS:-420}" python3 -m tidar.cli data synth --device cuda \
