@@ -41,15 +41,20 @@ class RowLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        self._stacked: tuple[tuple, Tensor, Tensor | None] | None = None
+        # [W; W + scale * B A] and the bias twice, for passes without autograd. Buffers, so a
+        # compiled block takes them as inputs; refreshed in place by eager (uncompiled) calls.
+        self.register_buffer("stacked_weight", None, persistent=False)
+        self.register_buffer("stacked_bias", None, persistent=False)
+        self._stacked_key: tuple | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         start = self.gate.start
         if start >= x.shape[-2]:
             return self.base(x)
         if not torch.is_grad_enabled():
-            weight, bias = self.stacked()
-            y = F.linear(x, weight, bias)
+            if not torch.compiler.is_compiling():
+                self.refresh()
+            y = F.linear(x, self.stacked_weight, self.stacked_bias)
             out = self.base.out_features
             return torch.cat([y[..., :start, :out], y[..., start:, out:]], dim=-2)
         y = self.base(x)
@@ -57,19 +62,27 @@ class RowLoRA(nn.Module):
         delta = F.linear(F.linear(masked, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return torch.cat([y[..., :start, :], y[..., start:, :] + self.scale * delta], dim=-2)
 
-    def stacked(self) -> tuple[Tensor, Tensor | None]:
-        """``[W; W + scale * B A]`` (and the bias twice), rebuilt when a weight changed."""
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the stacked weight if a weight changed since (an optimizer step, ``.to``)."""
         params = (self.base.weight, self.lora_A, self.lora_B)
         key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
-        if self._stacked is None or self._stacked[0] != key:
-            with torch.no_grad():
-                w = self.base.weight
-                delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-                weight = torch.cat([w, (w.float() + delta).to(w.dtype)])
-                bias = self.base.bias
-                bias = None if bias is None else torch.cat([bias, bias])
-            self._stacked = (key, weight, bias)
-        return self._stacked[1], self._stacked[2]
+        if key == self._stacked_key:
+            return
+        w = self.base.weight
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        weight = torch.cat([w, (w.float() + delta).to(w.dtype)])
+        bias = None if self.base.bias is None else torch.cat([self.base.bias, self.base.bias])
+        old = self.stacked_weight
+        # In place where allowed (an inference-mode tensor only changes in inference mode).
+        if old is not None and old.shape == weight.shape and old.dtype == weight.dtype and (
+                torch.is_inference_mode_enabled() or not old.is_inference()):
+            self.stacked_weight.copy_(weight)  # in place: captured graphs keep their address
+            if bias is not None:
+                self.stacked_bias.copy_(bias)
+        else:
+            self.stacked_weight, self.stacked_bias = weight, bias
+        self._stacked_key = key
 
 
 class RMSNorm(nn.Module):
