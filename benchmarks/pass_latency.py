@@ -19,6 +19,7 @@ from common import SMOLLM2, smollm2_shaped, write_json
 from tidar.engine import DecodeConfig, Engine
 from tidar.layouts import decode_layout
 from tidar.model import KVCache
+from tidar.tuner import measure_pass_seconds
 
 
 def graph_kernel_seconds(n: int = 1000, repeats: int = 20) -> float:
@@ -74,7 +75,6 @@ def main() -> None:
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
-    counts = sorted({n for n in (1, 2, 4, 8) if n < b} | {b})
     engines = {"graphed": Engine(model), "graphed+compiled": Engine(model, compile=True)}
     params = sum(p.numel() for p in model.parameters())
     kv_per_token = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
@@ -91,11 +91,7 @@ def main() -> None:
         variant = {"kernels_ar_forward": ar_kernels, "kernels_272_forward": full_kernels,
                    "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
         for batch in args.batch:
-            curve = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch, args.context,
-                                         args.repeats)}
-            for n in counts:
-                cfg = DecodeConfig(block_size=b, proposals=tuple(range(n)))
-                curve[b + n * b] = engine.time_pass(cfg, batch, args.context, args.repeats)
+            curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
             variant["curves"][batch] = curve
             print(f"{name} batch {batch}: " + "  ".join(
                 f"t({q})={t * 1e3:.2f}ms" for q, t in sorted(curve.items())), flush=True)

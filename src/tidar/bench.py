@@ -108,30 +108,26 @@ def _split(values, name: str) -> list[str]:
     return items
 
 
-def _ints(values, name: str, low: int = 1, high: int = 4096) -> list[int]:
+def _numbers(values, name: str, cast, what: str, low, high) -> list:
     out = []
     for item in _split(values, name):
         try:
-            value = int(item)
+            value = cast(item)
         except ValueError:
-            raise TidarError(f"{name} takes integers, got {item!r}") from None
+            raise TidarError(f"{name} takes {what}, got {item!r}") from None
         if not low <= value <= high:
             raise TidarError(f"{name} values must lie in {low} .. {high}, got {value}")
         out.append(value)
     return sorted(set(out))
 
 
+def _ints(values, name: str, low: int = 1, high: int = 4096) -> list[int]:
+    return _numbers(values, name, int, "integers", low, high)
+
+
 def _floats(values, name: str) -> list[float]:
-    out = []
-    for item in _split(values, name):
-        try:
-            value = float(item)
-        except ValueError:
-            raise TidarError(f"{name} takes numbers, got {item!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise TidarError(f"{name} values must lie in [0, 1], got {value}")
-        out.append(value)
-    return sorted(set(out), reverse=True)
+    """Betas: numbers in [0, 1], largest first."""
+    return _numbers(values, name, float, "numbers", 0.0, 1.0)[::-1]
 
 
 def _methods(values) -> list[str]:
@@ -440,29 +436,27 @@ def _summarise(methods, rec, batch_size: int, max_new: int, n_groups: int) -> li
 
 
 def _pass_curve(engine, cfg, batch_sizes, context: int, repeats: int, max_position: int):
-    """``t(q)`` per batch size: ar (q = 1) and growing proposal sets of the chosen block."""
+    """``t(q)`` per batch size: ar (q = 1) and growing proposal sets of the chosen block, as
+    the tuner measures them."""
+    from .tuner import measure_pass_seconds
+
     b = cfg.block_size
-    counts = sorted({c for c in (1, 2, 4, 8, 16, 32, 64) if c < b} | {b})
-    points = [("ar", replace(cfg, sampler="ar"), 1, 0)]
-    points += [(f"b={b},|S|={c}", replace(cfg, sampler="lossless", proposals=tuple(range(c))),
-                b, c) for c in counts]
     need = (repeats + 4) * b + 3 * b + 2
     context = min(context, max_position - need)
     if context < 1:
         return None, [f"t(q) skipped: the model's context ({max_position}) is too short"]
     curves = []
     for batch in batch_sizes:
+        _log(f"t(q): batch {batch}")
+        seconds = measure_pass_seconds(engine, b, batch, context, repeats)
+        t1 = seconds[1]
         rows = []
-        for label, pcfg, blk, count in points:
-            _log(f"t(q): batch {batch}, {label}")
-            seconds = engine.time_pass(pcfg, batch, context, repeats)
-            q = 1 if count == 0 else blk + count * blk
-            rows.append({"label": label, "block_size": blk, "proposals": count,
-                         "q_per_sequence": q, "q_total": q * batch, "seconds": seconds,
-                         "ms": 1000 * seconds})
-        t1 = rows[0]["seconds"]
-        for row in rows:
-            row["relative_to_ar"] = row["seconds"] / t1 if t1 > 0 else None
+        for q, t in sorted(seconds.items()):
+            count = 0 if q == 1 else q // b - 1
+            rows.append({"label": "ar" if q == 1 else f"b={b},|S|={count}",
+                         "block_size": 1 if q == 1 else b, "proposals": count,
+                         "q_per_sequence": q, "q_total": q * batch, "seconds": t,
+                         "ms": 1000 * t, "relative_to_ar": t / t1 if t1 > 0 else None})
         curves.append({"batch_size": batch, "points": rows})
     return {"context": context, "repeats": repeats, "curves": curves}, []
 
