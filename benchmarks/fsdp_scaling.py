@@ -1,6 +1,6 @@
 """FSDP2 on N GPUs against 1 GPU: same loss curve at the same global batch, and throughput.
 
-    python benchmarks/fsdp_scaling.py --gpus 1 2 --steps 60
+    python benchmarks/fsdp_scaling.py --gpus 1 2 --steps 60 --lr 3e-5
 
 Builds a SmolLM2-135M-shaped random checkpoint (word-level tokenizer) and a text file of
 arithmetic token sequences (learnable, so the loss falls), then runs the real command line,
@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=64, help="global rows per step")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--lr", default=None,
+                    help="peak lr; full mode default 3e-5 (1e-4 spikes from random init)")
     ap.add_argument("--no-compile", action="store_true", help="eager blocks")
     args = ap.parse_args()
     work = Path("/tmp/fsdp_scaling")
@@ -75,7 +77,9 @@ def main() -> None:
              "--steps", str(args.steps), "--warmup", "10", "--log-every", "1",
              "--eval-every", "100000", "--save-every", "100000"]
     if args.mode == "full":
-        flags += ["--lora-rank", "0", "--lr", "1e-4"]
+        flags += ["--lora-rank", "0"]
+    args.lr = args.lr or ("3e-5" if args.mode == "full" else "1e-3")
+    flags += ["--lr", args.lr]
     runs = {}
     for n in args.gpus:
         out = work / f"run{n}"
@@ -97,7 +101,7 @@ def main() -> None:
     base = runs[args.gpus[0]]
     keys = ["diff_loss"] + (["ar_loss"] if args.mode == "full" else [])
     report = {"device": torch.cuda.get_device_name(), "gpus": args.gpus, "mode": args.mode,
-              "compile": not args.no_compile,
+              "compile": not args.no_compile, "lr": float(args.lr),
               "global_batch_rows": args.batch_size, "seq_len": args.seq_len,
               "steps": args.steps, "runs": {}}
     for n, history in runs.items():

@@ -149,6 +149,9 @@ class ScriptedModel(nn.Module):
         )
         self.dummy = nn.Parameter(torch.zeros(1))
 
+    def refresh_adapters(self) -> None:
+        """Part of the interface the engine uses; this fake has no adapters to refresh."""
+
     def f(self, pos: Tensor) -> Tensor:
         return 1 + (3 * pos) % (self.cfg.vocab_size - 1)
 

@@ -558,7 +558,7 @@ def test_row_adapters_decode_exactly_and_leave_ar_alone():
 
 
 def test_row_adapter_fast_path_matches_autograd_path():
-    """Without autograd a row adapter runs as one stacked matmul; it must equal the adapter
+    """In inference mode a row adapter runs as one stacked matmul; it must equal the adapter
     as trained, and follow in-place weight updates (an optimizer step between evaluations)."""
     from tidar.layouts import decode_layout
 
@@ -568,11 +568,39 @@ def test_row_adapter_fast_path_matches_autograd_path():
                            model.cfg.mask_id)
     results = []
     for _ in range(2):
-        with torch.no_grad():
-            fast = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu"))
+        with torch.inference_mode():
+            fast = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")).clone()
         slow = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")).detach()
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
         results.append(fast)
         with torch.no_grad():
             model.layers[0].self_attn.q_proj.lora_B.add_(0.5)
     assert not torch.allclose(*results)  # the update changed the logits
+
+
+def test_compiled_blocks_follow_adapter_updates():
+    """Compiled code cannot check the stacked-weight cache: the engine refreshes it before
+    decoding, and a training-time evaluation (no grad, compiled blocks) does not use it."""
+    from tidar.train import TrainConfig, evaluate
+
+    model = _with_row_lora(tiny_model("llama", vocab=8, seed=7))
+    reference = _with_row_lora(tiny_model("llama", vocab=8, seed=7))
+    for block in model.layers:
+        block.compile(backend="eager", dynamic=False)
+    prompts = _prompts(8, [6, 3], 7)
+    cfg = DecodeConfig(block_size=4, max_new_tokens=12)
+    rows = torch.randint(0, 8, (2, 16), generator=torch.Generator().manual_seed(1))
+    train_cfg = TrainConfig(out="", data=["-"], block_size=4, seq_len=16, batch_size=2)
+    engine = Engine(model)
+    for _ in range(2):  # before and after an optimizer step
+        got = evaluate(model, rows, train_cfg, flex=False)["eval/diff_loss"]
+        assert got == pytest.approx(evaluate(reference, rows, train_cfg, flex=False)[
+            "eval/diff_loss"], rel=1e-5)
+        out, stats = engine.generate(prompts, cfg)
+        expected, expected_stats = Engine(reference).generate(prompts, cfg)
+        assert out == expected and stats.committed_hist == expected_stats.committed_hist
+        with torch.no_grad():  # an optimizer step
+            for m in (model, reference):
+                for name, p in m.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(-2.0)

@@ -201,6 +201,7 @@ class Engine:
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
         with torch.inference_mode():
+            self.model.refresh_adapters()
             runner = self._runner(batch, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
             st = self._live = self._start(runner, prompts, cfg, seeds)
             shown = [0] * batch
@@ -424,6 +425,7 @@ class Engine:
         """Median seconds of one decode pass (the captured one on CUDA) after ``context``
         tokens, on the same runner a generation of that shape uses."""
         cfg = replace(cfg.resolved(), max_new_tokens=(repeats + 4) * cfg.block_size + 1)
+        self.model.refresh_adapters()
         prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
                    for r in range(batch)]
         runner = self._runner(batch, context + cfg.max_new_tokens, cfg)

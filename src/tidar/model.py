@@ -31,6 +31,8 @@ class RowLoRA(nn.Module):
     is the base model, exactly (the frozen-AR conversion mode). Without autograd (decoding),
     the layer runs as one matmul over the base weight stacked with the adapted one, each row
     keeping its half; a pass with no mask rows (plain AR) runs the base layer alone.
+    That stacked weight is a cache: compiled code cannot check it, so ``Engine`` calls
+    ``Transformer.refresh_adapters`` eagerly before decoding.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: RowGate):
@@ -41,7 +43,7 @@ class RowLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        # [W; W + scale * B A] and the bias twice, for passes without autograd. Buffers, so a
+        # [W; W + scale * B A] and the bias twice, for inference-mode passes. Buffers, so a
         # compiled block takes them as inputs; refreshed in place by eager (uncompiled) calls.
         self.register_buffer("stacked_weight", None, persistent=False)
         self.register_buffer("stacked_bias", None, persistent=False)
@@ -51,7 +53,9 @@ class RowLoRA(nn.Module):
         start = self.gate.start
         if start >= x.shape[-2]:
             return self.base(x)
-        if not torch.is_grad_enabled():
+        # Inference mode only: a no-grad evaluation during training may run compiled blocks,
+        # which would read a stale cache; the two small matmuls below are always current.
+        if torch.is_inference_mode_enabled():
             if not torch.compiler.is_compiling():
                 self.refresh()
             y = F.linear(x, self.stacked_weight, self.stacked_bias)
@@ -333,6 +337,14 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.row_gate = RowGate()
         self.checkpointing = False  # recompute each block in backward (training memory)
+
+    @torch.no_grad()
+    def refresh_adapters(self) -> None:
+        """Bring every mask-row adapter's stacked weight up to date (after training steps or
+        loading), before compiled or graph-captured passes that read it."""
+        for module in self.modules():
+            if isinstance(module, RowLoRA):
+                module.refresh()
 
     def init_mask_embedding(self) -> None:
         """The mean token embedding: a neutral start for an untrained drafter."""
