@@ -2,6 +2,10 @@
 one process, against the AR step's floors.
 
     python benchmarks/pass_latency.py --context 1024 --batch 1 4 16 64
+    python benchmarks/pass_latency.py --batch 1 64 --compiled-only --attention default efficient
+
+``--attention efficient`` runs every variant with SDPA's memory-efficient kernel preferred
+(captured and compiled under ``sdpa_kernel``) instead of torch's own pick, cuDNN on Hopper.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
@@ -11,6 +15,7 @@ replayed in a CUDA graph.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
@@ -65,6 +70,18 @@ def kernels_per_pass(engine: Engine, cfg: DecodeConfig, context: int) -> int:
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
 
+def attention_context(choice: str):
+    """``default``: torch's SDPA kernel choice; ``efficient``: the memory-efficient kernel
+    first (it supports the dense mask), then the others in torch's order."""
+    if choice == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=1024)
@@ -72,10 +89,18 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM spec)")
+    ap.add_argument("--compiled-only", action="store_true", help="skip the eager-block variant")
+    ap.add_argument("--attention", nargs="+", default=["default"],
+                    choices=["default", "efficient"], help="SDPA kernel choice per variant")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
-    engines = {"graphed": Engine(model), "graphed+compiled": Engine(model, compile=True)}
+    engines = {}
+    for attention in args.attention:
+        suffix = "" if attention == "default" else f", {attention} attention"
+        if not args.compiled_only:
+            engines["graphed" + suffix] = (Engine(model), attention)
+        engines["graphed+compiled" + suffix] = (Engine(model, compile=True), attention)
     params = sum(p.numel() for p in model.parameters())
     kv_per_token = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
     floor_bytes = params * 2 + kv_per_token * args.context
@@ -85,16 +110,18 @@ def main() -> None:
                "memory_floor_ms": 1e3 * floor_bytes / args.bandwidth,
                "bandwidth_bytes_per_s": args.bandwidth,
                "graph_kernel_us": 1e6 * per_kernel, "variants": {}}
-    for name, engine in engines.items():
-        ar_kernels = kernels_per_pass(engine, DecodeConfig(sampler="ar"), args.context)
-        full_kernels = kernels_per_pass(engine, DecodeConfig(block_size=b), args.context)
-        variant = {"kernels_ar_forward": ar_kernels, "kernels_272_forward": full_kernels,
-                   "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
-        for batch in args.batch:
-            curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
-            variant["curves"][batch] = curve
-            print(f"{name} batch {batch}: " + "  ".join(
-                f"t({q})={t * 1e3:.2f}ms" for q, t in sorted(curve.items())), flush=True)
+    for name, (engine, attention) in engines.items():
+        torch._dynamo.reset()  # compile this variant afresh, under its own attention choice
+        with attention_context(attention):
+            ar_kernels = kernels_per_pass(engine, DecodeConfig(sampler="ar"), args.context)
+            full_kernels = kernels_per_pass(engine, DecodeConfig(block_size=b), args.context)
+            variant = {"kernels_ar_forward": ar_kernels, "kernels_272_forward": full_kernels,
+                       "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
+            for batch in args.batch:
+                curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
+                variant["curves"][batch] = curve
+                print(f"{name} batch {batch}: " + "  ".join(
+                    f"t({q})={t * 1e3:.2f}ms" for q, t in sorted(curve.items())), flush=True)
         results["variants"][name] = variant
         print(f"{name}: {ar_kernels} kernels per AR forward, {full_kernels} per 272-query "
               f"forward; launch floor {variant['launch_floor_ms']:.2f} ms", flush=True)
