@@ -16,7 +16,6 @@ from tidar.data import (
     PackedRows,
     Source,
     contains_humaneval,
-    drop_humaneval,
     held_out_documents,
     held_out_rows,
     humaneval_prompts,
@@ -374,7 +373,6 @@ def test_humaneval_decontamination(tok, tmp_path):
     assert contains_humaneval(prompts[100]) and contains_humaneval(with_sig)
     assert contains_humaneval(with_doc)
     assert all(contains_humaneval(p) for p in prompts)
-    assert list(drop_humaneval([clean, with_sig, with_doc, prompts[7]])) == [clean]
 
 
 def test_humaneval_missing_is_a_clear_error(monkeypatch):
@@ -455,6 +453,40 @@ def test_synth_writes_deduped_shards_and_resumes(tok, tmp_path, single_thread):
     with pytest.raises(TidarError, match="other settings"):
         synthesize(model, tok, [EOS], SynthConfig(**{**vars(cfg), "seed": 2}),
                    model_id="tiny", progress=False)
+
+
+def test_synth_drops_chats_containing_humaneval_and_resumes(tok, tmp_path, single_thread,
+                                                            monkeypatch):
+    import tidar.data as data_mod
+    from tidar.synth import SynthConfig, synthesize
+
+    def flagged(text):  # stands in for a HumanEval match: about a third of the chats
+        return len(text) % 3 == 0
+
+    monkeypatch.setattr(data_mod, "contains_humaneval", flagged)
+    model = tiny_model(len(tok))
+    cfg = SynthConfig(out=str(tmp_path / "out"), num_prompts=10, batch_size=8,
+                      max_prompt_tokens=12, max_new_tokens=6, shard_size=4,
+                      greedy_fraction=0.5, seed=1, min_prompt_chars=4)
+    summary = synthesize(model, tok, [EOS], cfg, model_id="tiny", progress=False)
+    assert summary["humaneval_dropped"] > 0
+    assert summary["conversations"] + summary["humaneval_dropped"] == 10
+    shards = sorted((tmp_path / "out").glob("synth-0*.jsonl"))
+    rows = [json.loads(line) for p in shards for line in p.read_text().splitlines()]
+    assert len(rows) == summary["conversations"]
+    assert not any(flagged("\n".join(m["content"] for m in r["messages"])) for r in rows)
+    # shards that lost chats still count as finished; a missing one is rebuilt exactly
+    before = shards[0].read_text()
+    shards[0].unlink()
+    again = synthesize(model, tok, [EOS], cfg, model_id="tiny", progress=False)
+    assert again["kept"] == 2 and again["written"] == 1 and again == {**summary, "kept": 2,
+                                                                      "written": 1}
+    assert shards[0].read_text() == before
+    # without decontamination every chat is kept (other settings: a new directory)
+    plain = synthesize(model, tok, [EOS], SynthConfig(**{**vars(cfg), "decontaminate": False,
+                                                         "out": str(tmp_path / "plain")}),
+                       model_id="tiny", progress=False)
+    assert plain["conversations"] == 10 and plain["humaneval_dropped"] == 0
 
 
 # -- tidar data code / stats, the command line ----------------------------------------------------

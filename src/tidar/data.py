@@ -852,9 +852,6 @@ def contains_humaneval(text: str) -> bool:
     return any(_normalise_line(line) in keys for line in text.splitlines())
 
 
-def drop_humaneval(docs: Iterable[str]) -> Iterator[str]:
-    """``docs`` without the ones containing a HumanEval prompt."""
-    return (d for d in docs if not contains_humaneval(d))
 
 
 def load_tokenizer(spec: str | None):

