@@ -25,16 +25,7 @@ OUT=${OUT:-/tmp/out}
 tidar() { python3 -m tidar.cli "$@"; }
 
 # Calibration prompts for the drafter's acceptance profile (not the bench's chat set).
-CALIBRATE=(
-  "Explain what a hash table is and when to use one."
-  "Write a Python function that returns the n-th Fibonacci number."
-  "What are three tips for writing a good email?"
-  "Write a Python function that reverses the words in a sentence."
-  "Summarize the water cycle in a few sentences."
-  "Write a Python function that counts the vowels in a string."
-  "What is the difference between a list and a tuple in Python?"
-  "Give me a short plan for learning to cook."
-)
+mapfile -t CALIBRATE < benchmarks/calibration_prompts.txt
 
 case "$1" in
 setup)

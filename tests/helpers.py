@@ -9,6 +9,8 @@ trio.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -149,8 +151,9 @@ class ScriptedModel(nn.Module):
         )
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def refresh_adapters(self) -> None:
-        """Part of the interface the engine uses; this fake has no adapters to refresh."""
+    def stacked_adapters(self):
+        """Part of the interface the engine uses; this fake has no adapters."""
+        return contextlib.nullcontext()
 
     def f(self, pos: Tensor) -> Tensor:
         return 1 + (3 * pos) % (self.cfg.vocab_size - 1)

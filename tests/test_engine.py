@@ -558,8 +558,8 @@ def test_row_adapters_decode_exactly_and_leave_ar_alone():
 
 
 def test_row_adapter_fast_path_matches_autograd_path():
-    """In inference mode a row adapter runs as one stacked matmul; it must equal the adapter
-    as trained, and follow in-place weight updates (an optimizer step between evaluations)."""
+    """When decoding, a row adapter runs as one stacked matmul; it must equal the adapter as
+    trained, and follow in-place weight updates (an optimizer step between evaluations)."""
     from tidar.layouts import decode_layout
 
     model = _with_row_lora(tiny_model("llama", vocab=8, seed=6))
@@ -568,8 +568,10 @@ def test_row_adapter_fast_path_matches_autograd_path():
                            model.cfg.mask_id)
     results = []
     for _ in range(2):
-        with torch.inference_mode():
+        with torch.inference_mode(), model.stacked_adapters():
+            assert model.row_gate.stacked
             fast = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")).clone()
+        assert not model.row_gate.stacked
         slow = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")).detach()
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
         results.append(fast)
@@ -604,3 +606,14 @@ def test_compiled_blocks_follow_adapter_updates():
                 for name, p in m.named_parameters():
                     if "lora_B" in name:
                         p.mul_(-2.0)
+
+
+def test_row_adapters_compile_without_graph_breaks():
+    """A graph break in every adapter would split each compiled block into small graphs."""
+    model = _with_row_lora(tiny_model("llama", vocab=8, seed=8))
+    adapter = model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 6, adapter.base.in_features)
+    model.row_gate.start = 3
+    assert torch._dynamo.explain(adapter)(x).graph_break_count == 0  # training
+    with torch.inference_mode(), model.stacked_adapters():
+        assert torch._dynamo.explain(adapter)(x).graph_break_count == 0  # decoding

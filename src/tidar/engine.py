@@ -200,8 +200,7 @@ class Engine:
         seeds = seeds if seeds is not None else [cfg.seed] * batch
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
-        with torch.inference_mode():
-            self.model.refresh_adapters()
+        with torch.inference_mode(), self.model.stacked_adapters():
             runner = self._runner(batch, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
             st = self._live = self._start(runner, prompts, cfg, seeds)
             shown = [0] * batch
@@ -425,25 +424,25 @@ class Engine:
         """Median seconds of one decode pass (the captured one on CUDA) after ``context``
         tokens, on the same runner a generation of that shape uses."""
         cfg = replace(cfg.resolved(), max_new_tokens=(repeats + 4) * cfg.block_size + 1)
-        self.model.refresh_adapters()
         prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
                    for r in range(batch)]
-        runner = self._runner(batch, context + cfg.max_new_tokens, cfg)
-        self._start(runner, prompts, cfg, [0] * batch)
         times = []
-        for _ in range(repeats):
-            if self.device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                runner.step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                t0 = time.perf_counter()
-                runner.step()
-                times.append(time.perf_counter() - t0)
+        with self.model.stacked_adapters():
+            runner = self._runner(batch, context + cfg.max_new_tokens, cfg)
+            self._start(runner, prompts, cfg, [0] * batch)
+            for _ in range(repeats):
+                if self.device.type == "cuda":
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    runner.step()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1000)
+                else:
+                    t0 = time.perf_counter()
+                    runner.step()
+                    times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
 

@@ -8,6 +8,8 @@ fields of ``ModelConfig``. Parameter names follow the Hugging Face layout (minus
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,20 +21,24 @@ from .layouts import KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
 
 class RowGate:
     """Where the mask-token rows start along the sequence (``Layout.clean``), shared with the
-    adapters that apply to those rows only. Every layout puts its clean tokens first."""
+    adapters that apply to those rows only. Every layout puts its clean tokens first.
+    ``stacked``: the adapters may use their stacked-weight cache (set by ``Transformer.
+    stacked_adapters`` for decoding; a plain attribute, so compiled code guards on it)."""
 
     start: int = 0
+    stacked: bool = False
 
 
 class RowLoRA(nn.Module):
     """A LoRA adapter on a linear layer whose update applies only to mask-token rows.
 
     Clean tokens never attend to mask tokens, so with these adapters the AR path of the model
-    is the base model, exactly (the frozen-AR conversion mode). Without autograd (decoding),
-    the layer runs as one matmul over the base weight stacked with the adapted one, each row
-    keeping its half; a pass with no mask rows (plain AR) runs the base layer alone.
-    That stacked weight is a cache: compiled code cannot check it, so ``Engine`` calls
-    ``Transformer.refresh_adapters`` eagerly before decoding.
+    is the base model, exactly (the frozen-AR conversion mode). When decoding, the layer runs
+    as one matmul over the base weight stacked with the adapted one, each row keeping its
+    half; a pass with no mask rows (plain AR) runs the base layer alone. That stacked weight
+    is a cache which compiled code cannot check, so it is refreshed eagerly on entering
+    ``Transformer.stacked_adapters`` and used only inside it; a no-grad evaluation during
+    training computes the adapter from its current weights.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: RowGate):
@@ -43,8 +49,8 @@ class RowLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        # [W; W + scale * B A] and the bias twice, for inference-mode passes. Buffers, so a
-        # compiled block takes them as inputs; refreshed in place by eager (uncompiled) calls.
+        # [W; W + scale * B A] and the bias twice, for decoding. Buffers, so a compiled block
+        # takes them as inputs; refreshed in place, so captured graphs keep their address.
         self.register_buffer("stacked_weight", None, persistent=False)
         self.register_buffer("stacked_bias", None, persistent=False)
         self._stacked_key: tuple | None = None
@@ -53,11 +59,7 @@ class RowLoRA(nn.Module):
         start = self.gate.start
         if start >= x.shape[-2]:
             return self.base(x)
-        # Inference mode only: a no-grad evaluation during training may run compiled blocks,
-        # which would read a stale cache; the two small matmuls below are always current.
-        if torch.is_inference_mode_enabled():
-            if not torch.compiler.is_compiling():
-                self.refresh()
+        if self.gate.stacked and not torch.is_grad_enabled():
             y = F.linear(x, self.stacked_weight, self.stacked_bias)
             out = self.base.out_features
             return torch.cat([y[..., :start, :out], y[..., start:, out:]], dim=-2)
@@ -338,13 +340,19 @@ class Transformer(nn.Module):
         self.row_gate = RowGate()
         self.checkpointing = False  # recompute each block in backward (training memory)
 
-    @torch.no_grad()
-    def refresh_adapters(self) -> None:
-        """Bring every mask-row adapter's stacked weight up to date (after training steps or
-        loading), before compiled or graph-captured passes that read it."""
-        for module in self.modules():
-            if isinstance(module, RowLoRA):
-                module.refresh()
+    @contextmanager
+    def stacked_adapters(self):
+        """Decode with the mask-row adapters' stacked weights, brought up to date first (after
+        training steps or loading); compiled or graph-captured passes read them."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, RowLoRA):
+                    module.refresh()
+        self.row_gate.stacked = True
+        try:
+            yield
+        finally:
+            self.row_gate.stacked = False
 
     def init_mask_embedding(self) -> None:
         """The mean token embedding: a neutral start for an untrained drafter."""

@@ -1,0 +1,46 @@
+"""Measure a drafter's acceptance profile on the calibration prompts, as ``tidar convert``
+does during training: greedy ``lossless`` tokens per pass and P(k >= j) by draft position.
+
+    python benchmarks/calibrate_drafter.py --device cpu --dtype float32
+
+Default drafter: the shipped one. Prompts: ``benchmarks/calibration_prompts.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tidar.drafter import apply_drafter
+from tidar.generate import encode_prompt, stop_ids
+from tidar.loading import load_model
+from tidar.train import measure_acceptance
+
+PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
+SHIPPED = Path(__file__).parents[1] / "src/tidar/drafters/smollm2-135m-instruct.safetensors"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--drafter", default=str(SHIPPED))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    info = apply_drafter(loaded.model, args.drafter, loaded.fingerprint)
+    prompts = [encode_prompt(loaded.tokenizer, p, raw=False)
+               for p in PROMPTS.read_text().splitlines() if p.strip()]
+    start = time.perf_counter()
+    result = measure_acceptance(loaded.model, prompts, stop_ids(loaded), info.block_size)
+    result |= {"seconds": time.perf_counter() - start, "device": args.device,
+               "dtype": args.dtype, "stored": (info.extra or {}).get("acceptance_by_position")}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
