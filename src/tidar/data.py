@@ -852,8 +852,6 @@ def contains_humaneval(text: str) -> bool:
     return any(_normalise_line(line) in keys for line in text.splitlines())
 
 
-
-
 def load_tokenizer(spec: str | None):
     """Only the tokenizer of a model spec (``None``: the embedded default)."""
     from . import default_model
