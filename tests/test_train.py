@@ -168,6 +168,22 @@ def test_drafter_for_another_base_is_refused(tiny_setup, tmp_path):
         apply_drafter(other.model, result["drafter"], other.fingerprint)
 
 
+def test_init_drafter_continues_from_its_weights(tiny_setup, tmp_path):
+    from safetensors.torch import load_file
+
+    first = train(_config(tiny_setup, tmp_path / "first", steps=20, lora_rank=4, lora_alpha=4),
+                  progress=False)
+    # lr 0: the new run's parameters stay the drafter's, so its drafter file is the same
+    again = train(_config(tiny_setup, tmp_path / "again", steps=2, lr=0.0, lora_rank=4,
+                          lora_alpha=4, init_drafter=first["drafter"]), progress=False)
+    a, b = load_file(first["drafter"]), load_file(again["drafter"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lora_B" in k and a[k].abs().sum() > 0 for k in a)  # trained, not initial
+    with pytest.raises(TidarError, match="LoRA rank"):
+        train(_config(tiny_setup, tmp_path / "other", steps=2, lora_rank=8, lora_alpha=8,
+                      init_drafter=first["drafter"]), progress=False)
+
+
 def test_fsdp2_two_processes_match_one(tiny_setup, tmp_path):
     """torchrun with 2 CPU processes (gloo, FSDP2) follows the 1-process loss curve at the
     same global batch: the multi-GPU code path, run where no GPU is."""

@@ -88,6 +88,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--init-drafter", default=None, metavar="DRAFTER",
+                   help="start from this drafter's weights (same mode, block size and LoRA "
+                   "shape); a new run with a fresh optimizer and schedule")
 
 
 def run_convert(args) -> int:
@@ -106,6 +109,7 @@ def run_convert(args) -> int:
         compile=args.compile, grad_checkpointing=args.grad_checkpointing,
         eval_every=args.eval_every, eval_rows=args.eval_rows, eval_prompts=args.eval_prompts,
         save_every=args.save_every, log_every=args.log_every, seed=args.seed, device=args.device,
+        init_drafter=args.init_drafter,
     )
     result = train(cfg, resume=args.resume)
     print(f"drafter written to {result['drafter']}", file=sys.stderr)

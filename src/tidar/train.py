@@ -64,6 +64,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 10
     eval_prompts: list[str] = field(default_factory=list)
+    init_drafter: str | None = None  # start from this drafter's weights (a new run)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -327,6 +328,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     rows_source = PackedRows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.batch_size, cfg.seed)
     eval_rows = held_out_rows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.eval_rows)
     named = prepare(model, cfg)
+    if cfg.init_drafter:
+        init_from_drafter(named, cfg, loaded.fingerprint)
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if device.type == "cuda" and cfg.mode == "frozen-ar":
         # Frozen weights never update: keep them in the compute dtype; adapters stay fp32.
@@ -461,17 +464,40 @@ def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history
     save_drafter(out / "drafter.safetensors", _drafter_tensors(full, names, cfg), info)
 
 
+def _drafter_key(name: str) -> str:
+    """The drafter file's name for a trainable parameter (peft's adapter names or ours)."""
+    if name == "mask_embedding":
+        return name
+    if "lora_A" in name or "lora_B" in name:
+        kind = "lora_A" if ".lora_A" in name else "lora_B"
+        return f"{name.split('.lora_')[0]}.{kind}"
+    return f"weights.{name}"  # full mode without adapters: every weight
+
+
 def _drafter_tensors(full: dict[str, Tensor], names: list[str], cfg: TrainConfig) -> dict:
     """Drafter file tensors from a full state dict (plain or FSDP-gathered), peft or ours."""
-    out = {"mask_embedding": full["mask_embedding"]}
-    for name in names:
-        if "lora_A" in name or "lora_B" in name:
-            module = name.split(".lora_")[0]
-            kind = "lora_A" if ".lora_A" in name else "lora_B"
-            out[f"{module}.{kind}"] = full[name]
-    if cfg.mode == "full" and not cfg.lora_rank:
-        out.update({f"weights.{n}": full[n] for n in names if n != "mask_embedding"})
-    return out
+    return {_drafter_key(n): full[n] for n in ["mask_embedding", *names]}
+
+
+def init_from_drafter(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig,
+                      fingerprint: str) -> None:
+    """Load ``cfg.init_drafter`` into the trainable parameters: continue a drafter's training
+    in a new run (fresh optimizer and schedule), e.g. on more data."""
+    from .drafter import read_drafter
+
+    tensors, info = read_drafter(cfg.init_drafter)
+    if info.base_fingerprint != fingerprint:
+        raise TidarError(f"--init-drafter {cfg.init_drafter} was trained for another base model")
+    theirs = (info.mode, info.block_size, info.lora_rank, info.lora_alpha)
+    mine = (cfg.mode, cfg.block_size, cfg.lora_rank, cfg.lora_alpha)
+    if theirs != mine:
+        raise TidarError(
+            f"--init-drafter {cfg.init_drafter} has mode, block size, LoRA rank and alpha "
+            f"{theirs}; this run has {mine}"
+        )
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(tensors[_drafter_key(name)])
 
 
 def _tensorboard(out: Path):
