@@ -67,7 +67,10 @@ def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: Draft
     os.replace(tmp, path)
 
 
-def read_drafter(path: str | Path) -> tuple[dict[str, torch.Tensor], DrafterInfo]:
+def read_drafter(path: str | Path, fingerprint: str | None = None
+                 ) -> tuple[dict[str, torch.Tensor], DrafterInfo]:
+    """The drafter's tensors and metadata; with ``fingerprint``, refuse one trained for
+    another base model."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -89,17 +92,17 @@ def read_drafter(path: str | Path) -> tuple[dict[str, torch.Tensor], DrafterInfo
         lora_alpha=float(meta.get("lora_alpha", 0)),
         extra=json.loads(meta.get("extra", "{}")),
     )
+    if fingerprint is not None and info.base_fingerprint != fingerprint:
+        raise TidarError(
+            f"drafter {path} was trained for another base model "
+            f"(fingerprint {info.base_fingerprint}, this model is {fingerprint})"
+        )
     return tensors, info
 
 
 def apply_drafter(model: Transformer, path: str | Path, fingerprint: str) -> DrafterInfo:
     """Load a drafter into ``model``; refuse one trained for another base model."""
-    tensors, info = read_drafter(path)
-    if info.base_fingerprint != fingerprint:
-        raise TidarError(
-            f"drafter {path} was trained for another base model "
-            f"(fingerprint {info.base_fingerprint}, this model is {fingerprint})"
-        )
+    tensors, info = read_drafter(path, fingerprint)
     device, dtype = model.mask_embedding.device, model.mask_embedding.dtype
     lora = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
     if lora and info.mode == "frozen-ar":

@@ -461,7 +461,7 @@ def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history
                        "calibration": {"step": calibrated[-1]["step"],
                                        "prompts": len(cfg.eval_prompts),
                                        "tokens_per_pass": calibrated[-1]["eval/tokens_per_pass"]}}
-    save_drafter(out / "drafter.safetensors", _drafter_tensors(full, names, cfg), info)
+    save_drafter(out / "drafter.safetensors", _drafter_tensors(full, names), info)
 
 
 def _drafter_key(name: str) -> str:
@@ -474,9 +474,10 @@ def _drafter_key(name: str) -> str:
     return f"weights.{name}"  # full mode without adapters: every weight
 
 
-def _drafter_tensors(full: dict[str, Tensor], names: list[str], cfg: TrainConfig) -> dict:
-    """Drafter file tensors from a full state dict (plain or FSDP-gathered), peft or ours."""
-    return {_drafter_key(n): full[n] for n in ["mask_embedding", *names]}
+def _drafter_tensors(full: dict[str, Tensor], names: list[str]) -> dict:
+    """Drafter file tensors from a full state dict (plain or FSDP-gathered), peft or ours;
+    ``names``: the trainable parameters, the mask embedding among them."""
+    return {_drafter_key(n): full[n] for n in names}
 
 
 def init_from_drafter(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig,
@@ -485,9 +486,7 @@ def init_from_drafter(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainCon
     in a new run (fresh optimizer and schedule), e.g. on more data."""
     from .drafter import read_drafter
 
-    tensors, info = read_drafter(cfg.init_drafter)
-    if info.base_fingerprint != fingerprint:
-        raise TidarError(f"--init-drafter {cfg.init_drafter} was trained for another base model")
+    tensors, info = read_drafter(cfg.init_drafter, fingerprint)
     theirs = (info.mode, info.block_size, info.lora_rank, info.lora_alpha)
     mine = (cfg.mode, cfg.block_size, cfg.lora_rank, cfg.lora_alpha)
     if theirs != mine:
