@@ -42,3 +42,67 @@ def write_json(name: str, data) -> Path:
     path = out_dir() / name
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def profile_cuda(fn, calls: int, top: int = 20) -> dict:
+    """Profile ``calls`` calls of ``fn`` (warm): GPU kernel time per call by kernel name, the
+    kernel count, and the wall time per call, so ``busy`` < 1 shows the host holding the GPU
+    back."""
+    import time
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / calls
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            totals[e.name[:100]] += e.device_time / calls
+            counts[e.name[:100]] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    gpu_us = sum(totals.values())
+    return {"gpu_us": gpu_us, "wall_us": wall * 1e6, "busy": gpu_us / (wall * 1e6),
+            "kernels": sum(counts.values()) // calls,
+            "top": [{"name": n, "us": round(t, 1), "per_call": counts[n] // calls}
+                    for n, t in ranked[:top]]}
+
+
+def format_profile(table: dict, rows: int = 12) -> str:
+    lines = [f"   {table['gpu_us']:.0f} us GPU in {table['wall_us']:.0f} us wall "
+             f"({table['busy']:.0%} busy), {table['kernels']} kernels per call"]
+    lines += [f"   {r['us']:9.1f} us  x{r['per_call']:<5} {r['name']}" for r in table["top"][:rows]]
+    return "\n".join(lines)
+
+
+def graph_seconds(fn, calls: int, repeats: int = 20) -> float:
+    """Seconds per call of ``fn()`` inside a CUDA graph of ``calls`` calls: median replay time
+    over ``repeats`` replays, divided by the calls (launch gaps included, as in a captured
+    decode pass). ``fn`` runs a few times on a side stream first (compilation, allocator)."""
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return statistics.median(times)

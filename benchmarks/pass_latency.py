@@ -3,9 +3,11 @@ one process, against the AR step's floors.
 
     python benchmarks/pass_latency.py --context 1024 --batch 1 4 16 64
     python benchmarks/pass_latency.py --batch 1 64 --compiled-only --attention default efficient
+    python benchmarks/pass_latency.py --batch 1 4 16 64 --compiled-only --attention sdpa default
 
-``--attention efficient`` runs every variant with SDPA's memory-efficient kernel preferred
-(captured and compiled under ``sdpa_kernel``) instead of torch's own pick, cuDNN on Hopper.
+``--attention`` runs one variant per choice, each compiled and captured under it: the model's
+own (split-KV or SDPA by shape), SDPA always (torch's kernel pick, cuDNN on Hopper), SDPA with
+its memory-efficient kernel preferred, or split-KV always.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
@@ -16,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 
 import torch
-from common import SMOLLM2, smollm2_shaped, write_json
+from common import SMOLLM2, graph_seconds, smollm2_shaped, write_json
 
 from tidar.engine import DecodeConfig, Engine
 from tidar.layouts import decode_layout
@@ -27,26 +28,10 @@ from tidar.model import KVCache
 from tidar.tuner import measure_pass_seconds
 
 
-def graph_kernel_seconds(n: int = 1000, repeats: int = 20) -> float:
+def graph_kernel_seconds(n: int = 1000) -> float:
     """Seconds per kernel of a CUDA graph of ``n`` dependent one-element kernels."""
     x = torch.zeros(1, device="cuda")
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        x.add_(1)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            x.add_(1)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000 / n)
-    return statistics.median(times)
+    return graph_seconds(lambda: x.add_(1), n)
 
 
 def kernels_per_pass(engine: Engine, cfg: DecodeConfig, context: int) -> int:
@@ -71,15 +56,38 @@ def kernels_per_pass(engine: Engine, cfg: DecodeConfig, context: int) -> int:
 
 
 def attention_context(choice: str):
-    """``default``: torch's SDPA kernel choice; ``efficient``: the memory-efficient kernel
-    first (it supports the dense mask), then the others in torch's order."""
+    """``default``: the model's own choice (split-KV for few-query passes at small batch,
+    else SDPA with torch's kernel pick); ``sdpa``: SDPA always; ``efficient``: SDPA always,
+    its memory-efficient kernel first (it supports the dense mask); ``splitN``: split-KV over
+    N-key slices always."""
     if choice == "default":
         return contextlib.nullcontext()
+    if choice.startswith("split"):
+        chunk = int(choice.removeprefix("split"))
+        return split_kv_policy(lambda q, k: chunk)
+    if choice == "sdpa":
+        return split_kv_policy(lambda q, k: None)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
              SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
+    stack = contextlib.ExitStack()
+    stack.enter_context(split_kv_policy(lambda q, k: None))
+    stack.enter_context(sdpa_kernel(order, set_priority=True))
+    return stack
+
+
+@contextlib.contextmanager
+def split_kv_policy(policy):
+    """Replace the model's split-KV choice (the key slice, or None for SDPA) with ``policy``."""
+    import tidar.model
+
+    own = tidar.model.split_kv_chunk
+    tidar.model.split_kv_chunk = policy
+    try:
+        yield
+    finally:
+        tidar.model.split_kv_chunk = own
 
 
 def main() -> None:
@@ -91,7 +99,8 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM spec)")
     ap.add_argument("--compiled-only", action="store_true", help="skip the eager-block variant")
     ap.add_argument("--attention", nargs="+", default=["default"],
-                    choices=["default", "efficient"], help="SDPA kernel choice per variant")
+                    choices=["default", "sdpa", "efficient", "split128", "split256"],
+                    help="attention per variant (see attention_context)")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size

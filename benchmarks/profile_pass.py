@@ -7,17 +7,15 @@ and the full 272-query pass, eager and with compiled blocks (batch 1, SmolLM2 sh
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
-from common import smollm2_shaped, write_json
-from torch.profiler import ProfilerActivity, profile
+from common import format_profile, profile_cuda, smollm2_shaped, write_json
 
 from tidar.engine import DecodeConfig, Engine
 
 
 def kernel_table(engine: Engine, cfg: DecodeConfig, context: int, passes: int = 5) -> dict:
-    """Per kernel name: total GPU microseconds per pass over ``passes`` uncaptured passes."""
+    """GPU time per pass by kernel name over ``passes`` uncaptured passes."""
     cfg = cfg.resolved()
     runner = engine._runner(1, context + 64, cfg)
     prompt = [[(7 * i) % 1000 for i in range(context)]]
@@ -25,21 +23,7 @@ def kernel_table(engine: Engine, cfg: DecodeConfig, context: int, passes: int = 
     with torch.inference_mode():
         for _ in range(2):
             engine._pass(st, cfg, runner.cache, runner.consts)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(passes):
-                engine._pass(st, cfg, runner.cache, runner.consts)
-            torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            totals[e.name[:90]] += e.device_time / passes
-            counts[e.name[:90]] += 1
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-    return {"total_us": sum(totals.values()), "kernels": sum(counts.values()) // passes,
-            "top": [{"name": n, "us": round(t, 1), "per_pass": counts[n] // passes}
-                    for n, t in ranked[:15]]}
+        return profile_cuda(lambda: engine._pass(st, cfg, runner.cache, runner.consts), passes)
 
 
 def main() -> None:
@@ -54,10 +38,7 @@ def main() -> None:
                            "lossless_b16_full": DecodeConfig(block_size=16)}.items():
             table = kernel_table(engine, cfg, args.context)
             report[f"{name}/{label}"] = table
-            print(f"== {name} {label}: {table['total_us']:.0f} us GPU time, "
-                  f"{table['kernels']} kernels per pass", flush=True)
-            for row in table["top"][:8]:
-                print(f"   {row['us']:8.1f} us  x{row['per_pass']:<4} {row['name']}", flush=True)
+            print(f"== {name} {label}\n{format_profile(table, 8)}", flush=True)
     write_json("profile_pass.json", report)
 
 

@@ -1,6 +1,7 @@
 """Training throughput of the TiDAR objective on the SmolLM2-135M shape (random tokens).
 
     python benchmarks/train_throughput.py --modes frozen-ar full --batch 32 --seq-len 512
+    python benchmarks/train_throughput.py --batch 64 --compile on --profile 2
 
 Clean tokens per second (the ``L`` tokens of each doubled row) and model FLOPs utilisation.
 """
@@ -11,12 +12,13 @@ import argparse
 import time
 
 import torch
-from common import smollm2_shaped, write_json
+from common import format_profile, profile_cuda, smollm2_shaped, write_json
 
 from tidar.train import TrainConfig, compile_blocks, prepare, tidar_losses
 
 
-def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int) -> dict:
+def build(mode: str, batch: int, seq_len: int, compile_model: bool):
+    """The model and one optimizer step on fresh random rows, as ``tidar convert`` runs it."""
     model = smollm2_shaped(dtype=torch.float32)
     cfg = TrainConfig(out="", data=["-"], mode=mode, seq_len=seq_len, batch_size=batch,
                       lora_rank=64 if mode == "frozen-ar" else 0, lora_alpha=64)
@@ -26,35 +28,47 @@ def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int) ->
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     model.cuda().train()
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)
     if compile_model:
         compile_blocks(model)
-    fn = model
     vocab = model.cfg.vocab_size
-    times = []
-    for step in range(steps + 3):
+
+    def step() -> None:
         tokens = torch.randint(0, vocab, (batch, seq_len), device="cuda")
         offsets = torch.randint(0, cfg.block_size, (batch,), device="cuda")
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            ar, diff, _ = tidar_losses(fn, tokens, cfg.block_size, offsets, mode, flex=True)
+            ar, diff, _ = tidar_losses(model, tokens, cfg.block_size, offsets, mode, flex=True)
         loss = diff if ar is None else (ar + diff) / 2
         (loss / tokens.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int,
+        profile_steps: int) -> dict:
+    model, step = build(mode, batch, seq_len, compile_model)
+    times = []
+    for i in range(steps + 3):
         torch.cuda.synchronize()
-        if step >= 3:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i >= 3:
             times.append(time.perf_counter() - t0)
     sec = sorted(times)[len(times) // 2]
     n = sum(p.numel() for p in model.parameters())
     tok_s = batch * seq_len / sec
     flops_per_token = (6 if mode == "full" else 4) * 2 * n  # doubled rows; frozen: no weight grads
-    return {"mode": mode, "batch": batch, "seq_len": seq_len, "compile": compile_model,
-            "step_seconds": sec, "clean_tokens_per_second": tok_s,
-            "mfu_vs_989tflops": tok_s * flops_per_token / 989e12,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+    result = {"mode": mode, "batch": batch, "seq_len": seq_len, "compile": compile_model,
+              "step_seconds": sec, "clean_tokens_per_second": tok_s,
+              "mfu_vs_989tflops": tok_s * flops_per_token / 989e12,
+              "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+    if profile_steps:
+        result["profile"] = profile_cuda(step, profile_steps)
+        print(format_profile(result["profile"]), flush=True)
+    return result
 
 
 def main() -> None:
@@ -64,6 +78,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile this many steps: GPU time by kernel, and GPU-busy share")
     args = ap.parse_args()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
@@ -72,7 +88,7 @@ def main() -> None:
             for comp in compiles:
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    r = run(mode, batch, args.seq_len, comp, args.steps)
+                    r = run(mode, batch, args.seq_len, comp, args.steps, args.profile)
                 except Exception as exc:  # report and go on: one failing variant must not
                     r = {"mode": mode, "batch": batch, "compile": comp, "error": repr(exc)[:300]}
                 rows.append(r)

@@ -211,3 +211,30 @@ def test_fsdp2_two_processes_match_one(tiny_setup, tmp_path):
     b = [r["diff_loss"] for r in two]
     assert len(b) == 8 and b == pytest.approx(a, rel=2e-3)
     assert (tmp_path / "two" / "drafter.safetensors").exists()
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_linear_cross_entropy_matches_autograd(chunk, train_weight):
+    """The chunked loss with gradients computed in its forward equals plain cross-entropy
+    over full logits with autograd, for the hidden states and (when it trains) the head."""
+    from tidar.losses import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=train_weight)
+    labels = torch.randint(0, 50, (3, 7), generator=gen)
+    scale = 0.37  # the loss is used scaled, as a training loss is
+    (scale * linear_cross_entropy(hidden, weight, labels, chunk)).backward()
+    got = hidden.grad.clone(), None if weight.grad is None else weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    expected = torch.nn.functional.cross_entropy(
+        (hidden @ weight.T).reshape(-1, 50), labels.reshape(-1), reduction="sum")
+    (scale * expected).backward()
+    torch.testing.assert_close(got[0], hidden.grad)
+    if train_weight:
+        torch.testing.assert_close(got[1], weight.grad)
+    else:
+        assert got[1] is None
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels, chunk), expected)

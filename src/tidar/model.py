@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layouts import KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
 
+KV_SLOT_MULTIPLE = 256  # cache slots come in whole slices of split-KV attention
+
 
 class RowGate:
     """Where the mask-token rows start along the sequence (``Layout.clean``), shared with the
@@ -111,7 +113,10 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, scratch: int, dtype, device):
-        shape = (batch, cfg.n_kv_heads, capacity + scratch, cfg.head_dim)
+        # On CUDA, rounded up to whole split-KV slices; extra slots lie past every horizon.
+        multiple = KV_SLOT_MULTIPLE if torch.device(device).type == "cuda" else 1
+        slots = -(-(capacity + scratch) // multiple) * multiple
+        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
         self.capacity = capacity
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
@@ -190,7 +195,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        # Under autocast the rotation runs in float32: attend in the projections' dtype.
+        q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
@@ -201,26 +207,71 @@ _compiled_flex = None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """SDPA with a dense boolean mask, or flex_attention with a BlockMask (compiled once).
-
-    With a dense mask, the query heads sharing a KV head are folded into one longer query
-    sequence: plain attention over the unexpanded cache, which SDPA's memory-efficient kernel
-    runs with a mask (its grouped-query mode would fall back to materialising scores).
-    """
+    """Attention with a dense boolean mask (split-KV where that is faster, else SDPA), or
+    flex_attention with a BlockMask (compiled once)."""
     if isinstance(mask, Tensor):
-        batch, heads, length, dim = q.shape
-        group = heads // k.shape[1]
-        if group > 1:
-            q = q.reshape(batch, k.shape[1], group * length, dim)
-            mask = mask.repeat(1, 1, group, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.reshape(batch, heads, length, dim)
+        chunk = split_kv_chunk(q, k)
+        if chunk:
+            return split_kv_attention(q, k, v, mask, chunk)
+        return dense_attention(q, k, v, mask)
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+def split_kv_chunk(q: Tensor, k: Tensor) -> int | None:
+    """The key slice for split-KV attention, or None for SDPA. On the H100 split-KV is up to
+    2x faster while a fused kernel gets few thread blocks: few sequences times KV heads and
+    few queries (``benchmarks/attention_kernels.py``); on the CPU SDPA is kept."""
+    batch, heads, length, _ = q.shape
+    if q.device.type != "cuda" or batch * k.shape[1] >= 64 or batch * heads * length > 1024:
+        return None
+    return KV_SLOT_MULTIPLE
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """SDPA with a dense mask. The query heads sharing a KV head are folded into one longer
+    query sequence: plain attention over the unexpanded cache, which SDPA's fused kernels run
+    with a mask (its grouped-query mode would fall back to materialising scores)."""
+    batch, heads, length, dim = q.shape
+    group = heads // k.shape[1]
+    if group > 1:
+        q = q.reshape(batch, k.shape[1], group * length, dim)
+        mask = mask.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(batch, heads, length, dim)
+
+
+def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, chunk: int) -> Tensor:
+    """Masked attention computed over ``chunk``-key slices of the cache in parallel, then
+    merged by their log-sum-exp (split-KV, as in flash-decoding).
+
+    A few queries over a long cache give a fused attention kernel only a handful of thread
+    blocks, each walking every key in turn; slicing the keys spreads that walk over the GPU.
+    Shapes as ``attend`` with a dense mask ``[B, 1, T, S]``.
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    pad = -slots % chunk
+    if pad:
+        k, v, mask = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    n = (slots + pad) // chunk
+    rows = group * length  # the query heads sharing a KV head, folded into rows
+    q = q.reshape(batch, kv_heads, 1, rows, dim)
+    mask = mask.repeat(1, 1, group, 1).reshape(batch, 1, rows, n, chunk).transpose(2, 3)
+    scores = (q @ k.reshape(batch, kv_heads, n, chunk, dim).transpose(-1, -2)).float()
+    scores = (scores * dim**-0.5).masked_fill(~mask, float("-inf"))
+    # A slice no query may see has peak -inf: clamp, so its weights are exp(-inf) = 0.
+    peak = scores.amax(-1, keepdim=True).clamp(min=-1e30)
+    p = torch.exp(scores - peak)
+    part = p.to(v.dtype) @ v.reshape(batch, kv_heads, n, chunk, dim)
+    weight = torch.exp(peak - peak.amax(2, keepdim=True))
+    out = (part.float() * weight).sum(2) / (p.sum(-1, keepdim=True) * weight).sum(2)
+    return out.to(q.dtype).reshape(batch, heads, length, dim)
 
 
 class MLP(nn.Module):
@@ -364,9 +415,12 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens.clamp(max=self.cfg.vocab_size - 1))
         return torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
 
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, h: Tensor) -> Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return F.linear(h, self.head_weight)
 
     def rope(self, positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * self.inv_freq

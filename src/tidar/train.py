@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .drafter import LORA_TARGETS, DrafterInfo, add_row_lora, save_drafter
 from .errors import TidarError
 from .layouts import Layout, key_meta, training_layout
+from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
 
 MODES = ("frozen-ar", "full")
@@ -90,25 +90,6 @@ class TrainConfig:
 
 
 # -- the objective -----------------------------------------------------------------------------
-def _ce_sum(model: Transformer, hidden: Tensor, labels: Tensor, chunk: int = 2048) -> Tensor:
-    """Summed cross-entropy without materialising ``rows x vocab`` logits at once."""
-    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        h, y = hidden[start : start + chunk], labels[start : start + chunk]
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(
-                _head_ce, model, h, y, use_reentrant=False
-            )
-        else:
-            total = total + _head_ce(model, h, y)
-    return total
-
-
-def _head_ce(model: Transformer, h: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model.head(h).float(), y, reduction="sum")
-
-
 def mask_half(layout: Layout, length: int, capacity: int) -> Layout:
     """The mask half of a training layout, with scratch slots after a clean-half cache."""
     rows = layout.tokens.shape[0]
@@ -133,9 +114,9 @@ def tidar_losses(
     if mode == "full":
         masks = model.masks(layout, key_meta(layout), flex=flex)
         hidden = model(layout, masks=masks, hidden_only=True)
-        ar = _ce_sum(model, hidden[:, : length - 1], tokens[:, 1:])
+        ar = linear_cross_entropy(hidden[:, : length - 1], model.head_weight, tokens[:, 1:])
         diff_hidden = hidden[:, length:]
-        return ar, _ce_sum(model, diff_hidden, tokens), diff_hidden
+        return ar, linear_cross_entropy(diff_hidden, model.head_weight, tokens), diff_hidden
     # frozen-ar: the clean half is the base model; run it once as a cache, without autograd.
     capacity = length
     dtype = next(model.parameters()).dtype
@@ -150,7 +131,7 @@ def tidar_losses(
     drafts = mask_half(layout, length, capacity)
     masks = model.masks(drafts, key_meta(drafts, cache.slots), flex=flex)
     hidden = model(drafts, cache, masks=masks, hidden_only=True)
-    return None, _ce_sum(model, hidden, tokens), hidden
+    return None, linear_cross_entropy(hidden, model.head_weight, tokens), hidden
 
 
 def compile_blocks(model: Transformer) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 MARGIN = 0.03  # the least expected gain over AR for which the tuner picks drafting
+PASS_REVISION = 2  # part of the cache key of measured pass costs: bump when the pass changes
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
         f"cpu{torch.get_num_threads()}")
     compiled = "-compiled" if engine.compiled else ""
     key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{cfg.block_size}"
-           f"-batch{batch}")
+           f"-batch{batch}-pass{PASS_REVISION}")
     path = default_model.cache_dir() / "tuner" / f"{key}.json"
     profile = cached_profile(path)
     if profile is None:
