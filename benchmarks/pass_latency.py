@@ -4,10 +4,13 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --context 1024 --batch 1 4 16 64
     python benchmarks/pass_latency.py --batch 1 64 --compiled-only --attention default efficient
     python benchmarks/pass_latency.py --batch 1 4 16 64 --compiled-only --attention sdpa default
+    python benchmarks/pass_latency.py --batch 1 --ar-only --compiled-only --fuse off on \
+        --inductor engine untuned
 
 ``--attention`` runs one variant per choice, each compiled and captured under it: the model's
 own (split-KV or SDPA by shape), SDPA always (torch's kernel pick, cuDNN on Hopper), SDPA with
-its memory-efficient kernel preferred, or split-KV always.
+its memory-efficient kernel preferred, or split-KV always. ``--fuse off`` decodes with
+separate q/k/v and gate/up projections; ``--inductor`` compiles under other inductor settings.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+from functools import partial
 
 import torch
 from common import SMOLLM2, graph_seconds, smollm2_shaped, write_json
@@ -77,6 +82,27 @@ def attention_context(choice: str):
     return stack
 
 
+INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
+            "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
+
+
+def variant_context(attention: str, fuse: str, inductor: str):
+    import tidar.engine
+    import tidar.model
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(attention_context(attention))
+    if INDUCTOR[inductor] is not None:
+        own_options = tidar.engine.COMPILE_OPTIONS
+        tidar.engine.COMPILE_OPTIONS = INDUCTOR[inductor]
+        stack.callback(setattr, tidar.engine, "COMPILE_OPTIONS", own_options)
+    if fuse == "off":
+        own = tidar.model.DECODE_LINEAR_MAX_ELEMENTS
+        tidar.model.DECODE_LINEAR_MAX_ELEMENTS = 0
+        stack.callback(setattr, tidar.model, "DECODE_LINEAR_MAX_ELEMENTS", own)
+    return stack
+
+
 @contextlib.contextmanager
 def split_kv_policy(policy):
     """Replace the model's split-KV choice (the key slice, or None for SDPA) with ``policy``."""
@@ -101,15 +127,23 @@ def main() -> None:
     ap.add_argument("--attention", nargs="+", default=["default"],
                     choices=["default", "sdpa", "efficient", "split128", "split256"],
                     help="attention per variant (see attention_context)")
+    ap.add_argument("--fuse", nargs="+", default=["on"], choices=["on", "off"],
+                    help="fused q/k/v and gate/up projections when decoding, per variant")
+    ap.add_argument("--inductor", nargs="+", default=["engine"], choices=list(INDUCTOR),
+                    help="compile options: the engine's, without tile tuning, or autotuned")
+    ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
-    for attention in args.attention:
+    for attention, fuse, inductor in itertools.product(args.attention, args.fuse, args.inductor):
         suffix = "" if attention == "default" else f", {attention} attention"
+        suffix += "" if fuse == "on" else ", unfused projections"
+        suffix += "" if inductor == "engine" else f", inductor {inductor}"
+        spec = (attention, fuse, inductor)
         if not args.compiled_only:
-            engines["graphed" + suffix] = (Engine(model), attention)
-        engines["graphed+compiled" + suffix] = (Engine(model, compile=True), attention)
+            engines["graphed" + suffix] = (partial(Engine, model), spec)
+        engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)
     params = sum(p.numel() for p in model.parameters())
     kv_per_token = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
     floor_bytes = params * 2 + kv_per_token * args.context
@@ -119,19 +153,26 @@ def main() -> None:
                "memory_floor_ms": 1e3 * floor_bytes / args.bandwidth,
                "bandwidth_bytes_per_s": args.bandwidth,
                "graph_kernel_us": 1e6 * per_kernel, "variants": {}}
-    for name, (engine, attention) in engines.items():
-        torch._dynamo.reset()  # compile this variant afresh, under its own attention choice
-        with attention_context(attention):
+    for name, (make_engine, spec) in engines.items():
+        torch._dynamo.reset()  # compile this variant afresh, under its own settings
+        with variant_context(*spec), model.decode_weights():
+            engine = make_engine()
             ar_kernels = kernels_per_pass(engine, DecodeConfig(sampler="ar"), args.context)
-            full_kernels = kernels_per_pass(engine, DecodeConfig(block_size=b), args.context)
+            full_kernels = (None if args.ar_only else
+                            kernels_per_pass(engine, DecodeConfig(block_size=b), args.context))
             variant = {"kernels_ar_forward": ar_kernels, "kernels_272_forward": full_kernels,
                        "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
             for batch in args.batch:
-                curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
+                if args.ar_only:
+                    curve = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch,
+                                                 args.context, args.repeats)}
+                else:
+                    curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
                 variant["curves"][batch] = curve
+                results["variants"][name] = variant
+                write_json("pass_latency.json", results)  # so far: a later run may time out
                 print(f"{name} batch {batch}: " + "  ".join(
                     f"t({q})={t * 1e3:.2f}ms" for q, t in sorted(curve.items())), flush=True)
-        results["variants"][name] = variant
         print(f"{name}: {ar_kernels} kernels per AR forward, {full_kernels} per 272-query "
               f"forward; launch floor {variant['launch_floor_ms']:.2f} ms", flush=True)
     print(f"memory floor {results['memory_floor_ms']:.3f} ms, one graph kernel "

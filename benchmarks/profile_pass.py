@@ -19,8 +19,8 @@ def kernel_table(engine: Engine, cfg: DecodeConfig, context: int, passes: int = 
     cfg = cfg.resolved()
     runner = engine._runner(1, context + 64, cfg)
     prompt = [[(7 * i) % 1000 for i in range(context)]]
-    st = engine._start(runner, prompt, cfg, [0])
-    with torch.inference_mode():
+    with torch.inference_mode(), engine.model.decode_weights():
+        st = engine._start(runner, prompt, cfg, [0])
         for _ in range(2):
             engine._pass(st, cfg, runner.cache, runner.consts)
         return profile_cuda(lambda: engine._pass(st, cfg, runner.cache, runner.consts), passes)

@@ -151,7 +151,7 @@ class ScriptedModel(nn.Module):
         )
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def stacked_adapters(self):
+    def decode_weights(self):
         """Part of the interface the engine uses; this fake has no adapters."""
         return contextlib.nullcontext()
 

@@ -557,27 +557,51 @@ def test_row_adapters_decode_exactly_and_leave_ar_alone():
     assert stats.committed_hist != plain_stats.committed_hist  # the adapters did draft
 
 
-def test_row_adapter_fast_path_matches_autograd_path():
-    """When decoding, a row adapter runs as one stacked matmul; it must equal the adapter as
+@pytest.mark.parametrize("stacked", [True, False])
+def test_row_adapter_fast_path_matches_autograd_path(stacked, monkeypatch):
+    """When decoding, adapted layers run as stacked matmuls (q/k/v and gate/up fused), or as
+    trained where layers are too large for that; either way they must equal the adapters as
     trained, and follow in-place weight updates (an optimizer step between evaluations)."""
+    import tidar.model
     from tidar.layouts import decode_layout
 
-    model = _with_row_lora(tiny_model("llama", vocab=8, seed=6))
+    if not stacked:
+        monkeypatch.setattr(tidar.model, "DECODE_LINEAR_MAX_ELEMENTS", 0)
+    model = _with_row_lora(tiny_model("qwen2", vocab=8, seed=6))  # qwen2: q/k/v biases
     committed = torch.tensor([3, 5])
     layout = decode_layout(committed, torch.randint(0, 8, (2, 4)), [0, 1, 3], 4, 16,
                            model.cfg.mask_id)
+    attn = model.layers[0].self_attn
     results = []
     for _ in range(2):
-        with torch.inference_mode(), model.stacked_adapters():
-            assert model.row_gate.stacked
+        with torch.inference_mode(), model.decode_weights():
+            assert model.row_gate.decoding
+            assert attn.qkv.active() == attn.out.active() == stacked
             fast = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")).clone()
-        assert not model.row_gate.stacked
+        assert not model.row_gate.decoding and not attn.qkv.active()
         slow = model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")).detach()
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
         results.append(fast)
         with torch.no_grad():
-            model.layers[0].self_attn.q_proj.lora_B.add_(0.5)
+            attn.q_proj.lora_B.add_(0.5)
     assert not torch.allclose(*results)  # the update changed the logits
+
+
+def test_fused_projections_match_separate_ones():
+    """A model without adapters decodes q/k/v and gate/up as one matmul each: same logits."""
+    from tidar.layouts import decode_layout
+
+    model = tiny_model("qwen2", vocab=8, seed=9)
+    layout = decode_layout(torch.tensor([3, 5]), torch.randint(0, 8, (2, 4)), [0, 2], 4, 16,
+                           model.cfg.mask_id)
+    with torch.inference_mode():
+        separate = model(layout, KVCache(model.cfg, 2, 16, 8, torch.float32, "cpu"))
+        with model.decode_weights():
+            mlp = model.layers[0].mlp
+            assert mlp.gate_up.active() and not mlp.gate_up.stacked  # no adapters: one half
+            assert mlp.down.weight is mlp.down_proj.weight  # a single plain layer: no copy
+            fused = model(layout, KVCache(model.cfg, 2, 16, 8, torch.float32, "cpu"))
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_blocks_follow_adapter_updates():
@@ -611,9 +635,12 @@ def test_compiled_blocks_follow_adapter_updates():
 def test_row_adapters_compile_without_graph_breaks():
     """A graph break in every adapter would split each compiled block into small graphs."""
     model = _with_row_lora(tiny_model("llama", vocab=8, seed=8))
-    adapter = model.layers[0].self_attn.q_proj
-    x = torch.randn(1, 6, adapter.base.in_features)
+    attn = model.layers[0].self_attn
+    x = torch.randn(1, 6, attn.o_proj.base.in_features)
     model.row_gate.start = 3
-    assert torch._dynamo.explain(adapter)(x).graph_break_count == 0  # training
-    with torch.inference_mode(), model.stacked_adapters():
-        assert torch._dynamo.explain(adapter)(x).graph_break_count == 0  # decoding
+    for layer in (attn.q_proj, attn.o_proj):
+        assert torch._dynamo.explain(layer)(x).graph_break_count == 0  # training
+    with torch.inference_mode(), model.decode_weights():
+        assert attn.qkv.active() and attn.out.active() and attn.out.stacked
+        for layer in (attn.qkv, attn.out):
+            assert torch._dynamo.explain(layer)(x).graph_break_count == 0  # decoding

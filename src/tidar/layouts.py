@@ -42,6 +42,11 @@ class KeyMeta:
     block: Tensor  # [B, K]; -1 marks a slot no query may see
 
 
+class CausalMask:
+    """Plain causal attention of a pass's ``T`` clean tokens over the first ``T`` keys, where
+    they sit (a cache filled from slot 0, or no cache): fused causal SDPA, no mask to build."""
+
+
 def visible(q_horizon, q_block, kv_pos, kv_block, window: int | None = None) -> Tensor:
     """The visibility rule, elementwise over broadcastable query and key tensors."""
     clean = (kv_block == 0) & (kv_pos <= q_horizon)
@@ -80,7 +85,9 @@ def flex_block_mask(layout: Layout, keys: KeyMeta, window: int | None = None):
     """The same rule as a flex_attention ``BlockMask`` (GPU): fully masked tiles are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    q_h, q_b, kv_p, kv_b = layout.horizon, layout.block, keys.positions, keys.block
+    # int32: the mask function's loads and compares are a measurable share of flex's time.
+    q_h, q_b, kv_p, kv_b = (t.to(torch.int32) for t in (
+        layout.horizon, layout.block, keys.positions, keys.block))
 
     def mask_mod(b, h, q, kv):
         return visible(q_h[b, q], q_b[b, q], kv_p[b, kv], kv_b[b, kv], window)

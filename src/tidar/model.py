@@ -16,19 +16,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layouts import KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
+from .layouts import CausalMask, KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
 
 KV_SLOT_MULTIPLE = 256  # cache slots come in whole slices of split-KV attention
+DECODE_LINEAR_MAX_ELEMENTS = 1 << 24  # largest weight group decoding runs as one DecodeLinear
 
 
 class RowGate:
     """Where the mask-token rows start along the sequence (``Layout.clean``), shared with the
     adapters that apply to those rows only. Every layout puts its clean tokens first.
-    ``stacked``: the adapters may use their stacked-weight cache (set by ``Transformer.
-    stacked_adapters`` for decoding; a plain attribute, so compiled code guards on it)."""
+    ``decoding``: the decode-time weights (``DecodeLinear``) are current and may be used (set
+    by ``Transformer.decode_weights``; a plain attribute, so compiled code guards on it)."""
 
     start: int = 0
-    stacked: bool = False
+    decoding: bool = False
 
 
 class RowLoRA(nn.Module):
@@ -36,11 +37,8 @@ class RowLoRA(nn.Module):
 
     Clean tokens never attend to mask tokens, so with these adapters the AR path of the model
     is the base model, exactly (the frozen-AR conversion mode). When decoding, the layer runs
-    as one matmul over the base weight stacked with the adapted one, each row keeping its
-    half; a pass with no mask rows (plain AR) runs the base layer alone. That stacked weight
-    is a cache which compiled code cannot check, so it is refreshed eagerly on entering
-    ``Transformer.stacked_adapters`` and used only inside it; a no-grad evaluation during
-    training computes the adapter from its current weights.
+    inside one stacked matmul (``DecodeLinear``); a pass with no mask rows (plain AR) runs the
+    base weights alone.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: RowGate):
@@ -51,46 +49,102 @@ class RowLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        # [W; W + scale * B A] and the bias twice, for decoding. Buffers, so a compiled block
-        # takes them as inputs; refreshed in place, so captured graphs keep their address.
-        self.register_buffer("stacked_weight", None, persistent=False)
-        self.register_buffer("stacked_bias", None, persistent=False)
-        self._stacked_key: tuple | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         start = self.gate.start
         if start >= x.shape[-2]:
             return self.base(x)
-        if self.gate.stacked and not torch.is_grad_enabled():
-            y = F.linear(x, self.stacked_weight, self.stacked_bias)
-            out = self.base.out_features
-            return torch.cat([y[..., :start, :out], y[..., start:, out:]], dim=-2)
         y = self.base(x)
         masked = x[..., start:, :]
         delta = F.linear(F.linear(masked, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return torch.cat([y[..., :start, :], y[..., start:, :] + self.scale * delta], dim=-2)
 
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Rebuild the stacked weight if a weight changed since (an optimizer step, ``.to``)."""
-        params = (self.base.weight, self.lora_A, self.lora_B)
-        key = tuple((id(p), p._version, p.dtype, p.device) for p in params)
-        if key == self._stacked_key:
-            return
+    def adapted_weight(self) -> Tensor:
         w = self.base.weight
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        weight = torch.cat([w, (w.float() + delta).to(w.dtype)])
-        bias = None if self.base.bias is None else torch.cat([self.base.bias, self.base.bias])
-        old = self.stacked_weight
+        return (w.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale).to(w.dtype)
+
+
+class DecodeLinear(nn.Module):
+    """Linear layers that read one input (q/k/v, gate/up, or a single layer), run as one
+    matmul when decoding.
+
+    Layers carrying a ``RowLoRA`` make the weight stacked, ``[W; W']`` with ``W'`` the adapted
+    weights (``W`` again for a plain layer): every row runs against both, clean rows keep the
+    base half and mask rows the adapted half. A built weight is a cache that compiled code
+    cannot check, so ``refresh`` rebuilds it eagerly on entering ``Transformer.decode_weights``
+    and it is used only inside, updated in place where it can be, so captured CUDA graphs read
+    current values. A single plain layer is used as it is, without a copy.
+    """
+
+    def __init__(self, gate: RowGate):
+        super().__init__()
+        self.gate = gate
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        self.sizes: tuple[int, ...] = ()
+        self.stacked = False
+        self._key: tuple | None = None
+
+    def active(self) -> bool:
+        return self.gate.decoding and self.weight is not None and not torch.is_grad_enabled()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        out, start = sum(self.sizes), self.gate.start
+        if not self.stacked or start >= x.shape[-2]:
+            bias = None if self.bias is None else self.bias[:out]
+            return F.linear(x, self.weight[:out], bias).split(self.sizes, dim=-1)
+        y = F.linear(x, self.weight, self.bias)
+        y = torch.cat([y[..., :start, :out], y[..., start:, out:]], dim=-2)
+        return y.split(self.sizes, dim=-1)
+
+    @torch.no_grad()
+    def refresh(self, layers: list[nn.Module]) -> None:
+        """Rebuild from ``layers`` (``nn.Linear`` or ``RowLoRA``) if a weight changed since (an
+        optimizer step, ``.to``); no layers: unused."""
+        if not layers:
+            self.weight = self.bias = self._key = None
+            return
+        key = tuple((id(p), p._version, p.dtype, p.device)
+                    for layer in layers for p in layer.parameters())
+        if key == self._key:
+            return
+        self._key = key
+        base = [layer.base if isinstance(layer, RowLoRA) else layer for layer in layers]
+        self.sizes = tuple(b.out_features for b in base)
+        self.stacked = any(isinstance(layer, RowLoRA) for layer in layers)
+        if len(layers) == 1 and not self.stacked:
+            self.weight, self.bias = base[0].weight, base[0].bias
+            return
+        weight = torch.cat([b.weight for b in base])
+        bias = None
+        if any(b.bias is not None for b in base):
+            bias = torch.cat([b.weight.new_zeros(b.out_features) if b.bias is None else b.bias
+                              for b in base])
+        if self.stacked:
+            adapted = [layer.adapted_weight() if isinstance(layer, RowLoRA) else layer.weight
+                       for layer in layers]
+            weight = torch.cat([weight, *adapted])
+            bias = None if bias is None else torch.cat([bias, bias])
+        old = self.weight
         # In place where allowed (an inference-mode tensor only changes in inference mode).
         if old is not None and old.shape == weight.shape and old.dtype == weight.dtype and (
+                old.device == weight.device) and (self.bias is None) == (bias is None) and (
                 torch.is_inference_mode_enabled() or not old.is_inference()):
-            self.stacked_weight.copy_(weight)  # in place: captured graphs keep their address
+            old.copy_(weight)
             if bias is not None:
-                self.stacked_bias.copy_(bias)
+                self.bias.copy_(bias)
         else:
-            self.stacked_weight, self.stacked_bias = weight, bias
-        self._stacked_key = key
+            self.weight, self.bias = weight, bias
+
+
+def decodable(layers: list[nn.Module]) -> bool:
+    """Whether decoding runs these layers as one ``DecodeLinear``: plain (or row-adapted)
+    linear layers small enough to be launch-bound at decode batch sizes. Larger ones run as
+    they are: a fused or stacked copy would save little and double their memory."""
+    base = [layer.base if isinstance(layer, RowLoRA) else layer for layer in layers]
+    if any(type(b) is not nn.Linear for b in base):
+        return False
+    return sum(b.weight.numel() for b in base) <= DECODE_LINEAR_MAX_ELEMENTS
 
 
 class RMSNorm(nn.Module):
@@ -164,7 +218,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, gate: RowGate):
         super().__init__()
         self.cfg = cfg
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
@@ -179,12 +233,20 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(q_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
+        self.qkv = DecodeLinear(gate)
+        self.out = DecodeLinear(gate)
+
+    def decode_groups(self) -> list[tuple[DecodeLinear, list[nn.Module]]]:
+        return [(self.qkv, [self.q_proj, self.k_proj, self.v_proj]), (self.out, [self.o_proj])]
 
     def forward(self, x, cos, sin, masks, kv: tuple[Tensor, Tensor] | None, slots) -> Tensor:
         """``kv``: this layer's cache buffers (written at ``slots``), or None: no cache."""
         cfg = self.cfg
         batch, length, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv.active():
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:
@@ -200,15 +262,20 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.out(out)[0] if self.out.active() else self.o_proj(out)
 
 
 _compiled_flex = None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """Attention with a dense boolean mask (split-KV where that is faster, else SDPA), or
-    flex_attention with a BlockMask (compiled once)."""
+    """Attention with a dense boolean mask (split-KV where that is faster, else SDPA), causal
+    over the first keys, or flex_attention with a BlockMask (compiled once)."""
+    if isinstance(mask, CausalMask):
+        t = q.shape[2]
+        return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True,
+                                              enable_gqa=True)
     if isinstance(mask, Tensor):
         chunk = split_kv_chunk(q, k)
         if chunk:
@@ -275,14 +342,24 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, chunk: int
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = False):
+    def __init__(self, dim: int, hidden: int, gate: RowGate, bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up = DecodeLinear(gate)
+        self.down = DecodeLinear(gate)
+
+    def decode_groups(self) -> list[tuple[DecodeLinear, list[nn.Module]]]:
+        return [(self.gate_up, [self.gate_proj, self.up_proj]), (self.down, [self.down_proj])]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up.active():
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = F.silu(gate) * up
+        return self.down(hidden)[0] if self.down.active() else self.down_proj(hidden)
 
 
 def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
@@ -326,7 +403,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, gate: RowGate):
         super().__init__()
         moe = cfg.moe
         self.top_k = moe.top_k
@@ -334,7 +411,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(cfg.dim, moe.num_experts, bias=False)
         self.experts = Experts(moe.num_experts, cfg.dim, moe.expert_dim)
         if moe.shared_expert_dim:
-            self.shared_expert = MLP(cfg.dim, moe.shared_expert_dim)
+            self.shared_expert = MLP(cfg.dim, moe.shared_expert_dim, gate)
             self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
         else:
             self.shared_expert = None
@@ -361,13 +438,14 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, gate: RowGate):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, gate)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
-        self.mlp = MoE(cfg) if sparse else MLP(cfg.dim, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = (MoE(cfg, gate) if sparse
+                    else MLP(cfg.dim, cfg.intermediate_size, gate, cfg.mlp_bias))
 
     def forward(self, x, cos, sin, masks, kv, slots) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, kv, slots)
@@ -381,29 +459,30 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         # The input-only mask token (id == vocab_size); the output head keeps the vocabulary.
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.dim))
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.row_gate = RowGate()
+        self.layers = nn.ModuleList(Block(cfg, i, self.row_gate) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         )
         inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.row_gate = RowGate()
         self.checkpointing = False  # recompute each block in backward (training memory)
 
     @contextmanager
-    def stacked_adapters(self):
-        """Decode with the mask-row adapters' stacked weights, brought up to date first (after
-        training steps or loading); compiled or graph-captured passes read them."""
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, RowLoRA):
-                    module.refresh()
-        self.row_gate.stacked = True
+    def decode_weights(self):
+        """Decode with fused projections and the mask-row adapters' stacked weights
+        (``DecodeLinear``), brought up to date first (after training steps or loading);
+        compiled or graph-captured passes read them."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                for decoded, layers in module.decode_groups():
+                    decoded.refresh(layers if decodable(layers) else [])
+        outer, self.row_gate.decoding = self.row_gate.decoding, True
         try:
             yield
         finally:
-            self.row_gate.stacked = False
+            self.row_gate.decoding = outer
 
     def init_mask_embedding(self) -> None:
         """The mean token embedding: a neutral start for an untrained drafter."""

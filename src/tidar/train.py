@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .drafter import LORA_TARGETS, DrafterInfo, add_row_lora, save_drafter
 from .errors import TidarError
-from .layouts import Layout, key_meta, training_layout
+from .layouts import CausalMask, Layout, key_meta, training_layout
 from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
 
@@ -125,9 +125,11 @@ def tidar_losses(
         layout.tokens[:, :length], layout.positions[:, :length], layout.horizon[:, :length],
         layout.block[:, :length], clean=length, slots=layout.positions[:, :length],
     )
+    # Clean tokens fill slots 0..L-1: plain causal attention, unless windows restrict it.
+    clean_masks = ({None: CausalMask()} if not any(model.cfg.sliding_windows)
+                   else model.masks(clean, key_meta(clean, cache.slots), flex=flex))
     with torch.no_grad():
-        model(clean, cache, masks=model.masks(clean, key_meta(clean, cache.slots), flex=flex),
-              hidden_only=True)
+        model(clean, cache, masks=clean_masks, hidden_only=True)
     drafts = mask_half(layout, length, capacity)
     masks = model.masks(drafts, key_meta(drafts, cache.slots), flex=flex)
     hidden = model(drafts, cache, masks=masks, hidden_only=True)

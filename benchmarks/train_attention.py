@@ -1,0 +1,129 @@
+"""Attention of the TiDAR training layout, forward plus backward, timed alone: flex_attention
+over the whole doubled row (as training runs it) against variants (SmolLM2-135M shapes, bf16).
+
+    python benchmarks/train_attention.py --batch 64 --seq-len 512
+
+Variants:
+
+- ``flex``: one flex_attention call over the doubled row, mask from the layout's tensors;
+- ``flex_int32``: the same, with the layout tensors the mask reads as int32;
+- ``flex_blocks_M_N``: the same with other tile sizes;
+- ``split``: the clean half (plain causal attention over its own keys) through SDPA's fused
+  causal kernel, the mask half through flex_attention over all keys.
+
+Each is compiled; the time is the median of CUDA-event-timed forward+backward calls after
+warm-up, and each variant's output and gradients are checked against ``flex``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+from common import write_json
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from tidar.layouts import key_meta, training_layout, visible
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+
+
+def layout_mask(layout, queries: slice, dtype=torch.long, **kernel):
+    """A BlockMask for the layout's ``queries`` over all its keys, from the visibility rule."""
+    keys = key_meta(layout)
+    q_h, q_b = layout.horizon[:, queries].to(dtype), layout.block[:, queries].to(dtype)
+    kv_p, kv_b = keys.positions.to(dtype), keys.block.to(dtype)
+
+    def mask_mod(b, h, q, kv):
+        return visible(q_h[b, q], q_b[b, q], kv_p[b, kv], kv_b[b, kv])
+
+    return create_block_mask(mask_mod, q_h.shape[0], None, q_h.shape[1], kv_p.shape[1],
+                             device="cuda", _compile=True, **kernel)
+
+
+def timed(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    batch, length = args.batch, args.seq_len
+    tokens = torch.randint(0, 1000, (batch, length), device="cuda")
+    offsets = torch.randint(0, args.block_size, (batch,), device="cuda")
+    layout = training_layout(tokens, args.block_size, offsets, mask_id=1000)
+    shape = (batch, HEADS, 2 * length, HEAD_DIM)
+    q = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, KV_HEADS, 2 * length, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    flex = torch.compile(flex_attention, dynamic=False)
+    everything = slice(None)
+
+    def whole(mask, **kernel_options):
+        return lambda: flex(q, k, v, block_mask=mask, enable_gqa=True,
+                            kernel_options=kernel_options or None)
+
+    mask_half = layout_mask(layout, slice(length, None))
+
+    def split():
+        clean = F.scaled_dot_product_attention(
+            q[:, :, :length], k[:, :, :length], v[:, :, :length], is_causal=True,
+            enable_gqa=True)
+        rest = flex(q[:, :, length:], k, v, block_mask=mask_half, enable_gqa=True)
+        return torch.cat([clean, rest], dim=2)
+
+    variants = {
+        "flex": whole(layout_mask(layout, everything)),
+        "flex_int32": whole(layout_mask(layout, everything, torch.int32)),
+        "split": split,
+    }
+    for bm, bn in ((128, 64), (64, 128), (64, 64)):
+        variants[f"flex_blocks_{bm}_{bn}"] = whole(
+            layout_mask(layout, everything, BLOCK_SIZE=(bm, bn)), BLOCK_M=bm, BLOCK_N=bn)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "batch": batch, "seq_len": length, "variants": {}}
+    reference = None
+    for name, fn in variants.items():
+        def step(fn=fn):
+            q.grad = k.grad = v.grad = None
+            out = fn()
+            out.backward(grad_out)
+            return out
+        try:
+            out = step()
+            got = [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+            if reference is None:
+                reference = got
+            err = max((a - b).abs().max().item() for a, b in zip(got, reference, strict=True))
+            with torch.no_grad():
+                forward = timed(fn, args.repeats)
+            row = {"forward_ms": 1e3 * forward, "forward_backward_ms": 1e3 * timed(
+                step, args.repeats), "max_abs_diff_vs_flex": err}
+        except Exception as exc:  # report and go on: one failing variant must not stop the rest
+            row = {"error": repr(exc)[:300]}
+        results["variants"][name] = row
+        print(name, row, flush=True)
+    write_json("train_attention.json", results)
+
+
+if __name__ == "__main__":
+    main()
