@@ -1,5 +1,6 @@
-"""Where a decode pass spends its GPU time: CUDA kernel time by kernel name, for the AR step
-and the full 272-query pass, eager and with compiled blocks (batch 1, SmolLM2 shape).
+"""Where a decode pass spends its GPU time: CUDA kernel time by kernel name, for the AR step,
+a 32-query pass (one proposal block) and the full 272-query pass, eager and with compiled
+blocks (batch 1, SmolLM2 shape).
 
     python benchmarks/profile_pass.py --context 1024
 """
@@ -35,6 +36,7 @@ def main() -> None:
     for name, engine in {"eager": Engine(model, cuda_graphs=False),
                          "compiled": Engine(model, cuda_graphs=False, compile=True)}.items():
         for label, cfg in {"ar": DecodeConfig(sampler="ar"),
+                           "lossless_b16_one_block": DecodeConfig(block_size=16, proposals=(0,)),
                            "lossless_b16_full": DecodeConfig(block_size=16)}.items():
             table = kernel_table(engine, cfg, args.context)
             report[f"{name}/{label}"] = table
