@@ -592,6 +592,7 @@ def test_fused_projections_match_separate_ones():
     from tidar.layouts import decode_layout
 
     model = tiny_model("qwen2", vocab=8, seed=9)
+    keys = set(model.state_dict())
     layout = decode_layout(torch.tensor([3, 5]), torch.randint(0, 8, (2, 4)), [0, 2], 4, 16,
                            model.cfg.mask_id)
     with torch.inference_mode():
@@ -599,9 +600,11 @@ def test_fused_projections_match_separate_ones():
         with model.decode_weights():
             mlp = model.layers[0].mlp
             assert mlp.gate_up.active() and not mlp.gate_up.stacked  # no adapters: one half
-            assert mlp.down.weight is mlp.down_proj.weight  # a single plain layer: no copy
+            # A single plain layer is used without a copy.
+            assert mlp.down.weight.data_ptr() == mlp.down_proj.weight.data_ptr()
             fused = model(layout, KVCache(model.cfg, 2, 16, 8, torch.float32, "cpu"))
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == keys  # decode weights are never saved
 
 
 def test_compiled_blocks_follow_adapter_updates():

@@ -83,6 +83,7 @@ class DecodeLinear(nn.Module):
         self.register_buffer("bias", None, persistent=False)
         self.sizes: tuple[int, ...] = ()
         self.stacked = False
+        self._aliased = False  # ``weight`` shares the layer's storage: never write into it
         self._key: tuple | None = None
 
     def active(self) -> bool:
@@ -113,7 +114,11 @@ class DecodeLinear(nn.Module):
         self.sizes = tuple(b.out_features for b in base)
         self.stacked = any(isinstance(layer, RowLoRA) for layer in layers)
         if len(layers) == 1 and not self.stacked:
-            self.weight, self.bias = base[0].weight, base[0].bias
+            # Detached views, so they stay buffers (a Parameter here would join state_dict).
+            bias = base[0].bias
+            self.weight = base[0].weight.detach()
+            self.bias = None if bias is None else bias.detach()
+            self._aliased = True
             return
         weight = torch.cat([b.weight for b in base])
         bias = None
@@ -125,7 +130,8 @@ class DecodeLinear(nn.Module):
                        for layer in layers]
             weight = torch.cat([weight, *adapted])
             bias = None if bias is None else torch.cat([bias, bias])
-        old = self.weight
+        old = None if self._aliased else self.weight
+        self._aliased = False
         # In place where allowed (an inference-mode tensor only changes in inference mode).
         if old is not None and old.shape == weight.shape and old.dtype == weight.dtype and (
                 old.device == weight.device) and (self.bias is None) == (bias is None) and (
