@@ -65,15 +65,15 @@ class RowLoRA(nn.Module):
 
 
 class DecodeLinear(nn.Module):
-    """Linear layers that read one input (q/k/v, gate/up, or a single layer), run as one
+    """Linear layers that read one input (q/k/v, gate/up, or one adapted layer), run as one
     matmul when decoding.
 
     Layers carrying a ``RowLoRA`` make the weight stacked, ``[W; W']`` with ``W'`` the adapted
     weights (``W`` again for a plain layer): every row runs against both, clean rows keep the
-    base half and mask rows the adapted half. A built weight is a cache that compiled code
-    cannot check, so ``refresh`` rebuilds it eagerly on entering ``Transformer.decode_weights``
-    and it is used only inside, updated in place where it can be, so captured CUDA graphs read
-    current values. A single plain layer is used as it is, without a copy.
+    base half and mask rows the adapted half. The weight is a cache that compiled code cannot
+    check, so ``refresh`` rebuilds it eagerly on entering ``Transformer.decode_weights`` and it
+    is used only inside, updated in place where it can be, so captured CUDA graphs read
+    current values.
     """
 
     def __init__(self, gate: RowGate):
@@ -83,7 +83,6 @@ class DecodeLinear(nn.Module):
         self.register_buffer("bias", None, persistent=False)
         self.sizes: tuple[int, ...] = ()
         self.stacked = False
-        self._aliased = False  # ``weight`` shares the layer's storage: never write into it
         self._key: tuple | None = None
 
     def active(self) -> bool:
@@ -113,25 +112,14 @@ class DecodeLinear(nn.Module):
         base = [layer.base if isinstance(layer, RowLoRA) else layer for layer in layers]
         self.sizes = tuple(b.out_features for b in base)
         self.stacked = any(isinstance(layer, RowLoRA) for layer in layers)
-        if len(layers) == 1 and not self.stacked:
-            # Detached views, so they stay buffers (a Parameter here would join state_dict).
-            bias = base[0].bias
-            self.weight = base[0].weight.detach()
-            self.bias = None if bias is None else bias.detach()
-            self._aliased = True
-            return
         weight = torch.cat([b.weight for b in base])
-        bias = None
-        if any(b.bias is not None for b in base):
-            bias = torch.cat([b.weight.new_zeros(b.out_features) if b.bias is None else b.bias
-                              for b in base])
+        bias = None if base[0].bias is None else torch.cat([b.bias for b in base])
         if self.stacked:
             adapted = [layer.adapted_weight() if isinstance(layer, RowLoRA) else layer.weight
                        for layer in layers]
             weight = torch.cat([weight, *adapted])
             bias = None if bias is None else torch.cat([bias, bias])
-        old = None if self._aliased else self.weight
-        self._aliased = False
+        old = self.weight
         # In place where allowed (an inference-mode tensor only changes in inference mode).
         if old is not None and old.shape == weight.shape and old.dtype == weight.dtype and (
                 old.device == weight.device) and (self.bias is None) == (bias is None) and (
@@ -145,11 +133,14 @@ class DecodeLinear(nn.Module):
 
 def decodable(layers: list[nn.Module]) -> bool:
     """Whether decoding runs these layers as one ``DecodeLinear``: plain (or row-adapted)
-    linear layers small enough to be launch-bound at decode batch sizes. Larger ones run as
-    they are: a fused or stacked copy would save little and double their memory."""
+    linear layers with something to fuse or stack, small enough to be launch-bound at decode
+    batch sizes. Larger ones run as they are: a fused or stacked copy would save little and
+    double their memory."""
     base = [layer.base if isinstance(layer, RowLoRA) else layer for layer in layers]
     if any(type(b) is not nn.Linear for b in base):
         return False
+    if len(layers) == 1 and base[0] is layers[0]:
+        return False  # one plain layer: nothing to fuse or stack
     return sum(b.weight.numel() for b in base) <= DECODE_LINEAR_MAX_ELEMENTS
 
 
