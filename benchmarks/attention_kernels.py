@@ -1,8 +1,11 @@
-"""Candidate kernels for the decode pass at small batch, timed alone: masked attention over
-the static KV cache (SDPA as the model runs it, against split-KV variants) and the q/k/v and
-gate/up projections separate against fused (SmolLM2-135M shapes, bf16, H100).
+"""Candidate kernels for the decode pass, timed alone: masked attention over the static KV
+cache (SDPA as the model runs it, split-KV as batched matmuls, and the Triton split-KV kernel
+of ``tidar.decode_attention`` at several grid sizes) and the q/k/v and gate/up projections
+separate against fused (SmolLM2-135M shapes, bf16, H100).
 
     python benchmarks/attention_kernels.py
+    python benchmarks/attention_kernels.py --attention-only --queries 1 17 32 80 144 272 \
+        --batch 1 4 16 64
 
 Each candidate is compiled, then ``--calls`` dependent calls are captured in one CUDA graph;
 the time per call is the median replay time over ``--repeats`` replays divided by the calls,
@@ -17,11 +20,43 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from common import graph_seconds, write_json
+from torch import Tensor
 
+import tidar.decode_attention
 from tidar.engine import raise_recompile_limit
-from tidar.model import dense_attention, split_kv_attention
+from tidar.model import dense_attention
 
 HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 9, 3, 64, 576, 1536
+
+
+def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, chunk: int) -> Tensor:
+    """Masked attention computed over ``chunk``-key slices of the cache in parallel, then
+    merged by their log-sum-exp, as batched matmuls (the engine's split-KV before the Triton
+    kernel; kept here as a baseline).
+
+    A few queries over a long cache give a fused attention kernel only a handful of thread
+    blocks, each walking every key in turn; slicing the keys spreads that walk over the GPU.
+    Shapes as ``attend`` with a dense mask ``[B, 1, T, S]``.
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    pad = -slots % chunk
+    if pad:
+        k, v, mask = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    n = (slots + pad) // chunk
+    rows = group * length  # the query heads sharing a KV head, folded into rows
+    q = q.reshape(batch, kv_heads, 1, rows, dim)
+    mask = mask.repeat(1, 1, group, 1).reshape(batch, 1, rows, n, chunk).transpose(2, 3)
+    scores = (q @ k.reshape(batch, kv_heads, n, chunk, dim).transpose(-1, -2)).float()
+    scores = (scores * dim**-0.5).masked_fill(~mask, float("-inf"))
+    # A slice no query may see has peak -inf: clamp, so its weights are exp(-inf) = 0.
+    peak = scores.amax(-1, keepdim=True).clamp(min=-1e30)
+    p = torch.exp(scores - peak)
+    part = p.to(v.dtype) @ v.reshape(batch, kv_heads, n, chunk, dim)
+    weight = torch.exp(peak - peak.amax(2, keepdim=True))
+    out = (part.float() * weight).sum(2) / (p.sum(-1, keepdim=True) * weight).sum(2)
+    return out.to(q.dtype).reshape(batch, heads, length, dim)
 
 
 def decode_mask(batch: int, queries: int, slots: int, committed: int) -> torch.Tensor:
@@ -31,8 +66,8 @@ def decode_mask(batch: int, queries: int, slots: int, committed: int) -> torch.T
     return (pos[None, :] <= horizon[:, None]).expand(batch, 1, queries, slots).contiguous()
 
 
-def attention_rows(shapes, calls: int, repeats: int) -> list[dict]:
-    rows = []
+def attention_rows(shapes, calls: int, repeats: int, report: dict) -> list[dict]:
+    rows = report.setdefault("attention", [])
     for batch, queries, slots in shapes:
         q = torch.randn(batch, HEADS, queries, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, KV_HEADS, slots, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -40,12 +75,16 @@ def attention_rows(shapes, calls: int, repeats: int) -> list[dict]:
         mask = decode_mask(batch, queries, slots, slots - 300)
         reference = dense_attention(q, k, v, mask).float()
         candidates = {"sdpa": dense_attention}
-        for chunk in (64, 128, 256):
+        for chunk in (256,):
             candidates[f"split_kv_{chunk}"] = (
                 lambda q, k, v, m, c=chunk: split_kv_attention(q, k, v, m, c))
+        candidates["triton"] = tidar.decode_attention.decode_attention  # its own plan
+        for programs in TRITON_PROGRAMS:
+            candidates[f"triton_{programs}"] = partial(triton_attention, programs)
         row = {"batch": batch, "queries": queries, "slots": slots}
         for name, fn in candidates.items():
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            compiled = (fn if name.startswith("triton") else
+                        torch.compile(fn, fullgraph=True, dynamic=False))
             try:
                 err = (compiled(q, k, v, mask).float() - reference).abs().max().item()
                 sec = graph_seconds(partial(compiled, q, k, v, mask), calls, repeats)
@@ -54,7 +93,21 @@ def attention_rows(shapes, calls: int, repeats: int) -> list[dict]:
                 row[name] = {"error": repr(exc)[:300]}
         print(row, flush=True)
         rows.append(row)
+        write_json("attention_kernels.json", report)  # so far: a later shape may time out
     return rows
+
+
+TRITON_PROGRAMS = (66, 132, 264, 528, 1056)
+
+
+def triton_attention(programs: int, q, k, v, mask):
+    """The Triton kernel with its key slices sized for about ``programs`` thread blocks."""
+    own = tidar.decode_attention.TARGET_PROGRAMS
+    tidar.decode_attention.TARGET_PROGRAMS = programs
+    try:
+        return tidar.decode_attention.decode_attention(q, k, v, mask)
+    finally:
+        tidar.decode_attention.TARGET_PROGRAMS = own
 
 
 def projection_rows(tokens_list, calls: int, repeats: int) -> list[dict]:
@@ -88,14 +141,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 17, 272])
+    ap.add_argument("--slots", type=int, default=1536, help="cache slots (1024 context, padded)")
+    ap.add_argument("--attention-only", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     raise_recompile_limit()
-    shapes = [(1, 1, 1280), (1, 17, 1536), (1, 272, 1536), (4, 1, 1280), (4, 17, 1536),
-              (4, 272, 1536), (16, 1, 1280), (16, 17, 1536), (64, 1, 1280), (64, 17, 1536)]
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "attention": attention_rows(shapes, args.calls, args.repeats),
-              "projections": projection_rows([1, 4, 17, 272], args.calls, args.repeats)}
+    shapes = [(b, q, args.slots) for b in args.batch for q in args.queries]
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    attention_rows(shapes, args.calls, args.repeats, report)
+    if not args.attention_only:
+        report["projections"] = projection_rows([1, 4, 17, 272], args.calls, args.repeats)
     write_json("attention_kernels.json", report)
 
 

@@ -2,14 +2,13 @@
 one process, against the AR step's floors.
 
     python benchmarks/pass_latency.py --context 1024 --batch 1 4 16 64
-    python benchmarks/pass_latency.py --batch 1 64 --compiled-only --attention default efficient
-    python benchmarks/pass_latency.py --batch 1 4 16 64 --compiled-only --attention sdpa default
+    python benchmarks/pass_latency.py --batch 1 4 16 64 --compiled-only \
+        --attention split sdpa triton
     python benchmarks/pass_latency.py --batch 1 --ar-only --compiled-only --fuse off on \
         --inductor engine untuned
 
-``--attention`` runs one variant per choice, each compiled and captured under it: the model's
-own (split-KV or SDPA by shape), SDPA always (torch's kernel pick, cuDNN on Hopper), SDPA with
-its memory-efficient kernel preferred, or split-KV always. ``--fuse off`` decodes with
+``--attention`` runs one variant per choice, each compiled and captured under it (see
+``attention_context``). ``--fuse off`` decodes with
 separate q/k/v and gate/up projections; ``--inductor`` compiles under other inductor settings.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
@@ -61,23 +60,23 @@ def kernels_per_pass(engine: Engine, cfg: DecodeConfig, context: int) -> int:
 
 
 def attention_context(choice: str):
-    """``default``: the model's own choice (split-KV for few-query passes at small batch,
-    else SDPA with torch's kernel pick); ``sdpa``: SDPA always; ``efficient``: SDPA always,
-    its memory-efficient kernel first (it supports the dense mask); ``splitN``: split-KV over
-    N-key slices always."""
+    """``default``: the model's own choice (``dense_attention_kernel``); ``triton``: the
+    split-KV Triton kernel always; ``sdpa``: SDPA always (torch's kernel pick, cuDNN on
+    Hopper); ``efficient``: SDPA always, its memory-efficient kernel first (it supports the
+    dense mask); ``split``: the engine's choice before the Triton kernel, split-KV as batched
+    matmuls over 256-key slices for few queries at small batch, else SDPA."""
     if choice == "default":
         return contextlib.nullcontext()
-    if choice.startswith("split"):
-        chunk = int(choice.removeprefix("split"))
-        return split_kv_policy(lambda q, k: chunk)
-    if choice == "sdpa":
-        return split_kv_policy(lambda q, k: None)
+    if choice in ("triton", "sdpa"):
+        return kernel_policy(lambda q, k: choice)
+    if choice == "split":
+        return matmul_split_kv()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
              SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
     stack = contextlib.ExitStack()
-    stack.enter_context(split_kv_policy(lambda q, k: None))
+    stack.enter_context(kernel_policy(lambda q, k: "sdpa"))
     stack.enter_context(sdpa_kernel(order, set_priority=True))
     return stack
 
@@ -104,16 +103,39 @@ def variant_context(attention: str, fuse: str, inductor: str):
 
 
 @contextlib.contextmanager
-def split_kv_policy(policy):
-    """Replace the model's split-KV choice (the key slice, or None for SDPA) with ``policy``."""
+def kernel_policy(policy):
+    """Replace the model's choice of dense-mask attention kernel with ``policy(q, k)``."""
     import tidar.model
 
-    own = tidar.model.split_kv_chunk
-    tidar.model.split_kv_chunk = policy
+    own = tidar.model.dense_attention_kernel
+    tidar.model.dense_attention_kernel = policy
     try:
         yield
     finally:
-        tidar.model.split_kv_chunk = own
+        tidar.model.dense_attention_kernel = own
+
+
+@contextlib.contextmanager
+def matmul_split_kv():
+    """SDPA's place taken by split-KV as batched matmuls where the engine used to choose it."""
+    from attention_kernels import split_kv_attention
+
+    import tidar.model
+
+    sdpa = tidar.model.dense_attention
+
+    def split_or_sdpa(q, k, v, mask):
+        batch, heads, length, _ = q.shape
+        if batch * k.shape[1] < 64 and batch * heads * length <= 1024:
+            return split_kv_attention(q, k, v, mask, 256)
+        return sdpa(q, k, v, mask)
+
+    with kernel_policy(lambda q, k: "sdpa"):
+        tidar.model.dense_attention = split_or_sdpa
+        try:
+            yield
+        finally:
+            tidar.model.dense_attention = sdpa
 
 
 def main() -> None:
@@ -125,7 +147,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM spec)")
     ap.add_argument("--compiled-only", action="store_true", help="skip the eager-block variant")
     ap.add_argument("--attention", nargs="+", default=["default"],
-                    choices=["default", "sdpa", "efficient", "split128", "split256"],
+                    choices=["default", "triton", "split", "sdpa", "efficient"],
                     help="attention per variant (see attention_context)")
     ap.add_argument("--fuse", nargs="+", default=["on"], choices=["on", "off"],
                     help="fused q/k/v and gate/up projections when decoding, per variant")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton kernels (GPU code) run in Triton's CPU interpreter in the tests. The switch is read
+# when a kernel is defined, so it must be set before ``tidar`` is imported.
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

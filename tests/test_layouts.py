@@ -196,25 +196,3 @@ def test_mask_mod_matches_dense(name, window):
     padded[..., :q_len, :kv_len] = dense
     any_in_block = padded.reshape(batch, 1, nq, bs, nk, bs).any(-1).any(-2)
     assert torch.equal(block_mask.to_dense().bool(), any_in_block)
-
-
-@pytest.mark.parametrize("chunk", [4, 7, 64])
-@pytest.mark.parametrize("queries", [1, 5])
-def test_split_kv_attention_matches_sdpa(chunk, queries):
-    """Split-KV attention equals SDPA on decode-pass masks: slices no query sees, a cache
-    length that is not a multiple of the slice, grouped query heads."""
-    from tidar.model import dense_attention, split_kv_attention
-
-    gen = torch.Generator().manual_seed(queries * 100 + chunk)
-    batch, heads, kv_heads, slots, dim = 2, 6, 2, 45, 16
-    q = torch.randn(batch, heads, queries, dim, generator=gen)
-    k = torch.randn(batch, kv_heads, slots, dim, generator=gen) * 3
-    v = torch.randn(batch, kv_heads, slots, dim, generator=gen)
-    committed = torch.tensor([9, 30])
-    horizon = committed[:, None] + torch.arange(queries)
-    mask = torch.arange(slots) <= horizon[..., None]  # [B, T, S]: a prefix per query
-    mask[:, -1, 40:] = True  # the last query also sees a scratch block at the end
-    mask = mask[:, None]
-    expected = dense_attention(q, k, v, mask)
-    torch.testing.assert_close(split_kv_attention(q, k, v, mask, chunk), expected,
-                               atol=1e-5, rtol=1e-5)

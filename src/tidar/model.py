@@ -18,7 +18,13 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layouts import CausalMask, KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
 
-KV_SLOT_MULTIPLE = 256  # cache slots come in whole slices of split-KV attention
+try:
+    from .decode_attention import decode_attention
+    from .decode_attention import supported as triton_supports
+except ImportError:  # no Triton (CPU builds of torch): SDPA everywhere
+    decode_attention = None
+
+KV_SLOT_MULTIPLE = 256  # CUDA caches come in whole slices of this many slots
 DECODE_LINEAR_MAX_ELEMENTS = 1 << 24  # largest weight group decoding runs as one DecodeLinear
 
 
@@ -164,7 +170,8 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, scratch: int, dtype, device):
-        # On CUDA, rounded up to whole split-KV slices; extra slots lie past every horizon.
+        # On CUDA, rounded up to whole slices (fewer distinct graph shapes, whole key slices
+        # for decode attention); the extra slots lie past every horizon.
         multiple = KV_SLOT_MULTIPLE if torch.device(device).type == "cuda" else 1
         slots = -(-(capacity + scratch) // multiple) * multiple
         shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
@@ -267,16 +274,16 @@ _compiled_flex = None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """Attention with a dense boolean mask (split-KV where that is faster, else SDPA), causal
-    over the first keys, or flex_attention with a BlockMask (compiled once)."""
+    """Attention with a dense boolean mask (the kernel ``dense_attention_kernel`` picks),
+    causal over the first keys, or flex_attention with a BlockMask (compiled once)."""
     if isinstance(mask, CausalMask):
         t = q.shape[2]
         return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True,
                                               enable_gqa=True)
     if isinstance(mask, Tensor):
-        chunk = split_kv_chunk(q, k)
-        if chunk:
-            return split_kv_attention(q, k, v, mask, chunk)
+        kernel = dense_attention_kernel(q, k)
+        if kernel == "triton":
+            return decode_attention(q, k, v, mask)
         return dense_attention(q, k, v, mask)
     global _compiled_flex
     if _compiled_flex is None:
@@ -286,14 +293,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
 
 
-def split_kv_chunk(q: Tensor, k: Tensor) -> int | None:
-    """The key slice for split-KV attention, or None for SDPA. On the H100 split-KV is up to
-    2x faster while a fused kernel gets few thread blocks: few sequences times KV heads and
-    few queries (``benchmarks/attention_kernels.py``); on the CPU SDPA is kept."""
-    batch, heads, length, _ = q.shape
-    if q.device.type != "cuda" or batch * k.shape[1] >= 64 or batch * heads * length > 1024:
-        return None
-    return KV_SLOT_MULTIPLE
+def dense_attention_kernel(q: Tensor, k: Tensor) -> str:
+    """``triton`` (``decode_attention``'s split-KV kernel, forward only) on CUDA where it
+    supports the shapes and no gradient is needed, else ``sdpa``; the CPU keeps SDPA."""
+    if (q.device.type == "cuda" and decode_attention is not None and not q.requires_grad
+            and triton_supports(q)):
+        return "triton"
+    return "sdpa"
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -307,35 +313,6 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         mask = mask.repeat(1, 1, group, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.reshape(batch, heads, length, dim)
-
-
-def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, chunk: int) -> Tensor:
-    """Masked attention computed over ``chunk``-key slices of the cache in parallel, then
-    merged by their log-sum-exp (split-KV, as in flash-decoding).
-
-    A few queries over a long cache give a fused attention kernel only a handful of thread
-    blocks, each walking every key in turn; slicing the keys spreads that walk over the GPU.
-    Shapes as ``attend`` with a dense mask ``[B, 1, T, S]``.
-    """
-    batch, heads, length, dim = q.shape
-    kv_heads, slots = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    pad = -slots % chunk
-    if pad:
-        k, v, mask = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(mask, (0, pad))
-    n = (slots + pad) // chunk
-    rows = group * length  # the query heads sharing a KV head, folded into rows
-    q = q.reshape(batch, kv_heads, 1, rows, dim)
-    mask = mask.repeat(1, 1, group, 1).reshape(batch, 1, rows, n, chunk).transpose(2, 3)
-    scores = (q @ k.reshape(batch, kv_heads, n, chunk, dim).transpose(-1, -2)).float()
-    scores = (scores * dim**-0.5).masked_fill(~mask, float("-inf"))
-    # A slice no query may see has peak -inf: clamp, so its weights are exp(-inf) = 0.
-    peak = scores.amax(-1, keepdim=True).clamp(min=-1e30)
-    p = torch.exp(scores - peak)
-    part = p.to(v.dtype) @ v.reshape(batch, kv_heads, n, chunk, dim)
-    weight = torch.exp(peak - peak.amax(2, keepdim=True))
-    out = (part.float() * weight).sum(2) / (p.sum(-1, keepdim=True) * weight).sum(2)
-    return out.to(q.dtype).reshape(batch, heads, length, dim)
 
 
 class MLP(nn.Module):

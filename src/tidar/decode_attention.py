@@ -1,0 +1,165 @@
+"""Masked attention over the KV cache for decode passes: a Triton split-KV kernel (GPU only).
+
+A decode pass has few queries over a long cache. A fused attention kernel then gets only a
+handful of thread blocks, each walking every key in turn. Here each thread block takes a
+tile of query rows (the query heads sharing a KV head are folded into rows, so the cache is
+read once per KV head) and one slice of the keys; a second kernel merges the slices by their
+log-sum-exp, as flash-decoding does. The visibility rule comes as the dense boolean mask
+the engine already builds on the device. Importing this module needs Triton; on the CPU the
+model keeps SDPA, and the tests run these kernels in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_N = 64  # keys per inner step; a key slice is a whole number of these
+TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
+MIN_CHUNK = 256  # the shortest key slice plan() makes
+MERGE_ROWS = 16  # rows per thread block of the merge: it has no matmul, so small tiles
+
+
+@triton.jit
+def _slice_kernel(Q, K, V, Mask, Out, Lse,
+                  sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
+                  so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
+                  length, slots, rows, kv_heads, group, chunk, qk_scale: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  FP32: tl.constexpr):
+    """One (row tile, key slice, sequence x KV head): normalised partial output and its
+    log2-sum-exp over the slice's visible keys (-inf where a row sees none of them)."""
+    tile, part, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = seq_head // kv_heads, seq_head % kv_heads
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < rows
+    head, t = h * group + r // length, r % length
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    start = part * chunk
+    for n0 in range(start, tl.minimum(start + chunk, slots), BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < slots
+        k = tl.load(K + b * sk_b + h * sk_h + n[None, :] * sk_s + d[:, None],
+                    mask=n_ok[None, :], other=0.0)
+        if FP32:
+            scores = tl.dot(q, k, input_precision="ieee")
+        else:
+            scores = tl.dot(q, k)
+        seen = tl.load(Mask + b * sm_b + t[:, None] * sm_t + n[None, :] * sm_s,
+                       mask=row_ok[:, None] & n_ok[None, :], other=0) != 0
+        scores = tl.where(seen, scores * qk_scale, float("-inf"))
+        new_peak = tl.maximum(peak, tl.max(scores, 1))
+        shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
+        p = tl.exp2(scores - shift[:, None])
+        scale = tl.exp2(peak - shift)
+        total = total * scale + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_s + d[None, :],
+                    mask=n_ok[:, None], other=0.0)
+        if FP32:
+            acc = acc * scale[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * scale[:, None] + tl.dot(p.to(v.dtype), v)
+        peak = new_peak
+    seen_any = total > 0
+    out = acc / tl.where(seen_any, total, 1.0)[:, None]
+    base = b * so_b + h * so_h + part * so_s
+    tl.store(Out + base + r[:, None] * so_r + d[None, :], out, mask=row_ok[:, None])
+    lse = tl.where(seen_any, peak + tl.log2(tl.where(seen_any, total, 1.0)), float("-inf"))
+    tl.store(Lse + b * sl_b + h * sl_h + part * sl_s + r, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
+                  sd_b, sd_h, sd_t, length, rows, kv_heads, group, parts,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Weight each slice's output by its share of the row's total exp-sum and add them up."""
+    tile, seq_head = tl.program_id(0), tl.program_id(1)
+    b, h = seq_head // kv_heads, seq_head % kv_heads
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < rows
+    d = tl.arange(0, HEAD_DIM)
+    lse_at = Lse + b * sl_b + h * sl_h + r
+    peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for i in range(parts):
+        peak = tl.maximum(peak, tl.load(lse_at + i * sl_s, mask=row_ok, other=float("-inf")))
+    peak = tl.where(peak == float("-inf"), 0.0, peak)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    part_at = Part + b * so_b + h * so_h + r[:, None] * so_r + d[None, :]
+    for i in range(parts):
+        w = tl.exp2(tl.load(lse_at + i * sl_s, mask=row_ok, other=float("-inf")) - peak)
+        total += w
+        acc += w[:, None] * tl.load(part_at + i * so_s, mask=row_ok[:, None], other=0.0)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    head, t = h * group + r // length, r % length
+    tl.store(Out + b * sd_b + head[:, None] * sd_h + t[:, None] * sd_t + d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def supported(q: Tensor) -> bool:
+    """The kernels need a power-of-two head dimension of at least 16 (``tl.dot`` tiles)."""
+    dim = q.shape[-1]
+    return q.dtype in (torch.float32, torch.bfloat16, torch.float16) and dim >= 16 and \
+        dim & (dim - 1) == 0
+
+
+def plan(batch: int, kv_heads: int, rows: int, slots: int) -> tuple[int, int]:
+    """(rows per tile, keys per slice). Slices halve while the grid has fewer than
+    ``TARGET_PROGRAMS`` thread blocks, down to ``MIN_CHUNK`` keys: on the H100/H200 more,
+    shorter slices cost more in the merge than they gain in parallelism
+    (``benchmarks/attention_kernels.py``)."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    programs = batch * kv_heads * -(-rows // block_m)
+    chunk = BLOCK_N * -(-slots // BLOCK_N)
+    while chunk > MIN_CHUNK and programs * -(-slots // chunk) < TARGET_PROGRAMS:
+        chunk = max(MIN_CHUNK, BLOCK_N * -(-chunk // (2 * BLOCK_N)))
+    return block_m, chunk
+
+
+@torch.library.custom_op("tidar::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of ``q`` ``[B, H, T, D]`` over the cache ``k, v`` ``[B, Hkv, S, D]`` where the
+    boolean ``mask`` ``[B, 1, T, S]`` is True. Returns ``[B, H, T, D]``, laid out as
+    ``[B, T, H, D]`` so that merging the heads afterwards is a view.
+
+    An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
+    to schedule these kernels inlined through ``triton_op`` at some shapes), and the
+    engine's CUDA graphs capture its two launches."""
+    batch, heads, length, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    rows = group * length
+    block_m, chunk = plan(batch, kv_heads, rows, slots)
+    parts = -(-slots // chunk)
+    out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
+    part = q.new_empty(batch, kv_heads, parts, rows, dim, dtype=torch.float32)
+    lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
+    tiles = -(-rows // block_m)
+    _slice_kernel[(tiles, parts, batch * kv_heads)](
+        q, k, v, mask, part, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        length, slots, rows, kv_heads, group, chunk, dim**-0.5 * math.log2(math.e),
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32)
+    _merge_kernel[(-(-rows // MERGE_ROWS), batch * kv_heads)](
+        part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), length, rows, kv_heads, group, parts, HEAD_DIM=dim, BLOCK_M=MERGE_ROWS)
+    return out
+
+
+@decode_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    batch, heads, length, dim = q.shape
+    return q.new_empty(batch, length, heads, dim).transpose(1, 2)

@@ -1,0 +1,119 @@
+"""The Triton split-KV decode attention (``tidar.decode_attention``), run in Triton's CPU
+interpreter (``conftest.py``), against SDPA with the same dense mask. The interpreter's bf16
+matmul is broken, so these cover float32 and float16; bf16 is checked on the GPU
+(``benchmarks/gpu_exactness.py`` decodes through the kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+decode_attention_module = pytest.importorskip("tidar.decode_attention")
+from tidar.model import dense_attention  # noqa: E402
+
+
+def decode_pass_mask(batch: int, queries: int, slots: int, gen) -> torch.Tensor:
+    """Each row sees its committed prefix plus a growing verify window; the last queries also
+    see a scratch block at the end of the cache (a proposal block), and one row's horizon
+    leaves whole key slices unseen."""
+    committed = torch.randint(1, slots // 2, (batch,), generator=gen)
+    horizon = committed[:, None] + torch.arange(queries) % 5
+    mask = torch.arange(slots) <= horizon[..., None]
+    mask[:, -min(queries, 3):, slots - 4:] = True
+    return mask[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "queries", "slots"), [
+    (1, 9, 3, 1, 256),     # the AR step: three folded rows, many 64-key slices
+    (2, 6, 2, 17, 300),    # a block plus one, a cache that is not whole slices
+    (1, 4, 4, 40, 130),    # no grouping, rows past one tile
+    (3, 8, 1, 5, 64),      # every query head on one KV head, a single slice
+])
+def test_matches_sdpa(dtype, batch, heads, kv_heads, queries, slots):
+    gen = torch.Generator().manual_seed(batch * 1000 + queries * 10 + heads)
+    q = torch.randn(batch, heads, queries, 32, generator=gen).to(dtype)
+    k = (torch.randn(batch, kv_heads, slots, 32, generator=gen) * 3).to(dtype)
+    v = torch.randn(batch, kv_heads, slots, 32, generator=gen).to(dtype)
+    mask = decode_pass_mask(batch, queries, slots, gen)
+    out = decode_attention_module.decode_attention(q, k, v, mask)
+    expected = dense_attention(q.float(), k.float(), v.float(), mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    assert out.dtype == dtype and out.shape == q.shape
+    # laid out [B, T, H, D]: merging the heads after the transpose back is a view
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_strided_inputs_and_a_broadcast_mask():
+    """q as the model passes it (a transposed view), a cache slice, a mask shared by the batch."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 4, 16, generator=gen).transpose(1, 2)  # [B, H=4, T=3, D]
+    cache = torch.randn(2, 2, 2, 96, 16, generator=gen)
+    k, v = cache[:, 0], cache[:, 1]
+    mask = (torch.arange(96) <= torch.tensor([40, 41, 90])[:, None])[None, None]
+    mask = mask.expand(2, 1, 3, 96)
+    out = decode_attention_module.decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "kv_heads", "rows", "slots"), [
+    (1, 3, 3, 1536), (1, 3, 816, 1536), (64, 3, 51, 1536), (64, 3, 816, 1536), (4, 8, 8, 100)])
+def test_plan_fills_the_gpu_with_whole_steps(batch, kv_heads, rows, slots):
+    module = decode_attention_module
+    block_m, chunk = module.plan(batch, kv_heads, rows, slots)
+    assert block_m >= min(rows, 16) and chunk % module.BLOCK_N == 0
+    assert min(slots, module.MIN_CHUNK) <= chunk < slots + module.BLOCK_N
+    programs = batch * kv_heads * -(-rows // block_m) * -(-slots // chunk)
+    # slices shrink until the grid is full or a slice is as short as allowed
+    assert programs >= module.TARGET_PROGRAMS or chunk <= module.MIN_CHUNK
+    # and no further: twice the slice would leave the grid short of the target
+    if chunk < slots:
+        assert programs // 2 < module.TARGET_PROGRAMS
+
+
+def test_compiles_as_one_opaque_op():
+    """Compiled blocks call the kernel as an external op; its fake gives the real layout, so
+    the view that merges the heads still compiles and matches eager."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 2, 16, generator=gen)
+    k, v = torch.randn(2, 1, 2, 70, 16, generator=gen)
+    mask = torch.ones(1, 1, 2, 70, dtype=torch.bool)
+
+    def merged(q, k, v, mask):
+        return decode_attention_module.decode_attention(q, k, v, mask).transpose(1, 2).view(
+            1, 2, 64)
+
+    compiled = torch.compile(merged, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, mask), merged(q, k, v, mask))
+
+
+def test_engine_decodes_through_the_kernel_exactly(monkeypatch):
+    """The engine's own masks (prefill, verify/propose, partial proposal sets) through the
+    kernel, as on CUDA: greedy ``lossless`` equals ``ar``, and both equal the SDPA path."""
+    from helpers import tiny_model
+
+    import tidar.model
+    from tidar.engine import DecodeConfig, Engine
+
+    model = tiny_model("qwen3", vocab=8, seed=1)  # 16-wide heads, which the kernel takes
+    prompts = [[2, 3, 4], [5, 6, 7, 2, 3], [4]]
+    configs = [DecodeConfig(sampler="ar", max_new_tokens=12),
+               DecodeConfig(block_size=4, max_new_tokens=12),
+               DecodeConfig(block_size=4, proposals=(0, 2), max_new_tokens=12)]
+    with torch.inference_mode():
+        sdpa = [Engine(model).generate(prompts, cfg)[0] for cfg in configs]
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return decode_attention_module.decode_attention(*args)
+
+    monkeypatch.setattr(tidar.model, "dense_attention_kernel", lambda q, k: "triton")
+    monkeypatch.setattr(tidar.model, "decode_attention", counted)
+    with torch.inference_mode():
+        kernel = [Engine(model).generate(prompts, cfg)[0] for cfg in configs]
+    # query counts: AR steps, the prefill with its mask block, partial and full passes
+    assert {shape[2] for shape in calls} >= {1, 9, 12, 20}
+    assert kernel == sdpa
+    assert kernel[1] == kernel[0] and kernel[2] == kernel[0]
