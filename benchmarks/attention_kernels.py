@@ -1,11 +1,13 @@
 """Candidate kernels for the decode pass, timed alone: masked attention over the static KV
 cache (SDPA as the model runs it, split-KV as batched matmuls, and the Triton split-KV kernel
-of ``tidar.decode_attention`` at several grid sizes) and the q/k/v and gate/up projections
-separate against fused (SmolLM2-135M shapes, bf16, H100).
+of ``tidar.decode_attention`` at several grid sizes or tile settings) and the q/k/v and
+gate/up projections separate against fused (SmolLM2-135M shapes, bf16, H100/H200).
 
     python benchmarks/attention_kernels.py
     python benchmarks/attention_kernels.py --attention-only --queries 1 17 32 80 144 272 \
         --batch 1 4 16 64
+    python benchmarks/attention_kernels.py --attention-only --triton-sweep tiles \
+        --queries 1 32 272 --batch 1 16 64
 
 Each candidate is compiled, then ``--calls`` dependent calls are captured in one CUDA graph;
 the time per call is the median replay time over ``--repeats`` replays divided by the calls,
@@ -66,7 +68,7 @@ def decode_mask(batch: int, queries: int, slots: int, committed: int) -> torch.T
     return (pos[None, :] <= horizon[:, None]).expand(batch, 1, queries, slots).contiguous()
 
 
-def attention_rows(shapes, calls: int, repeats: int, report: dict) -> list[dict]:
+def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str) -> list[dict]:
     rows = report.setdefault("attention", [])
     for batch, queries, slots in shapes:
         q = torch.randn(batch, HEADS, queries, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -78,9 +80,10 @@ def attention_rows(shapes, calls: int, repeats: int, report: dict) -> list[dict]
         for chunk in (256,):
             candidates[f"split_kv_{chunk}"] = (
                 lambda q, k, v, m, c=chunk: split_kv_attention(q, k, v, m, c))
-        candidates["triton"] = tidar.decode_attention.decode_attention  # its own plan
-        for programs in TRITON_PROGRAMS:
-            candidates[f"triton_{programs}"] = partial(triton_attention, programs)
+        candidates["triton"] = tidar.decode_attention.decode_attention  # its own settings
+        for settings in TRITON_SWEEPS[sweep]:
+            name = "_".join(f"{key.lower()}{value}" for key, value in settings.items())
+            candidates[f"triton_{name}"] = partial(triton_attention, settings)
         row = {"batch": batch, "queries": queries, "slots": slots}
         for name, fn in candidates.items():
             compiled = (fn if name.startswith("triton") else
@@ -97,17 +100,23 @@ def attention_rows(shapes, calls: int, repeats: int, report: dict) -> list[dict]
     return rows
 
 
-TRITON_PROGRAMS = (66, 132, 264, 528, 1056)
+TRITON_SWEEPS = {  # settings of tidar.decode_attention tried beside its own
+    "programs": [{"TARGET_PROGRAMS": n} for n in (66, 132, 264, 528, 1056)],
+    "tiles": [{"BLOCK_N": n, "NUM_WARPS": w} for n in (32, 64, 128) for w in (2, 4, 8)],
+}
 
 
-def triton_attention(programs: int, q, k, v, mask):
-    """The Triton kernel with its key slices sized for about ``programs`` thread blocks."""
-    own = tidar.decode_attention.TARGET_PROGRAMS
-    tidar.decode_attention.TARGET_PROGRAMS = programs
+def triton_attention(settings: dict, q, k, v, mask):
+    """The Triton kernel with some of its module settings replaced for this call."""
+    module = tidar.decode_attention
+    own = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(module, name, value)
     try:
-        return tidar.decode_attention.decode_attention(q, k, v, mask)
+        return module.decode_attention(q, k, v, mask)
     finally:
-        tidar.decode_attention.TARGET_PROGRAMS = own
+        for name, value in own.items():
+            setattr(module, name, value)
 
 
 def projection_rows(tokens_list, calls: int, repeats: int) -> list[dict]:
@@ -145,12 +154,14 @@ def main() -> None:
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 17, 272])
     ap.add_argument("--slots", type=int, default=1536, help="cache slots (1024 context, padded)")
     ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--triton-sweep", choices=list(TRITON_SWEEPS), default="programs",
+                    help="which settings of the Triton kernel to try beside its own")
     args = ap.parse_args()
     torch.manual_seed(0)
     raise_recompile_limit()
     shapes = [(b, q, args.slots) for b in args.batch for q in args.queries]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    attention_rows(shapes, args.calls, args.repeats, report)
+    attention_rows(shapes, args.calls, args.repeats, report, args.triton_sweep)
     if not args.attention_only:
         report["projections"] = projection_rows([1, 4, 17, 272], args.calls, args.repeats)
     write_json("attention_kernels.json", report)

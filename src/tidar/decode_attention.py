@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_N = 64  # keys per inner step; a key slice is a whole number of these
+NUM_WARPS = 4  # per thread block of the slice kernel
 TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
 MIN_CHUNK = 256  # the shortest key slice plan() makes
 MERGE_ROWS = 16  # rows per thread block of the merge: it has no matmul, so small tiles
@@ -151,7 +152,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         length, slots, rows, kv_heads, group, chunk, dim**-0.5 * math.log2(math.e),
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32)
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32,
+        num_warps=NUM_WARPS)
     _merge_kernel[(-(-rows // MERGE_ROWS), batch * kv_heads)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
