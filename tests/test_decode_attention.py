@@ -46,11 +46,12 @@ def test_matches_sdpa(dtype, batch, heads, kv_heads, queries, slots):
 
 
 def test_strided_inputs_and_a_broadcast_mask():
-    """q as the model passes it (a transposed view), a cache slice, a mask shared by the batch."""
+    """q as the model passes it (a transposed view), a cache slice, values with a strided last
+    dimension, a mask shared by the batch."""
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(2, 3, 4, 16, generator=gen).transpose(1, 2)  # [B, H=4, T=3, D]
-    cache = torch.randn(2, 2, 2, 96, 16, generator=gen)
-    k, v = cache[:, 0], cache[:, 1]
+    cache = torch.randn(2, 2, 2, 96, 32, generator=gen)
+    k, v = cache[:, 0, ..., :16], cache[:, 1, ..., ::2]
     mask = (torch.arange(96) <= torch.tensor([40, 41, 90])[:, None])[None, None]
     mask = mask.expand(2, 1, 3, 96)
     out = decode_attention_module.decode_attention(q, k, v, mask)

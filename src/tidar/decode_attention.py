@@ -29,13 +29,15 @@ MERGE_ROWS = 16  # rows per thread block of the merge: it has no matmul, so smal
 def _slice_kernel(Q, K, V, Mask, Out, Lse,
                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
                   so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
-                  length, slots, rows, kv_heads, group, chunk, qk_scale: tl.constexpr,
+                  length, slots, rows, kv_heads, group, chunk,
+                  qk_scale: tl.constexpr,  # 1/sqrt(HEAD_DIM) in log2 units: one per head size
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   FP32: tl.constexpr):
     """One (row tile, key slice, sequence x KV head): normalised partial output and its
     log2-sum-exp over the slice's visible keys (-inf where a row sees none of them)."""
     tile, part, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = seq_head // kv_heads, seq_head % kv_heads
+    # int64: a large batch of long caches passes 2^31 elements
+    b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
     head, t = h * group + r // length, r % length
@@ -84,7 +86,7 @@ def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Weight each slice's output by its share of the row's total exp-sum and add them up."""
     tile, seq_head = tl.program_id(0), tl.program_id(1)
-    b, h = seq_head // kv_heads, seq_head % kv_heads
+    b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
     d = tl.arange(0, HEAD_DIM)
@@ -107,10 +109,11 @@ def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
 
 
 def supported(q: Tensor) -> bool:
-    """The kernels need a power-of-two head dimension of at least 16 (``tl.dot`` tiles)."""
+    """The kernels need a power-of-two head dimension from 16 (``tl.dot`` tiles) to 256 (a
+    row tile's accumulator lives in registers)."""
     dim = q.shape[-1]
-    return q.dtype in (torch.float32, torch.bfloat16, torch.float16) and dim >= 16 and \
-        dim & (dim - 1) == 0
+    return q.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= dim <= 256 \
+        and dim & (dim - 1) == 0
 
 
 def plan(batch: int, kv_heads: int, rows: int, slots: int) -> tuple[int, int]:
@@ -135,6 +138,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
     to schedule these kernels inlined through ``triton_op`` at some shapes), and the
     engine's CUDA graphs capture its two launches."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, heads, length, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     group = heads // kv_heads
