@@ -8,8 +8,8 @@ one process, against the AR step's floors.
         --inductor engine untuned
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
-``attention_context``). ``--fuse off`` decodes with
-separate q/k/v and gate/up projections; ``--inductor`` compiles under other inductor settings.
+``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
+``--inductor`` compiles under other inductor settings.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
