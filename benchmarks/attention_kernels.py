@@ -76,10 +76,8 @@ def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str) -
         v = torch.randn_like(k)
         mask = decode_mask(batch, queries, slots, slots - 300)
         reference = dense_attention(q, k, v, mask).float()
-        candidates = {"sdpa": dense_attention}
-        for chunk in (256,):
-            candidates[f"split_kv_{chunk}"] = (
-                lambda q, k, v, m, c=chunk: split_kv_attention(q, k, v, m, c))
+        candidates = {"sdpa": dense_attention,
+                      "split_kv_256": partial(split_kv_attention, chunk=256)}
         candidates["triton"] = tidar.decode_attention.decode_attention  # its own settings
         for settings in TRITON_SWEEPS[sweep]:
             name = "_".join(f"{key.lower()}{value}" for key, value in settings.items())

@@ -25,7 +25,7 @@ def decode_pass_mask(batch: int, queries: int, slots: int, gen) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "queries", "slots"), [
-    (1, 9, 3, 1, 256),     # the AR step: three folded rows, many 64-key slices
+    (1, 9, 3, 1, 1100),    # the AR step: three folded rows, five key slices, the last partial
     (2, 6, 2, 17, 300),    # a block plus one, a cache that is not whole slices
     (1, 4, 4, 40, 130),    # no grouping, rows past one tile
     (3, 8, 1, 5, 64),      # every query head on one KV head, a single slice
