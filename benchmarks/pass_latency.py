@@ -6,14 +6,16 @@ one process, against the AR step's floors.
         --attention split sdpa triton
     python benchmarks/pass_latency.py --batch 1 --ar-only --compiled-only --fuse off on \
         --inductor engine untuned
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --compile-scope blocks pass
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
-``--inductor`` compiles under other inductor settings.
+``--inductor`` compiles under other inductor settings. ``--compile-scope blocks`` compiles
+the blocks alone, as the engine did before it compiled the whole pass with static shapes.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
-replayed in a CUDA graph.
+replayed in a CUDA graph (kernels of the whole pass: inputs, blocks, head and bookkeeping).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import time
+from dataclasses import replace
 from functools import partial
 
 import torch
 from common import SMOLLM2, graph_seconds, smollm2_shaped, write_json
 
 from tidar.engine import DecodeConfig, Engine
-from tidar.layouts import decode_layout
-from tidar.model import KVCache
 from tidar.tuner import measure_pass_seconds
 
 
@@ -38,23 +40,21 @@ def graph_kernel_seconds(n: int = 1000) -> float:
     return graph_seconds(lambda: x.add_(1), n)
 
 
-def kernels_per_pass(engine: Engine, cfg: DecodeConfig, context: int) -> int:
-    """CUDA kernels one forward of the pass launches (profiled outside any graph)."""
+def kernels_per_pass(make_engine, cfg: DecodeConfig, context: int) -> int:
+    """CUDA kernels one whole decode pass launches (batch 1, run outside any graph)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = cfg.resolved()
-    model = engine.model
-    cache = KVCache(model.cfg, 1, context + 64, 272, engine.dtype, engine.device)
-    verify = torch.zeros(1, cfg.block_size, dtype=torch.long, device=engine.device)
-    layout = decode_layout(torch.tensor([context], device=engine.device), verify,
-                           cfg.proposals or [], cfg.block_size, context + 64, model.cfg.mask_id)
-    kwargs = {"blocks": engine._blocks} if engine._blocks else {}
-    with torch.inference_mode():
+    engine = make_engine(cuda_graphs=False)
+    cfg = replace(cfg.resolved(), max_new_tokens=8 * cfg.block_size + 1)
+    prompt = [i % engine.model.cfg.vocab_size for i in range(context)]
+    with torch.inference_mode(), engine.model.decode_weights():
+        runner = engine._runner(1, context + cfg.max_new_tokens, cfg)
+        engine._start(runner, [prompt], cfg, [0])
         for _ in range(2):
-            model(layout, cache, hidden_only=True, **kwargs)
+            runner.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(layout, cache, hidden_only=True, **kwargs)
+            runner.step()
             torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
 
@@ -85,12 +85,18 @@ INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
             "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
 
 
-def variant_context(attention: str, fuse: str, inductor: str):
+def variant_context(attention: str, fuse: str, inductor: str, scope: str):
     import tidar.engine
     import tidar.model
 
     stack = contextlib.ExitStack()
     stack.enter_context(attention_context(attention))
+    if scope == "blocks":  # as compiled before: blocks only, dynamo's automatic dynamic shapes
+        own_compile = tidar.engine.compile_static
+        tidar.engine.compile_static = lambda fn: (
+            torch.compile(fn, options=tidar.engine.COMPILE_OPTIONS)
+            if isinstance(fn, torch.nn.Module) else fn)
+        stack.callback(setattr, tidar.engine, "compile_static", own_compile)
     if INDUCTOR[inductor] is not None:
         own_options = tidar.engine.COMPILE_OPTIONS
         tidar.engine.COMPILE_OPTIONS = INDUCTOR[inductor]
@@ -153,16 +159,21 @@ def main() -> None:
                     help="fused q/k/v and gate/up projections when decoding, per variant")
     ap.add_argument("--inductor", nargs="+", default=["engine"], choices=list(INDUCTOR),
                     help="compile options: the engine's, without tile tuning, or autotuned")
+    ap.add_argument("--compile-scope", nargs="+", default=["pass"], choices=["pass", "blocks"],
+                    help="the engine's compiled pass (static graphs), or its blocks alone with "
+                    "dynamo's automatic dynamic shapes (the engine before), per variant")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
-    for attention, fuse, inductor in itertools.product(args.attention, args.fuse, args.inductor):
+    for attention, fuse, inductor, scope in itertools.product(
+            args.attention, args.fuse, args.inductor, args.compile_scope):
         suffix = "" if attention == "default" else f", {attention} attention"
         suffix += "" if fuse == "on" else ", unfused projections"
         suffix += "" if inductor == "engine" else f", inductor {inductor}"
-        spec = (attention, fuse, inductor)
+        suffix += "" if scope == "pass" else ", compiled blocks only"
+        spec = (attention, fuse, inductor, scope)
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)
@@ -179,29 +190,32 @@ def main() -> None:
         torch._dynamo.reset()  # compile this variant afresh, under its own settings
         with variant_context(*spec), model.decode_weights():
             engine = make_engine()
-            ar_kernels = kernels_per_pass(engine, DecodeConfig(sampler="ar"), args.context)
+            ar_kernels = kernels_per_pass(make_engine, DecodeConfig(sampler="ar"), args.context)
             full_kernels = (None if args.ar_only else
-                            kernels_per_pass(engine, DecodeConfig(block_size=b), args.context))
-            variant = {"kernels_ar_forward": ar_kernels, "kernels_272_forward": full_kernels,
+                            kernels_per_pass(make_engine, DecodeConfig(block_size=b), args.context))
+            variant = {"kernels_ar_pass": ar_kernels, "kernels_272_pass": full_kernels,
                        "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
             for batch in args.batch:
+                started = time.perf_counter()
                 if args.ar_only:
                     curve = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch,
                                                  args.context, args.repeats)}
                 else:
                     curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
                 variant["curves"][batch] = curve
+                # Wall time of this batch's curve, compiling and capturing included.
+                variant.setdefault("wall_s", {})[batch] = time.perf_counter() - started
                 results["variants"][name] = variant
                 write_json("pass_latency.json", results)  # so far: a later run may time out
                 print(f"{name} batch {batch}: " + "  ".join(
                     f"t({q})={t * 1e3:.2f}ms" for q, t in sorted(curve.items())), flush=True)
-        print(f"{name}: {ar_kernels} kernels per AR forward, {full_kernels} per 272-query "
-              f"forward; launch floor {variant['launch_floor_ms']:.2f} ms", flush=True)
+        print(f"{name}: {ar_kernels} kernels per AR pass, {full_kernels} per 272-query "
+              f"pass; launch floor {variant['launch_floor_ms']:.2f} ms", flush=True)
     print(f"memory floor {results['memory_floor_ms']:.3f} ms, one graph kernel "
           f"{results['graph_kernel_us']:.2f} us")
     results["notes"] = ("t(q) in seconds, median of CUDA-event-timed replays of the whole "
                         "captured pass (forward, verification, drafting); kernels counted "
-                        "for the forward alone")
+                        "for the whole pass")
     write_json("pass_latency.json", results)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tidar.config import ModelConfig, from_hf_config
 from tidar.layouts import Layout, causal_layout
-from tidar.model import Transformer
+from tidar.model import RowGate, Transformer
 from tidar.sampling import accepted_prefix, sample, verify_sampled
 
 MOE = dict(num_experts_per_tok=2)
@@ -150,6 +150,7 @@ class ScriptedModel(nn.Module):
             max_position=max_position,
         )
         self.dummy = nn.Parameter(torch.zeros(1))
+        self.row_gate = RowGate()
 
     def decode_weights(self):
         """Part of the interface the engine uses; this fake has no adapters."""
@@ -182,6 +183,16 @@ class ScriptedModel(nn.Module):
         return 10.0 * nn.functional.one_hot(target, vocab).float()  # hidden == logits
 
     def head(self, hidden: Tensor) -> Tensor:
+        return hidden
+
+    # The engine's split of ``forward``: its block inputs are the layout, the norm is none.
+    def prepare(self, layout: Layout, cache=None) -> Layout:
+        return layout
+
+    def run_blocks(self, layout: Layout, cache=None, blocks=None) -> Tensor:
+        return self(layout)
+
+    def norm(self, hidden: Tensor) -> Tensor:
         return hidden
 
 

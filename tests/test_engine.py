@@ -646,3 +646,22 @@ def test_row_adapters_compile_without_graph_breaks():
         assert attn.qkv.active() and attn.out.active() and attn.out.stacked
         for layer in (attn.qkv, attn.out):
             assert torch._dynamo.explain(layer)(x).graph_break_count == 0  # decoding
+
+
+def test_compiled_pass_matches_eager_without_graph_breaks():
+    """``compile=True`` compiles the pass in three parts (inputs, blocks, head and
+    bookkeeping) with inductor: the same tokens and acceptance as eager, and no graph break
+    (one would leave the bookkeeping's many small kernels unfused)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", vocab=32, seed=3)
+    prompts = _prompts(32, [5, 3], 4)
+    sampled = SamplingParams(temperature=0.8, top_k=5)
+    counters.clear()
+    for cfg in (DecodeConfig(block_size=4, max_new_tokens=10),
+                DecodeConfig(sampler="mix", beta=0.5, block_size=4, proposals=(0, 2),
+                             max_new_tokens=10, sampling=sampled)):
+        got, got_stats = Engine(model, compile=True).generate(prompts, cfg)
+        expected, stats = Engine(model).generate(prompts, cfg)
+        assert got == expected and got_stats.committed_hist == stats.committed_hist
+    assert not counters["graph_break"]

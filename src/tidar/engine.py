@@ -154,11 +154,19 @@ MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
+def compile_static(fn: Callable) -> Callable:
+    """``fn`` under torch.compile, one static graph per pass shape (dynamo would otherwise
+    make a second shape's sizes symbolic and serve every later shape from that graph)."""
+    return torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
+
+
 class Engine:
     def __init__(self, model: Transformer, stop_ids: tuple[int, ...] = (),
                  cuda_graphs: bool | None = None, compile: bool = False):
-        """``compile``: fuse each block of the decode pass with torch.compile (one compiled
-        graph serves every block; prefill stays eager, as its shapes vary per call).
+        """``compile``: fuse the decode pass with torch.compile in three parts: the layout
+        and block inputs, each block (one compiled graph serves every block), and the head
+        with verification and bookkeeping. Each pass shape gets its own static graphs;
+        prefill stays eager, as its shapes vary per call.
 
         The engine assumes the model's weights stay as they are while it exists.
         """
@@ -168,11 +176,13 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._blocks = None
+        self._enter, self._leave = self._enter_pass, self._leave_pass
         self.compiled = compile
         if compile:
             raise_recompile_limit()
-            self._blocks = [torch.compile(block, options=COMPILE_OPTIONS)
-                            for block in model.layers]
+            self._blocks = [compile_static(block) for block in model.layers]
+            self._enter = compile_static(self._enter_pass)
+            self._leave = compile_static(self._leave_pass)
         self.last_stats: Stats | None = None
         self._live: _State | None = None  # the running stream's state, for finish()
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
@@ -360,13 +370,23 @@ class Engine:
             st.draft_probs.copy_(probs)
 
     def _pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict) -> None:
+        inputs, clean = self._enter(st, cfg, cache, consts)
+        self.model.row_gate.start = clean
+        hidden = self.model.run_blocks(inputs, cache, self._blocks)
+        self._leave(st, cfg, hidden, consts)
+
+    def _enter_pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
+        """The pass's layout, from the state by position arithmetic, as block inputs."""
+        verify = torch.cat([st.next_token[:, None], st.drafts], dim=1)
+        layout = decode_layout(st.committed, verify, consts["ks"], cfg.block_size,
+                               cache.capacity, self.model.cfg.mask_id)
+        return self.model.prepare(layout, cache), layout.clean
+
+    def _leave_pass(self, st: _State, cfg: DecodeConfig, hidden: Tensor, consts: dict) -> None:
+        """Verify the drafts, commit tokens and set the next drafts, from the blocks' output."""
         b, S, model = cfg.block_size, cfg.proposals, self.model
         batch = st.next_token.shape[0]
-        verify = torch.cat([st.next_token[:, None], st.drafts], dim=1)
-        layout = decode_layout(st.committed, verify, consts["ks"], b, cache.capacity,
-                               model.cfg.mask_id)
-        compiled = {"blocks": self._blocks} if self._blocks else {}
-        hidden = model(layout, cache, hidden_only=True, **compiled)
+        hidden = model.norm(hidden)
         z_ar = model.head(hidden[:, :b])  # [B, b, V]
         u = hash_uniforms(st.seeds, st.counter, 2 * b)
         target = z_ar

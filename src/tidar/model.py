@@ -9,6 +9,7 @@ fields of ``ModelConfig``. Parameter names follow the Hugging Face layout (minus
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -426,6 +427,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class BlockInputs(NamedTuple):
+    x: Tensor  # [B, T, dim] embedded tokens
+    cos: Tensor  # [B, 1, T, head_dim]
+    sin: Tensor
+    masks: dict  # attention window -> mask
+    slots: Tensor | None  # [B, T] cache slots, None without a cache
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -493,20 +502,34 @@ class Transformer(nn.Module):
 
         ``blocks``: callables to run in place of ``self.layers`` (compiled wrappers of them).
         """
-        x = self.embed(layout.tokens)
         self.row_gate.start = layout.clean
+        x = self.norm(self.run_blocks(self.prepare(layout, cache, masks), cache, blocks))
+        return x if hidden_only else self.head(x)
+
+    def prepare(self, layout: Layout, cache: KVCache | None = None,
+                masks: dict | None = None) -> BlockInputs:
+        """What every block reads besides the hidden states: the embedded tokens, RoPE
+        tables, masks and cache slots. Split from ``run_blocks`` so a decoding engine can
+        compile this part (many small kernels) on its own."""
+        x = self.embed(layout.tokens)
         cos, sin = self.rope(layout.positions, x.dtype)
         if masks is None:
             masks = self.masks(layout, key_meta(layout, cache.slots if cache else None))
-        slots = layout.slots if cache is not None else None
+        return BlockInputs(x, cos, sin, masks, layout.slots if cache is not None else None)
+
+    def run_blocks(self, inputs: BlockInputs, cache: KVCache | None = None,
+                   blocks=None) -> Tensor:
+        """The blocks (or ``blocks``) over ``inputs``; hidden states before the final norm.
+        The caller sets ``row_gate.start`` to the layout's ``clean`` first."""
+        x = inputs.x
         for i, block in enumerate(blocks or self.layers):
             kv = cache.layer(i) if cache is not None else None
+            args = (inputs.cos, inputs.sin, inputs.masks, kv, inputs.slots)
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, masks, kv, slots, use_reentrant=False)
+                x = checkpoint(block, x, *args, use_reentrant=False)
             else:
-                x = block(x, cos, sin, masks, kv, slots)
-        x = self.norm(x)
-        return x if hidden_only else self.head(x)
+                x = block(x, *args)
+        return x
 
     def num_parameters(self) -> tuple[int, int]:
         """Total and active-per-token parameter counts (they differ for MoE)."""

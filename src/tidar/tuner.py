@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 MARGIN = 0.03  # the least expected gain over AR for which the tuner picks drafting
-PASS_REVISION = 4  # part of the cache key of measured pass costs: bump when the pass changes
+PASS_REVISION = 5  # part of the cache key of measured pass costs: bump when the pass changes
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,21 @@ def choose(
 
 
 def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = 128,
-                         repeats: int = 5) -> dict[int, float]:
+                         repeats: int = 5, progress: bool = False) -> dict[int, float]:
     """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for AR and
-    proposal sets of 1, 2, 4, .. blocks, by query tokens per sequence."""
+    proposal sets of 1, 2, 4, .. blocks, by query tokens per sequence. ``progress``: a bar
+    on stderr (a compiled engine compiles each pass shape on first use)."""
+    from tqdm import tqdm
+
     from .engine import DecodeConfig
 
-    seconds = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch, context, repeats)}
-    for n in sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size}):
-        cfg = DecodeConfig(block_size=block_size, proposals=tuple(range(n)))
-        seconds[block_size + n * block_size] = engine.time_pass(cfg, batch, context, repeats)
-    return seconds
+    counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size})
+    configs = {1: DecodeConfig(sampler="ar")} | {
+        block_size + n * block_size: DecodeConfig(block_size=block_size, proposals=tuple(range(n)))
+        for n in counts}
+    bar = tqdm(configs.items(), desc=f"pass costs, batch {batch}", unit="shape",
+               disable=not progress, file=sys.stderr)
+    return {q: engine.time_pass(cfg, batch, context, repeats) for q, cfg in bar}
 
 
 def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
@@ -117,7 +122,7 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
               "auto (once)", file=sys.stderr)
         repeats = 9 if device.type == "cuda" else 2
         profile = {"pass_seconds": measure_pass_seconds(engine, cfg.block_size, batch,
-                                                        repeats=repeats)}
+                                                        repeats=repeats, progress=True)}
     seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
     choice = choose(seconds, reach, cfg.sampler, block_sizes=(cfg.block_size,))
     save_profile(path, seconds, choice)
