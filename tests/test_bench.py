@@ -45,6 +45,7 @@ def test_bench_end_to_end(setup, tmp_path, capsys):
     assert run_bench(_args(setup, out)) == 0
     report = json.loads((out / "bench.json").read_text())
     meta = report["meta"]
+    assert report["complete"] is True
     assert meta["device_type"] == "cpu" and meta["torch"] == torch.__version__
     assert meta["drafter"].startswith("untrained") and meta["block_size"] == 4
     assert meta["methods"] == ["ar", "hf", "pld", "lossless", "mix@0.5", "auto"]
@@ -97,6 +98,23 @@ def test_method_subset_always_keeps_ar(setup, tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert [r["method"] for r in report["results"]] == ["ar", "lossless"]
     assert report["pass_latency"] is None
+
+
+def test_stopped_run_keeps_finished_cells(setup, tmp_path, monkeypatch):
+    """bench.json is rewritten after each batch size: a run stopped later keeps them."""
+    import tidar.bench
+
+    def stop(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tidar.bench, "_pass_curve", stop)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_args(setup, out, "--methods", "ar", "--repeats", "1"))
+    report = json.loads((out / "bench.json").read_text())
+    assert report["complete"] is False
+    assert [(r["method"], r["batch_size"]) for r in report["results"]] == [("ar", 1), ("ar", 2)]
+    assert not list(out.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .bench_plots import plot
 from .errors import TidarError
+from .peers import HFRunner, Run, sync
 
 METHODS = ("hf", "pld", "ar", "lossless", "mix", "auto")
-PLD_TOKENS = 10  # prompt_lookup_num_tokens, as transformers' docs suggest
 HUMANEVAL_WRAPPER = "Complete this Python function:\n"
 
 CHAT_PROMPTS = (
@@ -185,33 +186,17 @@ def batches(prompts: list, batch_size: int, num_prompts: int) -> list[list]:
 
 
 # -- runs --------------------------------------------------------------------------------
-@dataclass
-class Run:
-    outputs: list[list[int]]
-    seconds: float  # the whole call
-    first_seconds: float | None = None  # until the first token was on the host
-    passes: int = 0  # per-row passes, summed (engine); forward calls (transformers)
-    hist: list[int] = field(default_factory=list)  # engine: decode passes by tokens committed
-
-
-def _sync(device) -> None:
-    import torch
-
-    if getattr(device, "type", device) == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_engine(engine, prompts: list[list[int]], cfg) -> Run:
     sync_every = 8 if engine.cuda_graphs else 1  # as Engine.generate
     outputs: list[list[int]] = [[] for _ in prompts]
-    _sync(engine.device)
+    sync(engine.device)
     start = time.perf_counter()
     first = None
     for row, tokens in engine.stream(prompts, cfg, sync_every=sync_every):
         if first is None:  # the stream syncs before it yields: every row's first token is in
             first = time.perf_counter() - start
         outputs[row].extend(tokens)
-    _sync(engine.device)
+    sync(engine.device)
     seconds = time.perf_counter() - start
     stats = engine.last_stats
     return Run(outputs, seconds, first, sum(stats.passes), list(stats.committed_hist))
@@ -219,85 +204,13 @@ def run_engine(engine, prompts: list[list[int]], cfg) -> Run:
 
 def engine_ttft(engine, prompts: list[list[int]], cfg) -> float:
     """Seconds until the first tokens of a batch: prefill (``engine`` must not capture)."""
-    _sync(engine.device)
+    sync(engine.device)
     start = time.perf_counter()
     stream = engine.stream(prompts, cfg, sync_every=1)
     next(stream)
     seconds = time.perf_counter() - start
     stream.close()
     return seconds
-
-
-class HFRunner:
-    """transformers' ``generate``, greedy, on left-padded batches of token ids."""
-
-    def __init__(self, source: str, device, dtype, stops: tuple[int, ...], tokenizer):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        path = Path(source)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if path.is_file():
-                    model = AutoModelForCausalLM.from_pretrained(
-                        path.parent, gguf_file=path.name, dtype=dtype)
-                else:
-                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except Exception as exc:
-            raise TidarError(f"transformers cannot load {source} for the baseline: {exc}") \
-                from None
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.stops = stops
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad = pad if pad is not None else (stops[0] if stops else 0)
-        self.calls = 0
-        self.model.register_forward_hook(self._count)
-        gc = self.model.generation_config
-        for name in ("temperature", "top_p", "top_k"):  # greedy: silence sampling defaults
-            if hasattr(gc, name):
-                setattr(gc, name, None)
-
-    def _count(self, *_):
-        self.calls += 1
-
-    def _inputs(self, prompts: list[list[int]]):
-        import torch
-
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def _cut(self, row: list[int], max_new: int) -> list[int]:
-        row = row[:max_new]
-        for i, t in enumerate(row):
-            if t in self.stops:
-                return row[: i + 1]
-        return row
-
-    def run(self, prompts: list[list[int]], max_new: int, pld: bool = False) -> Run:
-        import torch
-
-        ids, mask = self._inputs(prompts)
-        kwargs = dict(do_sample=False, max_new_tokens=max_new, pad_token_id=self.pad,
-                      eos_token_id=list(self.stops) or None)
-        if pld:
-            kwargs["prompt_lookup_num_tokens"] = PLD_TOKENS
-        self.calls = 0
-        _sync(self.device)
-        start = time.perf_counter()
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        _sync(self.device)
-        seconds = time.perf_counter() - start
-        outputs = [self._cut(row, max_new) for row in out[:, ids.shape[1]:].tolist()]
-        return Run(outputs, seconds, passes=self.calls)
 
 
 # -- the benchmark -----------------------------------------------------------------------
@@ -545,32 +458,6 @@ def run_bench(args) -> int:
         f"timing: wall clock between device synchronisations, one warm-up run per method, "
         f"median over {args.repeats} repeats, methods alternated batch by batch",
     ]
-    results = []
-    for length in lengths:
-        for batch in batch_sizes:
-            here = [m for m in methods if m.kind != "pld" or batch == 1]
-            for m in here:
-                if m.name == "auto":
-                    m.cfg, m.tuner = auto_config(engine, loaded.fingerprint, base, reach, batch)
-                    _log(f"auto at batch {batch}: {m.tuner}")
-            groups = batches(prompt_ids, batch, args.num_prompts)
-            _log(f"max_new_tokens {length}, batch {batch}: {len(groups)} batches x "
-                 f"{len(here)} methods x {args.repeats} repeats")
-            rec = _measure_cell(here, engine, eager, hf, groups, length, args.repeats)
-            results += _summarise(here, rec, batch, length, len(groups))
-            for row in results[-len(here):]:
-                tuned = next(m for m in here if m.name == row["method"]).tuner
-                if tuned is not None:
-                    row["tuner"] = tuned
-
-    curve, curve_notes = None, []
-    if args.pass_repeats:
-        median_prompt = int(statistics.median(map(len, prompt_ids)))
-        context = args.context or median_prompt + max(lengths) // 2
-        curve, curve_notes = _pass_curve(engine, base, batch_sizes, context, args.pass_repeats,
-                                         loaded.config.max_position)
-    notes += curve_notes
-
     report = {
         "meta": {
             "command": shlex.join(sys.argv),
@@ -601,15 +488,51 @@ def run_bench(args) -> int:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "notes": notes,
-        "results": results,
-        "pass_latency": curve,
+        "complete": False,  # True once every cell (and the curve) is measured
+        "results": [],
+        "pass_latency": None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    results = report["results"]
+    for length in lengths:
+        for batch in batch_sizes:
+            here = [m for m in methods if m.kind != "pld" or batch == 1]
+            for m in here:
+                if m.name == "auto":
+                    m.cfg, m.tuner = auto_config(engine, loaded.fingerprint, base, reach, batch)
+                    _log(f"auto at batch {batch}: {m.tuner}")
+            groups = batches(prompt_ids, batch, args.num_prompts)
+            _log(f"max_new_tokens {length}, batch {batch}: {len(groups)} batches x "
+                 f"{len(here)} methods x {args.repeats} repeats")
+            rec = _measure_cell(here, engine, eager, hf, groups, length, args.repeats)
+            results += _summarise(here, rec, batch, length, len(groups))
+            for row in results[-len(here):]:
+                tuned = next(m for m in here if m.name == row["method"]).tuner
+                if tuned is not None:
+                    row["tuner"] = tuned
+            _write_json(out_dir / "bench.json", report)  # so far: a stopped run keeps its cells
+
+    curve, curve_notes = None, []
+    if args.pass_repeats:
+        median_prompt = int(statistics.median(map(len, prompt_ids)))
+        context = args.context or median_prompt + max(lengths) // 2
+        curve, curve_notes = _pass_curve(engine, base, batch_sizes, context, args.pass_repeats,
+                                         loaded.config.max_position)
+    notes += curve_notes
+    report["pass_latency"] = curve
+    report["complete"] = True
     report["plots"] = plot(report, out_dir)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    _write_json(out_dir / "bench.json", report)
     print(table(results))
     _log(f"wrote {out_dir / 'bench.json'}" + "".join(f", {p}" for p in report["plots"]))
     return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all: a reader never sees half a report."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def _version(package: str) -> str | None:
@@ -641,86 +564,3 @@ def table(results: list[dict]) -> str:
                        for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     return "\n".join(lines)
-
-
-def plot(report: dict, out_dir: Path) -> list[str]:
-    """PNG plots; none (with a warning) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed: no plots (pip install matplotlib)")
-        return []
-    written = []
-    results = report["results"]
-    lengths = report["meta"]["max_new_tokens"]
-
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
-    for ax, length in zip(axes[0], lengths, strict=True):
-        for name in dict.fromkeys(r["method"] for r in results):
-            pts = [(r["batch_size"], r["speedup"]) for r in results
-                   if r["method"] == name and r["max_new_tokens"] == length
-                   and r["speedup"] is not None]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", label=name, linestyle="--" if name == "ar" else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(report["meta"]["batch_sizes"], map(str, report["meta"]["batch_sizes"]))
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("decode speedup over our ar")
-        ax.set_title(f"{report['meta']['device']}, {length} new tokens")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / "speedup_vs_batch.png"))
-
-    hists: dict[str, list[int]] = {}
-    for r in results:
-        if r.get("sampler") in ("lossless", "mix"):
-            h = r["committed_per_pass_histogram"]
-            old = hists.get(r["method"], [0] * len(h))
-            hists[r["method"]] = [a + b for a, b in zip(old, h, strict=True)]
-    if hists:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        width = 0.8 / len(hists)
-        for i, (name, h) in enumerate(hists.items()):
-            total = max(1, sum(h))
-            xs = [n + 1 + (i - (len(hists) - 1) / 2) * width for n in range(len(h))]
-            mean = sum((n + 1) * c for n, c in enumerate(h)) / total
-            ax.bar(xs, [c / total for c in h], width, label=f"{name} (mean {mean:.2f})")
-        ax.set_xlabel("tokens committed per decode pass")
-        ax.set_ylabel("fraction of passes")
-        ax.set_title("tokens per pass (all batch sizes and lengths)")
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / "tokens_per_pass_hist.png"))
-
-    curve = report.get("pass_latency")
-    if curve:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for c in curve["curves"]:
-            xs = [p["q_per_sequence"] for p in c["points"]]
-            ax1.plot(xs, [p["ms"] for p in c["points"]], marker="o",
-                     label=f"batch {c['batch_size']}")
-            ax2.plot(xs, [p["relative_to_ar"] for p in c["points"]], marker="o",
-                     label=f"batch {c['batch_size']}")
-        qs = sorted({p["q_per_sequence"] for c in curve["curves"] for p in c["points"]})
-        for ax, ylabel in ((ax1, "ms per pass"), (ax2, "t(q) / t(1)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(qs, map(str, qs))
-            ax.set_xlabel("query tokens per sequence q")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        ax1.set_title(f"pass latency, context {curve['context']}")
-        written.append(_save(fig, out_dir / "pass_latency.png"))
-    return written
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
