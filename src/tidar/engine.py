@@ -165,8 +165,9 @@ class Engine:
                  cuda_graphs: bool | None = None, compile: bool = False):
         """``compile``: fuse the decode pass with torch.compile in three parts: the layout
         and block inputs, each block (one compiled graph serves every block), and the head
-        with verification and bookkeeping. Each pass shape gets its own static graphs;
-        prefill stays eager, as its shapes vary per call.
+        with verification and bookkeeping. Each pass shape (batch size, queries per row,
+        cache-capacity bucket) gets its own static graphs, compiled on its first pass (about
+        20 s on an H200); prefill stays eager, as its shapes vary per call.
 
         The engine assumes the model's weights stay as they are while it exists.
         """
