@@ -24,11 +24,11 @@ import argparse
 import contextlib
 import itertools
 import time
-from dataclasses import replace
 from functools import partial
 
 import torch
 from common import SMOLLM2, graph_seconds, smollm2_shaped, write_json
+from profile_pass import kernel_table
 
 from tidar.engine import DecodeConfig, Engine
 from tidar.tuner import measure_pass_seconds
@@ -42,21 +42,7 @@ def graph_kernel_seconds(n: int = 1000) -> float:
 
 def kernels_per_pass(make_engine, cfg: DecodeConfig, context: int) -> int:
     """CUDA kernels one whole decode pass launches (batch 1, run outside any graph)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    engine = make_engine(cuda_graphs=False)
-    cfg = replace(cfg.resolved(), max_new_tokens=8 * cfg.block_size + 1)
-    prompt = [i % engine.model.cfg.vocab_size for i in range(context)]
-    with torch.inference_mode(), engine.model.decode_weights():
-        runner = engine._runner(1, context + cfg.max_new_tokens, cfg)
-        engine._start(runner, [prompt], cfg, [0])
-        for _ in range(2):
-            runner.step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.step()
-            torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    return kernel_table(make_engine(cuda_graphs=False), cfg, context, passes=1)["kernels"]
 
 
 def attention_context(choice: str):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -38,6 +37,7 @@ from pathlib import Path
 from .bench_plots import plot
 from .errors import TidarError
 from .peers import HFRunner, Run, sync
+from .synth import write_text_atomic
 
 METHODS = ("hf", "pld", "ar", "lossless", "mix", "auto")
 HUMANEVAL_WRAPPER = "Complete this Python function:\n"
@@ -510,7 +510,7 @@ def run_bench(args) -> int:
                 tuned = next(m for m in here if m.name == row["method"]).tuner
                 if tuned is not None:
                     row["tuner"] = tuned
-            _write_json(out_dir / "bench.json", report)  # so far: a stopped run keeps its cells
+            _save_report(out_dir, report)  # so far: a stopped run keeps its cells
 
     curve, curve_notes = None, []
     if args.pass_repeats:
@@ -522,17 +522,14 @@ def run_bench(args) -> int:
     report["pass_latency"] = curve
     report["complete"] = True
     report["plots"] = plot(report, out_dir)
-    _write_json(out_dir / "bench.json", report)
+    _save_report(out_dir, report)
     print(table(results))
     _log(f"wrote {out_dir / 'bench.json'}" + "".join(f", {p}" for p in report["plots"]))
     return 0
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Written whole or not at all: a reader never sees half a report."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def _save_report(out_dir: Path, report: dict) -> None:
+    write_text_atomic(out_dir / "bench.json", json.dumps(report, indent=1, default=str))
 
 
 def _version(package: str) -> str | None:
