@@ -7,11 +7,14 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 --ar-only --compiled-only --fuse off on \
         --inductor engine untuned
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --compile-scope blocks pass
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --slot-shapes static symbolic
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
 ``--inductor`` compiles under other inductor settings. ``--compile-scope blocks`` compiles
 the blocks alone, as the engine did before it compiled the whole pass with static shapes.
+``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
+before it kept it symbolic (one graph for every capacity bucket).
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
@@ -71,7 +74,7 @@ INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
             "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
 
 
-def variant_context(attention: str, fuse: str, inductor: str, scope: str):
+def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str):
     import tidar.engine
     import tidar.model
 
@@ -83,6 +86,10 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str):
             torch.compile(fn, options=tidar.engine.COMPILE_OPTIONS)
             if isinstance(fn, torch.nn.Module) else fn)
         stack.callback(setattr, tidar.engine, "compile_static", own_compile)
+    if slots == "static":
+        own_share = tidar.engine._share_across_capacities
+        tidar.engine._share_across_capacities = lambda st, cache: None
+        stack.callback(setattr, tidar.engine, "_share_across_capacities", own_share)
     if INDUCTOR[inductor] is not None:
         own_options = tidar.engine.COMPILE_OPTIONS
         tidar.engine.COMPILE_OPTIONS = INDUCTOR[inductor]
@@ -148,18 +155,22 @@ def main() -> None:
     ap.add_argument("--compile-scope", nargs="+", default=["pass"], choices=["pass", "blocks"],
                     help="the engine's compiled pass (static graphs), or its blocks alone with "
                     "dynamo's automatic dynamic shapes (the engine before), per variant")
+    ap.add_argument("--slot-shapes", nargs="+", default=["symbolic"],
+                    choices=["symbolic", "static"], help="the cache's slot count symbolic in "
+                    "compiled graphs (the engine), or compiled in (the engine before), per variant")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
-    for attention, fuse, inductor, scope in itertools.product(
-            args.attention, args.fuse, args.inductor, args.compile_scope):
+    for attention, fuse, inductor, scope, slots in itertools.product(
+            args.attention, args.fuse, args.inductor, args.compile_scope, args.slot_shapes):
         suffix = "" if attention == "default" else f", {attention} attention"
         suffix += "" if fuse == "on" else ", unfused projections"
         suffix += "" if inductor == "engine" else f", inductor {inductor}"
         suffix += "" if scope == "pass" else ", compiled blocks only"
-        spec = (attention, fuse, inductor, scope)
+        suffix += "" if slots == "symbolic" else ", static slot count"
+        spec = (attention, fuse, inductor, scope, slots)
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)

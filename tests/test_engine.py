@@ -665,3 +665,23 @@ def test_compiled_pass_matches_eager_without_graph_breaks():
         expected, stats = Engine(model).generate(prompts, cfg)
         assert got == expected and got_stats.committed_hist == stats.committed_hist
     assert not counters["graph_break"]
+
+
+def test_compiled_pass_serves_every_cache_capacity_from_one_graph():
+    """Longer prompts land in larger cache-capacity buckets; the compiled pass keeps the
+    cache's slot count symbolic, so they decode as eager does without compiling again."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", vocab=32, seed=3, max_position=1024)
+    engine, eager = Engine(model, compile=True), Engine(model)
+    cfg = DecodeConfig(block_size=4, proposals=(0, 2), max_new_tokens=10)
+    counters.clear()
+    graphs = []
+    for longest in (5, 300, 600):  # capacity buckets of 256, 512 and 768 slots
+        prompts = _prompts(32, [longest, 3], longest)
+        got, got_stats = engine.generate(prompts, cfg)
+        expected, stats = eager.generate(prompts, cfg)
+        assert got == expected and got_stats.committed_hist == stats.committed_hist
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len({capacity for _, capacity, _ in engine._runners}) == 3
+    assert graphs[0] > 0 and graphs == graphs[:1] * 3

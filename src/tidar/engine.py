@@ -165,9 +165,10 @@ class Engine:
                  cuda_graphs: bool | None = None, compile: bool = False):
         """``compile``: fuse the decode pass with torch.compile in three parts: the layout
         and block inputs, each block (one compiled graph serves every block), and the head
-        with verification and bookkeeping. Each pass shape (batch size, queries per row,
-        cache-capacity bucket) gets its own static graphs, compiled on its first pass (about
-        20 s on an H200); prefill stays eager, as its shapes vary per call.
+        with verification and bookkeeping. Each pass shape (batch size, queries per row) gets
+        its own static graphs, compiled on its first pass (about 20 s on an H200); the
+        cache's slot count stays symbolic, so every capacity bucket shares them. Prefill
+        stays eager, as its shapes vary per call.
 
         The engine assumes the model's weights stay as they are while it exists.
         """
@@ -261,6 +262,8 @@ class Engine:
         fresh = self._prefill(prompts, cfg, runner.cache, seeds, runner.consts)
         if runner.state is None:
             runner.state = fresh
+            if self.compiled:
+                _share_across_capacities(fresh, runner.cache)
             if self.cuda_graphs:
                 runner.step = self._capture(fresh, cfg, runner.cache, runner.consts)
             else:
@@ -379,8 +382,12 @@ class Engine:
     def _enter_pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
         """The pass's layout, from the state by position arithmetic, as block inputs."""
         verify = torch.cat([st.next_token[:, None], st.drafts], dim=1)
+        # The mask tokens take the cache's last slots. Counted from the buffers' size, not
+        # from the capacity (a Python int a compiled graph would bake in), they leave a
+        # compiled pass one graph for every capacity (see _share_across_capacities).
+        scratch_start = cache.slots - len(cfg.proposals) * cfg.block_size
         layout = decode_layout(st.committed, verify, consts["ks"], cfg.block_size,
-                               cache.capacity, self.model.cfg.mask_id)
+                               scratch_start, self.model.cfg.mask_id)
         return self.model.prepare(layout, cache), layout.clean
 
     def _leave_pass(self, st: _State, cfg: DecodeConfig, hidden: Tensor, consts: dict) -> None:
@@ -468,6 +475,17 @@ class Engine:
                     runner.step()
                     times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
+
+
+def _share_across_capacities(st: _State, cache: KVCache) -> None:
+    """Make the cache's slot count (and the output buffer's length) symbolic in compiled
+    passes: a new capacity bucket then reuses the graphs of its batch size and pass shape
+    instead of compiling its own. Only attention and the cache writes see that size."""
+    import torch._dynamo
+
+    for buffer in cache.k + cache.v:
+        torch._dynamo.mark_dynamic(buffer, 2)
+    torch._dynamo.mark_dynamic(st.out, 1)
 
 
 def raise_recompile_limit() -> None:

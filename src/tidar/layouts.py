@@ -170,14 +170,15 @@ def decode_layout(
     verify: Tensor,
     proposals: list[int] | Tensor,
     block_size: int,
-    capacity: int,
+    scratch_start: int,
     mask_id: int,
 ) -> Layout:
     """One verify/propose pass (DESIGN.md section 3).
 
     ``committed[r]`` tokens are in row ``r``'s cache; ``verify[r]`` is ``[g, d_1 .. d_{b-1}]``
     at positions ``s .. s+b-1``. For each ``k`` in ``proposals`` a block of ``b`` mask tokens
-    at ``s+k+1 .. s+k+b`` sees the cache and ``verify[:, :k+1]``. Everything is arithmetic on
+    at ``s+k+1 .. s+k+b`` sees the cache and ``verify[:, :k+1]``; the mask tokens take the
+    slots from ``scratch_start`` (at or past the capacity) on. Everything is arithmetic on
     ``committed``, so building the layout needs no host synchronisation.
     """
     batch, b = verify.shape
@@ -190,7 +191,7 @@ def decode_layout(
     prop_pos = (s[:, :, None] + ks[None, :, None] + 1 + offsets).reshape(batch, n * b)
     prop_horizon = (s + ks).repeat_interleave(b, dim=1)
     prop_block = (torch.arange(n, device=device) + 1).repeat_interleave(b).expand(batch, -1)
-    scratch = (capacity + torch.arange(n * b, device=device)).expand(batch, -1)
+    scratch = (scratch_start + torch.arange(n * b, device=device)).expand(batch, -1)
     return Layout(
         tokens=torch.cat([verify, torch.full((batch, n * b), mask_id, device=device)], dim=1),
         positions=torch.cat([verify_pos, prop_pos], dim=1),
