@@ -117,6 +117,36 @@ def test_stopped_run_keeps_finished_cells(setup, tmp_path, monkeypatch):
     assert not list(out.glob("*.tmp"))
 
 
+def test_resume_measures_only_the_missing_cells(setup, tmp_path, monkeypatch):
+    """``--resume`` keeps a stopped run's cells and measures the rest; a report made with
+    other settings, or one that is not a report, is refused in one line."""
+    import tidar.bench
+
+    out = tmp_path / "out"
+    quick = ("--methods", "ar", "--repeats", "1", "--pass-repeats", "0")
+    assert run_bench(_args(setup, out, *quick, "--batch-sizes", "1")) == 0
+    first = json.loads((out / "bench.json").read_text())
+    measured, measure = [], tidar.bench._measure_cell
+
+    def counting(methods, engine, eager, hf, groups, *rest):
+        measured.append(len(groups[0]))  # the batch size of the cell
+        return measure(methods, engine, eager, hf, groups, *rest)
+
+    monkeypatch.setattr(tidar.bench, "_measure_cell", counting)
+    assert run_bench(_args(setup, out, *quick, "--batch-sizes", "1,2", "--resume")) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert measured == [2] and report["complete"] is True
+    assert [r["batch_size"] for r in report["results"]] == [1, 2]
+    assert report["results"][0] == first["results"][0]
+    assert report["meta"]["resumed_from"] == first["meta"]["time"]
+
+    with pytest.raises(TidarError, match="betas"):
+        run_bench(_args(setup, out, *quick, "--betas", "0.7", "--resume"))
+    (out / "bench.json").write_text("{not json")
+    with pytest.raises(TidarError, match="not a bench report"):
+        run_bench(_args(setup, out, *quick, "--resume"))
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--batch-sizes", "0"), "--batch-sizes"),
     (("--batch-sizes", "two"), "--batch-sizes"),

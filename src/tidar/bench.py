@@ -98,6 +98,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="context length for t(q) (default: median prompt + half the output)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decode pass")
     p.add_argument("--out", default="bench-out", help="directory for bench.json and plots")
+    p.add_argument("--resume", action="store_true", help="keep the (length, batch size) "
+                   "cells of a stopped run's bench.json in --out and measure the rest; the "
+                   "settings must match")
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -493,9 +496,14 @@ def run_bench(args) -> int:
         "pass_latency": None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    kept = _resume(out_dir, report) if args.resume else {}
     results = report["results"]
     for length in lengths:
         for batch in batch_sizes:
+            if (length, batch) in kept:
+                _log(f"max_new_tokens {length}, batch {batch}: kept from the earlier run")
+                results += kept[length, batch]
+                continue
             here = [m for m in methods if m.kind != "pld" or batch == 1]
             for m in here:
                 if m.name == "auto":
@@ -507,6 +515,7 @@ def run_bench(args) -> int:
             rec = _measure_cell(here, engine, eager, hf, groups, length, args.repeats)
             results += _summarise(here, rec, batch, length, len(groups))
             for row in results[-len(here):]:
+                row["measured"] = report["meta"]["time"]
                 tuned = next(m for m in here if m.name == row["method"]).tuner
                 if tuned is not None:
                     row["tuner"] = tuned
@@ -526,6 +535,40 @@ def run_bench(args) -> int:
     print(table(results))
     _log(f"wrote {out_dir / 'bench.json'}" + "".join(f", {p}" for p in report["plots"]))
     return 0
+
+
+# What makes two runs' cells comparable: everything but the cells asked for and the curve.
+RESUME_KEYS = ("device", "device_type", "dtype", "torch", "transformers", "model_fingerprint",
+               "drafter", "block_size", "proposals", "compile", "prompt_set", "raw",
+               "prompts_in_set", "num_prompts", "betas", "methods", "repeats")
+
+
+def _resume(out_dir: Path, report: dict) -> dict[tuple[int, int], list[dict]]:
+    """The rows of ``out_dir``'s earlier report by (length, batch size) cell, for the cells
+    this run asks for. Each cell was measured in one process (its rows' ``measured`` time
+    says which); cells of different runs were not alternated with each other."""
+    path = out_dir / "bench.json"
+    if not path.exists():
+        _log(f"--resume: no {path} yet, starting afresh")
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        meta, rows = earlier["meta"], earlier["results"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise TidarError(f"--resume: {path} is not a bench report") from None
+    for key in RESUME_KEYS:
+        if meta.get(key) != report["meta"][key]:
+            raise TidarError(f"--resume: {path} has {key} {meta.get(key)!r}, this run "
+                             f"{report['meta'][key]!r}; use another --out")
+    wanted = {(n, b) for n in report["meta"]["max_new_tokens"]
+              for b in report["meta"]["batch_sizes"]}
+    kept: dict[tuple[int, int], list[dict]] = {}
+    for row in rows:
+        cell = (row["max_new_tokens"], row["batch_size"])
+        if cell in wanted:
+            kept.setdefault(cell, []).append(row | {"measured": row.get("measured", meta["time"])})
+    report["meta"]["resumed_from"] = meta["time"]
+    return kept
 
 
 def _save_report(out_dir: Path, report: dict) -> None:
