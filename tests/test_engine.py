@@ -667,21 +667,25 @@ def test_compiled_pass_matches_eager_without_graph_breaks():
     assert not counters["graph_break"]
 
 
-def test_compiled_pass_serves_every_cache_capacity_from_one_graph():
-    """Longer prompts land in larger cache-capacity buckets; the compiled pass keeps the
-    cache's slot count symbolic, so they decode as eager does without compiling again."""
+def test_compiled_pass_compiles_once_per_pass_shape():
+    """Longer prompts land in larger cache-capacity buckets, and ``mix`` runs at several
+    betas: the compiled pass keeps the cache's slot count symbolic and reads beta as data, so
+    all of them decode as eager does, from the graphs the first run compiled."""
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama", vocab=32, seed=3, max_position=1024)
     engine, eager = Engine(model, compile=True), Engine(model)
-    cfg = DecodeConfig(block_size=4, proposals=(0, 2), max_new_tokens=10)
     counters.clear()
     graphs = []
-    for longest in (5, 300, 600):  # capacity buckets of 256, 512 and 768 slots
+    # capacity buckets of 256, 512 and 768 slots; beta 1 is ar's target exactly
+    for longest, beta in ((5, 0.7), (300, 0.7), (600, 0.3), (5, 1.0)):
+        cfg = DecodeConfig(sampler="mix", beta=beta, block_size=4, proposals=(0, 2),
+                           max_new_tokens=10)
         prompts = _prompts(32, [longest, 3], longest)
         got, got_stats = engine.generate(prompts, cfg)
         expected, stats = eager.generate(prompts, cfg)
         assert got == expected and got_stats.committed_hist == stats.committed_hist
         graphs.append(counters["stats"]["unique_graphs"])
+    assert got == eager.generate(prompts, replace(cfg, sampler="ar"))[0]
     assert len({capacity for _, capacity, _ in engine._runners}) == 3
-    assert graphs[0] > 0 and graphs == graphs[:1] * 3
+    assert graphs[0] > 0 and graphs == graphs[:1] * 4

@@ -166,9 +166,9 @@ class Engine:
         """``compile``: fuse the decode pass with torch.compile in three parts: the layout
         and block inputs, each block (one compiled graph serves every block), and the head
         with verification and bookkeeping. Each pass shape (batch size, queries per row) gets
-        its own static graphs, compiled on its first pass (about 20 s on an H200); the
-        cache's slot count stays symbolic, so every capacity bucket shares them. Prefill
-        stays eager, as its shapes vary per call.
+        its own static graphs, compiled on its first pass (14-30 s on an H200); the cache's
+        slot count stays symbolic and ``mix``'s beta is data, so every capacity bucket and
+        beta shares them. Prefill stays eager, as its shapes vary per call.
 
         The engine assumes the model's weights stay as they are while it exists.
         """
@@ -297,6 +297,8 @@ class Engine:
             "stop_ids": torch.tensor(self.stop_ids or (-1,), device=dev),
             "offsets": torch.arange(b, device=dev),
             "ks": torch.tensor(S, dtype=torch.long, device=dev),
+            # Data, not a constant: a compiled pass then serves every beta with one graph.
+            "beta": torch.tensor(cfg.beta, device=dev),
         }
 
     def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -404,7 +406,8 @@ class Engine:
             bonus = model.head(hidden[:, b + (len(S) - 1) * b + (b - 1 - S[-1])])
             z_d = torch.cat([st.draft_logits, bonus[:, None]], dim=1)
             valid = torch.cat([st.draft_valid, st.draft_valid.new_ones(batch, 1)], dim=1)
-            target = torch.where(valid[..., None], mix_logits(z_ar, z_d, cfg.beta), z_ar.float())
+            mixed = mix_logits(z_ar, z_d, consts["beta"])
+            target = torch.where(valid[..., None], mixed, z_ar.float())
         if cfg.sampling.greedy:
             k, c = verify_greedy(target, st.drafts)
         else:

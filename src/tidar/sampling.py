@@ -49,9 +49,10 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
     return probs
 
 
-def mix_logits(ar_logits: Tensor, draft_logits: Tensor, beta: float) -> Tensor:
-    """Logit mixing: ``beta * z_AR + (1 - beta) * z_D``; ``beta = 1`` is the AR model."""
-    if beta == 1.0:
+def mix_logits(ar_logits: Tensor, draft_logits: Tensor, beta: float | Tensor) -> Tensor:
+    """Logit mixing: ``beta * z_AR + (1 - beta) * z_D``; ``beta = 1`` is the AR model (also
+    as a 0-dim tensor: ``1 * z + 0 * z_D`` is ``z`` exactly, for finite logits)."""
+    if not isinstance(beta, Tensor) and beta == 1.0:
         return ar_logits
     return beta * ar_logits.float() + (1.0 - beta) * draft_logits.float()
 
