@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tidar.tuner import choose, expected_tokens_per_pass
+from tidar.engine import DecodeConfig
+from tidar.tuner import auto_config, choose, expected_tokens_per_pass, worth_measuring
 
 
 def test_full_set_is_one_plus_sum_of_reach():
@@ -41,3 +43,47 @@ def test_choose_drafting_when_it_pays():
         for n in range(1, 5)
     )
     assert choice.tokens_per_second == pytest.approx(best)
+
+
+def test_worth_measuring_skips_shapes_that_cannot_win():
+    weak = [0.4, 0.1, 0.02]  # about 1.5 tokens per pass at most
+    assert worth_measuring(8, {}, weak, 4)  # nothing measured yet: AR comes first
+    # A one-block pass at 1.6 AR steps: no larger set's 1.5 tokens can pay for that.
+    expensive = {1: 1.0, 8: 1.6}
+    assert not any(worth_measuring(q, expensive, weak, 4) for q in (12, 20))
+    # At 1.1 AR steps the next sets might still be the pick.
+    assert worth_measuring(12, {1: 1.0, 8: 1.1}, weak, 4)
+    # An untrained drafter (never accepted) needs no drafting pass at all.
+    assert not worth_measuring(8, {1: 1.0}, [], 4)
+
+
+class TimedEngine:
+    """What ``auto_config`` uses of an engine, with pass costs from a formula."""
+
+    device, dtype, compiled = torch.device("cpu"), torch.float32, False
+
+    def __init__(self, per_query: float):
+        self.per_query, self.timed = per_query, []
+
+    def time_pass(self, cfg, batch, context, repeats):
+        queries = 1 if cfg.sampler == "ar" else cfg.block_size * (1 + len(cfg.proposals))
+        self.timed.append(queries)
+        return 1.0 + self.per_query * (queries - 1)
+
+
+def test_auto_config_measures_only_what_could_be_picked(tmp_path, monkeypatch):
+    """An expensive pass with a weak drafter stops after the first drafting shape; a strong
+    drafter on the same device later adds the shapes it could use to the cached costs."""
+    monkeypatch.setenv("TIDAR_CACHE", str(tmp_path))
+    cfg = DecodeConfig(block_size=4).resolved()
+    engine = TimedEngine(per_query=0.1)  # t(8) = 1.7 AR steps
+    got, info = auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    assert got.sampler == "ar" and engine.timed == [1, 8]
+    assert info["shapes_measured"] == [1, 8]
+    engine.timed.clear()
+    got, info = auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
+    assert engine.timed == [12, 20]  # t(1) and t(8) come from the cache
+    assert got.sampler == "lossless" and info["shapes_measured"] == [1, 8, 12, 20]
+    engine.timed.clear()
+    auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
+    assert engine.timed == []

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 MARGIN = 0.03  # the least expected gain over AR for which the tuner picks drafting
+COST_NOISE = 0.05  # how much a measured pass may come out cheaper than a smaller one
+TUNER_CONTEXT = 128  # tokens in the cache while the tuner times a pass
 PASS_REVISION = 6  # part of the cache key of measured pass costs: bump when the pass changes
 
 
@@ -81,30 +83,56 @@ def choose(
     return best if best.tokens_per_second > ar.tokens_per_second * (1 + MARGIN) else ar
 
 
-def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = 128,
-                         repeats: int = 5, progress: bool = False) -> dict[int, float]:
-    """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for AR and
-    proposal sets of 1, 2, 4, .. blocks, by query tokens per sequence. ``progress``: a bar
-    on stderr (a compiled engine compiles each pass shape on first use)."""
-    from tqdm import tqdm
-
+def pass_shapes(block_size: int) -> dict:
+    """The passes the tuner weighs, by query tokens per sequence: AR, and proposal sets of
+    1, 2, 4, .. blocks (up to all ``block_size``)."""
     from .engine import DecodeConfig
 
     counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size})
-    configs = {1: DecodeConfig(sampler="ar")} | {
+    return {1: DecodeConfig(sampler="ar")} | {
         block_size + n * block_size: DecodeConfig(block_size=block_size, proposals=tuple(range(n)))
         for n in counts}
-    bar = tqdm(configs.items(), desc=f"pass costs, batch {batch}", unit="shape",
-               disable=not progress, file=sys.stderr)
+
+
+def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = 128,
+                         repeats: int = 5, progress: bool = False) -> dict[int, float]:
+    """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for every
+    shape of ``pass_shapes``. ``progress``: a bar on stderr (a compiled engine compiles each
+    pass shape on first use)."""
+    from tqdm import tqdm
+
+    bar = tqdm(pass_shapes(block_size).items(), desc=f"pass costs, batch {batch}",
+               unit="shape", disable=not progress, file=sys.stderr)
     return {q: engine.time_pass(cfg, batch, context, repeats) for q, cfg in bar}
+
+
+def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
+                    block_size: int) -> bool:
+    """Whether a pass of ``queries`` could still be the tuner's pick, given the costs
+    ``seconds`` measured for fewer queries. A pass costs at least what a smaller one does
+    (up to ``COST_NOISE``), so its speed is at most its expected tokens over the largest
+    cost so far; it must beat the best pick so far and AR by ``MARGIN``."""
+    if 1 not in seconds:
+        return True
+    n = queries // block_size - 1
+    tokens = expected_tokens_per_pass(reach, block_size, tuple(range(n)))
+    if tokens <= 1.0:  # as in choose: never a pick
+        return False
+    best = choose(seconds, reach, "lossless", block_sizes=(block_size,))
+    bar = max(best.tokens_per_second, (1 + MARGIN) / seconds[1])
+    return tokens / (max(seconds.values()) * (1 - COST_NOISE)) > bar
 
 
 def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
     """``--proposals auto``: the tuner's pick for ``cfg``'s sampler and block size from this
     device's measured pass costs (cached per model, device, dtype, threads, block size and
     batch) and the drafter's acceptance profile ``reach``; plain ``ar`` when no drafting
-    setting is expected to be faster. Returns the configuration and a summary."""
+    setting is expected to be faster. Only the shapes that could be picked are measured
+    (each costs a compile with ``--compile``); a later drafter that could use more shapes
+    adds them to the cache. Returns the configuration and a summary."""
     from dataclasses import replace
+
+    from tqdm import tqdm
 
     from . import default_model
     from .engine import DecodeConfig
@@ -113,23 +141,31 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu{torch.get_num_threads()}")
     compiled = "-compiled" if engine.compiled else ""
-    key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{cfg.block_size}"
+    b = cfg.block_size
+    key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{b}"
            f"-batch{batch}-pass{PASS_REVISION}")
     path = default_model.cache_dir() / "tuner" / f"{key}.json"
-    profile = cached_profile(path)
-    if profile is None:
+    profile = cached_profile(path) or {"pass_seconds": {}}
+    seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
+    repeats = 9 if device.type == "cuda" else 2
+    shapes = pass_shapes(b)
+    if any(q not in seconds for q in shapes):
         print(f"tidar: measuring pass costs at batch {batch} on this device for --proposals "
               "auto (once)", file=sys.stderr)
-        repeats = 9 if device.type == "cuda" else 2
-        profile = {"pass_seconds": measure_pass_seconds(engine, cfg.block_size, batch,
-                                                        repeats=repeats, progress=True)}
-    seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
-    choice = choose(seconds, reach, cfg.sampler, block_sizes=(cfg.block_size,))
+        bar = tqdm(total=len(shapes), desc=f"pass costs, batch {batch}", unit="shape",
+                   file=sys.stderr)
+        for q, shape in shapes.items():
+            if q not in seconds and worth_measuring(q, seconds, reach, b):
+                seconds[q] = engine.time_pass(shape, batch, TUNER_CONTEXT, repeats)
+            bar.update()
+        bar.close()
+    choice = choose(seconds, reach, cfg.sampler, block_sizes=(b,))
     save_profile(path, seconds, choice)
     info = {"choice": choice.sampler, "block_size": choice.block_size,
             "proposals": len(choice.proposals),
             "expected_tokens_per_pass": round(choice.tokens_per_pass, 3),
-            "expected_speedup": round(choice.tokens_per_second * seconds[1], 3)}
+            "expected_speedup": round(choice.tokens_per_second * seconds[1], 3),
+            "shapes_measured": sorted(seconds)}
     if choice.sampler == "ar":
         return DecodeConfig(sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed).resolved(), info
