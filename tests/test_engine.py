@@ -689,3 +689,14 @@ def test_compiled_pass_compiles_once_per_pass_shape():
     assert got == eager.generate(prompts, replace(cfg, sampler="ar"))[0]
     assert len({capacity for _, capacity, _ in engine._runners}) == 3
     assert graphs[0] > 0 and graphs == graphs[:1] * 4
+
+
+def test_compiled_pass_runs_moe_models_in_fp32_on_the_cpu():
+    """torch's grouped GEMM checks for bf16 under torch.compile even on the CPU, where it
+    runs fp32 eagerly: compiled MoE passes take the per-expert path and decode as eager."""
+    model = tiny_model("qwen3_moe", vocab=32, seed=2)
+    prompts = _prompts(32, [6, 2], 5)
+    cfg = DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=10)
+    got, got_stats = Engine(model, compile=True).generate(prompts, cfg)
+    expected, stats = Engine(model).generate(prompts, cfg)
+    assert got == expected and got_stats.committed_hist == stats.committed_hist

@@ -339,10 +339,11 @@ class MLP(nn.Module):
 
 def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """``x`` rows sorted by expert, times ``weight[e].T`` for each expert's row range."""
-    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    # torch's CUDA grouped GEMM is bf16-only. Other dtypes (fp32 checks) run every expert on
-    # every row and keep each row's own: wasteful, but free of host syncs (CUDA graphs).
+    # torch's CUDA grouped GEMM is bf16-only, and so is its shape check under torch.compile.
+    # Other dtypes (fp32 checks) run every expert on every row and keep each row's own:
+    # wasteful, but free of host syncs (CUDA graphs).
     rows = torch.arange(x.shape[0], device=x.device)
     expert = torch.searchsorted(offsets, rows.to(offsets.dtype), right=True)
     out = x.new_zeros(x.shape[0], weight.shape[1])
