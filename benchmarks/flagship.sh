@@ -12,6 +12,8 @@
 #   bash benchmarks/flagship.sh train      # MODE=frozen-ar|full conversion; drafter in $OUT
 #                                          # when it fits (an adapter), metrics always
 #   bash benchmarks/flagship.sh bench      # tidar bench, chat and HumanEval prompts
+#   bash benchmarks/flagship.sh bench-resume  # the H200 chat bench of results section 3:
+#                                          # its committed cells kept, the missing ones measured
 #   bash benchmarks/flagship.sh compare    # both modes, same data and budget (STEPS, *_SECONDS)
 #   bash benchmarks/flagship.sh eval-full  # the full-mode drafter: pass@1 and speed
 #
@@ -86,6 +88,13 @@ bench)
     --methods ar,lossless,mix,auto --pass-repeats 0 --out "$OUT/bench_humaneval" 2>&1 \
     | grep -v Warning | tail -12
   ;;
+bench-resume)
+  mkdir -p "$OUT/bench_chat" && cp docs/results/bench/chat_h200/bench.json "$OUT/bench_chat/"
+  tidar bench --device cuda --compile --drafter $DRAFTER --prompt-set chat --num-prompts 8 \
+    --batch-sizes 1,4,16,64 --max-new-tokens 128 --repeats 2 --betas 0.7,0.5,0.3 \
+    --methods hf,pld,ar,lossless,mix,auto --pass-repeats 0 --out "$OUT/bench_chat" --resume \
+    2>&1 | grep -v Warning | tail -30
+  ;;
 eval-full)  # the full-mode drafter changes the AR model too: its own pass@1 and speed
   full=/root/run-full/drafter.safetensors
   timeout 240 python3 -u benchmarks/humaneval_eval.py --drafter $full --device cuda \
@@ -99,7 +108,7 @@ eval-full)  # the full-mode drafter changes the AR model too: its own pass@1 and
   done
   ;;
 *)
-  echo "usage: $0 setup|humaneval|code|synth|train|compare|bench|eval-full" >&2
+  echo "usage: $0 setup|humaneval|code|synth|train|compare|bench|bench-resume|eval-full" >&2
   exit 2
   ;;
 esac

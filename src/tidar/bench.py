@@ -445,10 +445,6 @@ def run_bench(args) -> int:
     eager = Engine(loaded.model, stops, cuda_graphs=False)  # prefill timing only
     for length in lengths:  # every prompt must fit with every length: fail before timing
         engine._check_prompts(prompt_ids, replace(base, max_new_tokens=length))
-    hf = None
-    if any(m.kind in ("hf", "pld") for m in methods):
-        _log("loading the transformers baseline")
-        hf = HFRunner(loaded.source, device, dtype, stops, tokenizer)
 
     notes = [
         "speedup: decode tokens/s (tokens after the first over the time after the first "
@@ -499,6 +495,10 @@ def run_bench(args) -> int:
     kept = resume_cells(out_dir, report) if args.resume else {}
     if args.resume and not kept:
         _log(f"--resume: no cells to keep in {out_dir}, measuring every one")
+    hf = None
+    if any(m.kind in ("hf", "pld") for m in methods):
+        _log("loading the transformers baseline")
+        hf = HFRunner(loaded.source, device, dtype, stops, tokenizer)
     results = report["results"]
     for length in lengths:
         for batch in batch_sizes:
