@@ -700,3 +700,21 @@ def test_compiled_pass_runs_moe_models_in_fp32_on_the_cpu():
     got, got_stats = Engine(model, compile=True).generate(prompts, cfg)
     expected, stats = Engine(model).generate(prompts, cfg)
     assert got == expected and got_stats.committed_hist == stats.committed_hist
+
+
+def test_batches_share_the_runner_of_their_batch_bucket():
+    """Batches of 3 and 4 run on one runner of 4 rows (a batch of 3 adds an idle row): each
+    prompt decodes as it does alone, and the stats cover the real rows only."""
+    from tidar.engine import batch_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 17, 64)] == [1, 2, 4, 8, 8, 16, 24, 64]
+    engine = Engine(tiny_model("llama", vocab=32, seed=4))
+    cfg = DecodeConfig(block_size=4, max_new_tokens=9)
+    prompts = _prompts(32, [5, 2, 7, 3], 6)
+    three, stats = engine.generate(prompts[:3], cfg)
+    four, _ = engine.generate(prompts, cfg)
+    assert [key[0] for key in engine._runners] == [4]
+    solo = [engine.generate([p], cfg)[0][0] for p in prompts]
+    assert three == solo[:3] and four == solo
+    assert stats.tokens == [len(out) for out in three] and len(stats.passes) == 3
+    assert sum(stats.committed_hist) == sum(stats.passes) - 3  # decode passes: prefill aside

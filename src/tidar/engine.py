@@ -8,9 +8,9 @@ All decoding state lives in fixed-shape device tensors that a pass updates in pl
 host synchronisation: token bookkeeping (stop tokens, budgets, output buffer) is tensor
 arithmetic and randomness is a counter-based hash of (row seed, pass, slot). On CUDA the pass
 is captured in a CUDA graph and replayed; the host looks at the state every ``sync_every``
-passes to stream tokens and stop. Graphs, caches and state buffers are kept per (batch size,
-cache-capacity bucket, configuration) and reused by later calls: a call with the same shapes
-only prefills and replays.
+passes to stream tokens and stop. Graphs, caches and state buffers are kept per (batch-size
+bucket, cache-capacity bucket, configuration) and reused by later calls: a call with the same
+shapes only prefills and replays.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class Engine:
                  cuda_graphs: bool | None = None, compile: bool = False):
         """``compile``: fuse the decode pass with torch.compile in three parts: the layout
         and block inputs, each block (one compiled graph serves every block), and the head
-        with verification and bookkeeping. Each pass shape (batch size, queries per row) gets
+        with verification and bookkeeping. Each pass shape (batch bucket, queries per row) gets
         its own static graphs, compiled on its first pass (14-30 s on an H200); the cache's
         slot count stays symbolic and ``mix``'s beta is data, so every capacity bucket and
         beta shares them. Prefill stays eager, as its shapes vary per call.
@@ -215,13 +215,18 @@ class Engine:
         seeds = seeds if seeds is not None else [cfg.seed] * batch
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
+        rows = batch_bucket(batch)
         with torch.inference_mode(), self.model.decode_weights():
-            runner = self._runner(batch, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
-            st = self._live = self._start(runner, prompts, cfg, seeds)
+            runner = self._runner(rows, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
+            filler = rows - batch  # rows past the batch: copies of its first prompt, idle
+            st = self._live = self._start(runner, prompts + prompts[:1] * filler, cfg,
+                                          seeds + seeds[:1] * filler)
+            if filler:
+                st.active[batch:] = False
             shown = [0] * batch
             while True:
-                generated = st.generated.tolist()
-                out = st.out.cpu()  # one copy per sync, not one per row
+                generated = st.generated[:batch].tolist()
+                out = st.out[:batch].cpu()  # one copy per sync, not one per row
                 for r in range(batch):
                     if generated[r] > shown[r]:
                         yield r, out[r, shown[r] : generated[r]].tolist()
@@ -232,7 +237,7 @@ class Engine:
                     runner.step()
             hist = st.hist.tolist()
             hist[0] = 0
-            self.last_stats = Stats(cfg.block_size, st.passes.tolist(), generated, hist)
+            self.last_stats = Stats(cfg.block_size, st.passes[:batch].tolist(), generated, hist)
 
     def finish(self, row: int) -> None:
         """End ``row`` of the running stream, e.g. when its text reached a stop string.
@@ -459,11 +464,11 @@ class Engine:
         tokens, on the same runner a generation of that shape uses."""
         cfg = replace(cfg.resolved(), max_new_tokens=(repeats + 4) * cfg.block_size + 1)
         prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
-                   for r in range(batch)]
+                   for r in range(batch_bucket(batch))]  # the rows decoding runs
         times = []
         with self.model.decode_weights():
-            runner = self._runner(batch, context + cfg.max_new_tokens, cfg)
-            self._start(runner, prompts, cfg, [0] * batch)
+            runner = self._runner(len(prompts), context + cfg.max_new_tokens, cfg)
+            self._start(runner, prompts, cfg, [0] * len(prompts))
             for _ in range(repeats):
                 if self.device.type == "cuda":
                     start = torch.cuda.Event(enable_timing=True)
@@ -478,6 +483,15 @@ class Engine:
                     runner.step()
                     times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch size runners, CUDA graphs and compiled graphs are built for: 1, 2, 4, 8,
+    then multiples of 8. A smaller batch fills the rest with idle rows."""
+    for size in (1, 2, 4, 8):
+        if batch <= size:
+            return size
+    return -(-batch // 8) * 8
 
 
 def _share_across_capacities(st: _State, cache: KVCache) -> None:

@@ -126,7 +126,7 @@ def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
 def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
     """``--proposals auto``: the tuner's pick for ``cfg``'s sampler and block size from this
     device's measured pass costs (cached per model, device, dtype, threads, block size and
-    batch) and the drafter's acceptance profile ``reach``; plain ``ar`` when no drafting
+    batch bucket) and the drafter's acceptance profile ``reach``; plain ``ar`` when no drafting
     setting is expected to be faster. Only the shapes that could be picked are measured
     (each costs a compile with ``--compile``); a later drafter that could use more shapes
     adds them to the cache. Returns the configuration and a summary."""
@@ -135,7 +135,7 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     from tqdm import tqdm
 
     from . import default_model
-    from .engine import DecodeConfig
+    from .engine import DecodeConfig, batch_bucket
 
     device, dtype = engine.device, str(engine.dtype).replace("torch.", "")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -143,21 +143,22 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     compiled = "-compiled" if engine.compiled else ""
     b = cfg.block_size
     key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{b}"
-           f"-batch{batch}-pass{PASS_REVISION}")
+           f"-batch{batch_bucket(batch)}-pass{PASS_REVISION}")
     path = default_model.cache_dir() / "tuner" / f"{key}.json"
     profile = cached_profile(path) or {"pass_seconds": {}}
     seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
     repeats = 9 if device.type == "cuda" else 2
-    shapes = pass_shapes(b)
-    if any(q not in seconds for q in shapes):
-        print(f"tidar: measuring pass costs at batch {batch} on this device for --proposals "
-              "auto (once)", file=sys.stderr)
-        bar = tqdm(total=len(shapes), desc=f"pass costs, batch {batch}", unit="shape",
-                   file=sys.stderr)
-        for q, shape in shapes.items():
-            if q not in seconds and worth_measuring(q, seconds, reach, b):
-                seconds[q] = engine.time_pass(shape, batch, TUNER_CONTEXT, repeats)
-            bar.update()
+    bar = None
+    for q, shape in pass_shapes(b).items():
+        if q in seconds or not worth_measuring(q, seconds, reach, b):
+            continue
+        if bar is None:  # something to measure (once: later calls read the cache)
+            print(f"tidar: measuring pass costs at batch {batch} on this device for "
+                  "--proposals auto", file=sys.stderr)
+            bar = tqdm(desc=f"pass costs, batch {batch}", unit="shape", file=sys.stderr)
+        seconds[q] = engine.time_pass(shape, batch, TUNER_CONTEXT, repeats)
+        bar.update()
+    if bar is not None:
         bar.close()
     choice = choose(seconds, reach, cfg.sampler, block_sizes=(b,))
     save_profile(path, seconds, choice)
