@@ -53,6 +53,8 @@ def test_worth_measuring_skips_shapes_that_cannot_win():
     assert not any(worth_measuring(q, expensive, weak, 4) for q in (12, 20))
     # At 1.1 AR steps the next sets might still be the pick.
     assert worth_measuring(12, {1: 1.0, 8: 1.1}, weak, 4)
+    # Only smaller passes bound a pass's cost (a cached larger one says nothing about it).
+    assert worth_measuring(12, {1: 1.0, 8: 1.1, 20: 3.0}, weak, 4)
     # An untrained drafter (never accepted) needs no drafting pass at all.
     assert not worth_measuring(8, {1: 1.0}, [], 4)
 

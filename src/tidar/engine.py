@@ -496,7 +496,7 @@ def batch_bucket(batch: int) -> int:
 
 def _share_across_capacities(st: _State, cache: KVCache) -> None:
     """Make the cache's slot count (and the output buffer's length) symbolic in compiled
-    passes: a new capacity bucket then reuses the graphs of its batch size and pass shape
+    passes: a new capacity bucket then reuses the graphs of its batch bucket and pass shape
     instead of compiling its own. Only attention and the cache writes see that size."""
     import torch._dynamo
 

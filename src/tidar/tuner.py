@@ -94,7 +94,7 @@ def pass_shapes(block_size: int) -> dict:
         for n in counts}
 
 
-def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = 128,
+def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = TUNER_CONTEXT,
                          repeats: int = 5, progress: bool = False) -> dict[int, float]:
     """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for every
     shape of ``pass_shapes``. ``progress``: a bar on stderr (a compiled engine compiles each
@@ -120,7 +120,8 @@ def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
         return False
     best = choose(seconds, reach, "lossless", block_sizes=(block_size,))
     bar = max(best.tokens_per_second, (1 + MARGIN) / seconds[1])
-    return tokens / (max(seconds.values()) * (1 - COST_NOISE)) > bar
+    floor = max(t for q, t in seconds.items() if q < queries)
+    return tokens / (floor * (1 - COST_NOISE)) > bar
 
 
 def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
