@@ -95,15 +95,27 @@ def pass_shapes(block_size: int) -> dict:
 
 
 def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = TUNER_CONTEXT,
-                         repeats: int = 5, progress: bool = False) -> dict[int, float]:
-    """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for every
-    shape of ``pass_shapes``. ``progress``: a bar on stderr (a compiled engine compiles each
-    pass shape on first use)."""
+                         repeats: int = 5, reach: list[float] | None = None,
+                         known: dict[int, float] | None = None) -> dict[int, float]:
+    """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for the shapes
+    of ``pass_shapes``, in order of query count, kept with the ``known`` ones. Given the
+    drafter's ``reach``, only the shapes ``worth_measuring`` (each costs a compile with
+    ``--compile``). A bar on stderr while it measures."""
     from tqdm import tqdm
 
-    bar = tqdm(pass_shapes(block_size).items(), desc=f"pass costs, batch {batch}",
-               unit="shape", disable=not progress, file=sys.stderr)
-    return {q: engine.time_pass(cfg, batch, context, repeats) for q, cfg in bar}
+    seconds = dict(known or {})
+    bar = None
+    for q, cfg in pass_shapes(block_size).items():
+        if q in seconds or (reach is not None
+                            and not worth_measuring(q, seconds, reach, block_size)):
+            continue
+        if bar is None:
+            bar = tqdm(desc=f"pass costs, batch {batch}", unit="shape", file=sys.stderr)
+        seconds[q] = engine.time_pass(cfg, batch, context, repeats)
+        bar.update()
+    if bar is not None:
+        bar.close()
+    return seconds
 
 
 def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
@@ -133,8 +145,6 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     adds them to the cache. Returns the configuration and a summary."""
     from dataclasses import replace
 
-    from tqdm import tqdm
-
     from . import default_model
     from .engine import DecodeConfig, batch_bucket
 
@@ -149,18 +159,7 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     profile = cached_profile(path) or {"pass_seconds": {}}
     seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
     repeats = 9 if device.type == "cuda" else 2
-    bar = None
-    for q, shape in pass_shapes(b).items():
-        if q in seconds or not worth_measuring(q, seconds, reach, b):
-            continue
-        if bar is None:  # something to measure (once: later calls read the cache)
-            print(f"tidar: measuring pass costs at batch {batch} on this device for "
-                  "--proposals auto", file=sys.stderr)
-            bar = tqdm(desc=f"pass costs, batch {batch}", unit="shape", file=sys.stderr)
-        seconds[q] = engine.time_pass(shape, batch, TUNER_CONTEXT, repeats)
-        bar.update()
-    if bar is not None:
-        bar.close()
+    seconds = measure_pass_seconds(engine, b, batch, repeats=repeats, reach=reach, known=seconds)
     choice = choose(seconds, reach, cfg.sampler, block_sizes=(b,))
     save_profile(path, seconds, choice)
     info = {"choice": choice.sampler, "block_size": choice.block_size,
