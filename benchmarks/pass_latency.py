@@ -8,13 +8,17 @@ one process, against the AR step's floors.
         --inductor engine untuned
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --compile-scope blocks pass
     python benchmarks/pass_latency.py --batch 1 --compiled-only --slot-shapes static symbolic
+    python benchmarks/pass_latency.py --batch 1 4 --context 100 --compiled-only \
+        --short-caches old new
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
 ``--inductor`` compiles under other inductor settings. ``--compile-scope blocks`` compiles
 the blocks alone, as the engine did before it compiled the whole pass with static shapes.
 ``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
-before it kept it symbolic (one graph for every capacity bucket).
+before it kept it symbolic (one graph for every capacity bucket). ``--short-caches old``
+gives AR caches an unused scratch slot (a 256-slot capacity then takes 512 slots) and merges
+a single key slice in a second kernel, as the engine did before it wrote one slice directly.
 
 Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
 device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
@@ -74,7 +78,8 @@ INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
             "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
 
 
-def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str):
+def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
+                    short: str):
     import tidar.engine
     import tidar.model
 
@@ -86,6 +91,14 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
             torch.compile(fn, options=tidar.engine.COMPILE_OPTIONS)
             if isinstance(fn, torch.nn.Module) else fn)
         stack.callback(setattr, tidar.engine, "compile_static", own_compile)
+    if short == "old":
+        import tidar.decode_attention
+
+        own_scratch = tidar.engine.scratch_slots
+        tidar.engine.scratch_slots = lambda cfg: max(len(cfg.proposals), 1) * cfg.block_size
+        tidar.decode_attention.MERGE_ALWAYS = True
+        stack.callback(setattr, tidar.engine, "scratch_slots", own_scratch)
+        stack.callback(setattr, tidar.decode_attention, "MERGE_ALWAYS", False)
     if slots == "static":
         own_share = tidar.engine._share_across_capacities
         tidar.engine._share_across_capacities = lambda st, cache: None
@@ -158,19 +171,24 @@ def main() -> None:
     ap.add_argument("--slot-shapes", nargs="+", default=["symbolic"],
                     choices=["symbolic", "static"], help="the cache's slot count symbolic in "
                     "compiled graphs (the engine), or compiled in (the engine before), per variant")
+    ap.add_argument("--short-caches", nargs="+", default=["new"], choices=["new", "old"],
+                    help="old: AR caches with a scratch slot, one key slice merged by a "
+                    "second kernel (the engine before), per variant")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
-    for attention, fuse, inductor, scope, slots in itertools.product(
-            args.attention, args.fuse, args.inductor, args.compile_scope, args.slot_shapes):
+    for attention, fuse, inductor, scope, slots, short in itertools.product(
+            args.attention, args.fuse, args.inductor, args.compile_scope, args.slot_shapes,
+            args.short_caches):
         suffix = "" if attention == "default" else f", {attention} attention"
         suffix += "" if fuse == "on" else ", unfused projections"
         suffix += "" if inductor == "engine" else f", inductor {inductor}"
         suffix += "" if scope == "pass" else ", compiled blocks only"
         suffix += "" if slots == "symbolic" else ", static slot count"
-        spec = (attention, fuse, inductor, scope, slots)
+        suffix += "" if short == "new" else ", old short caches"
+        spec = (attention, fuse, inductor, scope, slots, short)
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)

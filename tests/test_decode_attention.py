@@ -118,3 +118,18 @@ def test_engine_decodes_through_the_kernel_exactly(monkeypatch):
     assert {shape[2] for shape in calls} >= {1, 9, 12, 20}
     assert kernel == sdpa
     assert kernel[1] == kernel[0] and kernel[2] == kernel[0]
+
+
+def test_one_key_slice_skips_the_merge(monkeypatch):
+    """A cache of one key slice: the slice kernel writes the output itself, exactly what the
+    merge kernel would have made of that one slice."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 6, 3, 32, generator=gen)
+    k, v = (torch.randn(2, 2, 200, 32, generator=gen) for _ in range(2))
+    mask = decode_pass_mask(2, 3, 200, gen)
+    assert decode_attention_module.plan(2, 2, 9, 200)[1] >= 200  # one slice
+    direct = decode_attention_module.decode_attention(q, k, v, mask)
+    monkeypatch.setattr(decode_attention_module, "MERGE_ALWAYS", True)
+    merged = decode_attention_module.decode_attention(q, k, v, mask)
+    assert torch.equal(direct, merged)
+    torch.testing.assert_close(direct, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)

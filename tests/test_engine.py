@@ -718,3 +718,14 @@ def test_batches_share_the_runner_of_their_batch_bucket():
     assert three == solo[:3] and four == solo
     assert stats.tokens == [len(out) for out in three] and len(stats.passes) == 3
     assert sum(stats.committed_hist) == sum(stats.passes) - 3  # decode passes: prefill aside
+
+
+def test_ar_caches_end_at_their_capacity():
+    """AR passes have no mask tokens: their cache has no scratch slots past the capacity,
+    so every AR step reads only the capacity's keys."""
+    engine = Engine(tiny_model("llama", vocab=32, seed=4))
+    engine.generate([[1, 2, 3]], DecodeConfig(sampler="ar", max_new_tokens=5))
+    engine.generate([[1, 2, 3]], DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=5))
+    slots = {cfg.sampler: (runner.cache.slots, capacity)
+             for (_, capacity, cfg), runner in engine._runners.items()}
+    assert slots["ar"] == (256, 256) and slots["lossless"] == (256 + 8, 256)

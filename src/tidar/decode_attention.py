@@ -4,7 +4,8 @@ A decode pass has few queries over a long cache. A fused attention kernel then g
 handful of thread blocks, each walking every key in turn. Here each thread block takes a
 tile of query rows (the query heads sharing a KV head are folded into rows, so the cache is
 read once per KV head) and one slice of the keys; a second kernel merges the slices by their
-log-sum-exp, as flash-decoding does. The visibility rule comes as the dense boolean mask
+log-sum-exp, as flash-decoding does (when one slice covers the cache, the slice kernel
+writes the output itself). The visibility rule comes as the dense boolean mask
 the engine already builds on the device. Importing this module needs Triton; on the CPU the
 model keeps SDPA, and the tests run these kernels in Triton's interpreter.
 """
@@ -23,18 +24,21 @@ NUM_WARPS = 4  # per thread block of the slice kernel
 TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
 MIN_CHUNK = 256  # the shortest key slice plan() makes
 MERGE_ROWS = 16  # rows per thread block of the merge: it has no matmul, so small tiles
+MERGE_ALWAYS = False  # benchmarks only: merge even one slice (as before; pass_latency --merge)
 
 
 @triton.jit
-def _slice_kernel(Q, K, V, Mask, Out, Lse,
+def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
-                  so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
+                  so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s, sd_b, sd_h, sd_t,
                   length, slots, rows, kv_heads, group, chunk,
                   qk_scale: tl.constexpr,  # 1/sqrt(HEAD_DIM) in log2 units: one per head size
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP32: tl.constexpr):
+                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr):
     """One (row tile, key slice, sequence x KV head): normalised partial output and its
-    log2-sum-exp over the slice's visible keys (-inf where a row sees none of them)."""
+    log2-sum-exp over the slice's visible keys (-inf where a row sees none of them). With
+    ``ONE_SLICE`` the slice is the whole cache: the output goes straight to ``Final``, in
+    its dtype and layout, and no merge follows."""
     tile, part, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64: a large batch of long caches passes 2^31 elements
     b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
@@ -74,6 +78,10 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse,
         peak = new_peak
     seen_any = total > 0
     out = acc / tl.where(seen_any, total, 1.0)[:, None]
+    if ONE_SLICE:
+        tl.store(Final + b * sd_b + head[:, None] * sd_h + t[:, None] * sd_t + d[None, :],
+                 out.to(Final.dtype.element_ty), mask=row_ok[:, None])
+        return
     base = b * so_b + h * so_h + part * so_s
     tl.store(Out + base + r[:, None] * so_r + d[None, :], out, mask=row_ok[:, None])
     lse = tl.where(seen_any, peak + tl.log2(tl.where(seen_any, total, 1.0)), float("-inf"))
@@ -137,7 +145,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
     An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
     to schedule these kernels inlined through ``triton_op`` at some shapes), and the
-    engine's CUDA graphs capture its two launches."""
+    engine's CUDA graphs capture its one or two launches."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, heads, length, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
@@ -149,15 +157,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     part = q.new_empty(batch, kv_heads, parts, rows, dim, dtype=torch.float32)
     lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
     tiles = -(-rows // block_m)
+    one_slice = parts == 1 and not MERGE_ALWAYS
     _slice_kernel[(tiles, parts, batch * kv_heads)](
-        q, k, v, mask, part, lse,
+        q, k, v, mask, part, lse, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        length, slots, rows, kv_heads, group, chunk, dim**-0.5 * math.log2(math.e),
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32,
-        num_warps=NUM_WARPS)
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), length, slots, rows, kv_heads, group, chunk,
+        dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, num_warps=NUM_WARPS)
+    if one_slice:
+        return out
     _merge_kernel[(-(-rows // MERGE_ROWS), batch * kv_heads)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),

@@ -256,8 +256,8 @@ class Engine:
         if runner is None:
             while len(self._runners) >= MAX_RUNNERS:
                 self._runners.popitem(last=False)
-            scratch = max(len(cfg.proposals) * cfg.block_size, cfg.block_size)
-            cache = KVCache(self.model.cfg, batch, capacity, scratch, self.dtype, self.device)
+            cache = KVCache(self.model.cfg, batch, capacity, scratch_slots(cfg), self.dtype,
+                            self.device)
             runner = _Runner(cache, self._constants(cfg))
         self._runners[key] = runner
         return runner
@@ -483,6 +483,12 @@ class Engine:
                     runner.step()
                     times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
+
+
+def scratch_slots(cfg: DecodeConfig) -> int:
+    """Cache slots past the capacity for a pass's mask tokens (the prefill's one block among
+    them). AR has none: its cache, and the keys every AR step reads, end at the capacity."""
+    return len(cfg.proposals) * cfg.block_size
 
 
 def batch_bucket(batch: int) -> int:
