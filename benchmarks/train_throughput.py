@@ -2,17 +2,15 @@
 
     python benchmarks/train_throughput.py --modes frozen-ar full --batch 32 --seq-len 512
     python benchmarks/train_throughput.py --batch 64 --compile on --profile 2
-    python benchmarks/train_throughput.py --batch 64 --compile on --projections separate fused
+    python benchmarks/train_throughput.py --batch 64 96 128 --compile on
 
 Clean tokens per second (the ``L`` tokens of each doubled row) and model FLOPs utilisation.
-``--projections separate`` runs q/k/v and gate/up (and their adapters) one layer at a time,
-as training did before ``tidar.model.project`` fused them; variants share one process.
+Variants (mode, batch, compile) run in one process, each compiled afresh.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import time
 
@@ -51,20 +49,6 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool):
     return model, step
 
 
-@contextlib.contextmanager
-def projections(choice: str):
-    """``fused``: the model's ``project``; ``separate``: every layer on its own."""
-    import tidar.model
-
-    own = tidar.model.project
-    if choice == "separate":
-        tidar.model.project = lambda x, layers, gate: [layer(x) for layer in layers]
-    try:
-        yield
-    finally:
-        tidar.model.project = own
-
-
 def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int,
         profile_steps: int) -> dict:
     torch._dynamo.reset()  # each variant compiles afresh
@@ -98,22 +82,17 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--projections", nargs="+", default=["fused"], choices=["fused", "separate"],
-                    help="q/k/v and gate/up as one matmul each (the model), or one by one")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many steps: GPU time by kernel, and GPU-busy share")
     args = ap.parse_args()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
-    for mode, batch, comp, proj in itertools.product(args.modes, args.batch, compiles,
-                                                     args.projections):
+    for mode, batch, comp in itertools.product(args.modes, args.batch, compiles):
         torch.cuda.reset_peak_memory_stats()
         try:
-            with projections(proj):
-                r = run(mode, batch, args.seq_len, comp, args.steps, args.profile)
+            r = run(mode, batch, args.seq_len, comp, args.steps, args.profile)
         except Exception as exc:  # report and go on: one failing variant must not stop the rest
             r = {"mode": mode, "batch": batch, "compile": comp, "error": repr(exc)[:300]}
-        r["projections"] = proj
         rows.append(r)
         print({k: v for k, v in r.items() if k != "profile"}, flush=True)
         write_json("train_throughput.json", rows)  # so far: a later variant may time out

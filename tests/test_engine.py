@@ -606,35 +606,6 @@ def test_fused_projections_match_separate_ones():
     assert set(model.state_dict()) == keys  # decode weights are never saved
 
 
-def test_training_projections_match_separate_layers():
-    """In training, q/k/v and gate/up run as one matmul, and their adapters' ``lora_A`` as
-    one more: the outputs and every gradient equal the layers run one by one."""
-    from tidar.model import project
-
-    model = _with_row_lora(tiny_model("qwen2", vocab=8, seed=10))  # qwen2: q/k/v biases
-    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    model.row_gate.start = 3
-    for layers in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
-        params = [p for layer in layers for p in layer.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        x = torch.randn(2, 7, layers[0].base.in_features, requires_grad=True)
-        grads = []
-        for run in (lambda: project(x, layers, model.row_gate), lambda: [f(x) for f in layers]):
-            outs = run()
-            weights = [torch.randn(out.shape, generator=torch.Generator().manual_seed(i))
-                       for i, out in enumerate(outs)]
-            sum((out * w).sum() for out, w in zip(outs, weights, strict=True)).backward()
-            grads.append([t.grad.clone() for t in [x, *params]] + [o.detach() for o in outs])
-            for t in [x, *params]:
-                t.grad = None
-        for fused, separate in zip(*grads, strict=True):
-            torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
-    x = torch.randn(1, 6, attn.q_proj.base.in_features)
-    explain = torch._dynamo.explain(project)(x, [attn.q_proj, attn.k_proj], model.row_gate)
-    assert explain.graph_break_count == 0
-
-
 def test_compiled_blocks_follow_adapter_updates():
     """Compiled code cannot check the stacked-weight cache: the engine refreshes it before
     decoding, and a training-time evaluation (no grad, compiled blocks) does not use it."""

@@ -58,16 +58,12 @@ class RowLoRA(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        if self.gate.start >= x.shape[-2]:
-            return y
-        return self.update(y, F.linear(x[..., self.gate.start:, :], self.lora_A.to(x.dtype)))
-
-    def update(self, y: Tensor, down: Tensor) -> Tensor:
-        """``y`` (the base layer's output) with the update added to its mask rows; ``down``:
-        those rows of the input through ``lora_A``."""
         start = self.gate.start
-        delta = F.linear(down, self.lora_B.to(down.dtype))
+        if start >= x.shape[-2]:
+            return self.base(x)
+        y = self.base(x)
+        masked = x[..., start:, :]
+        delta = F.linear(F.linear(masked, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return torch.cat([y[..., :start, :], y[..., start:, :] + self.scale * delta], dim=-2)
 
     def adapted_weight(self) -> Tensor:
@@ -140,28 +136,6 @@ class DecodeLinear(nn.Module):
                 self.bias.copy_(bias)
         else:
             self.weight, self.bias = weight, bias
-
-
-def project(x: Tensor, layers: list[nn.Module], gate: RowGate) -> list[Tensor]:
-    """Linear layers that read one input (q/k/v, gate/up) as one matmul over their
-    concatenated weights, and their row adapters' ``lora_A`` as one more: fewer and wider
-    matmuls in training, where a q/k/v or gate/up layer alone is too narrow to fill the GPU
-    (concatenating the weights is a copy of a few MB). Other layers (peft's) run one by one."""
-    base = [layer.base if isinstance(layer, RowLoRA) else layer for layer in layers]
-    if (len(layers) == 1 or any(type(b) is not nn.Linear for b in base)
-            or len({b.bias is None for b in base}) > 1):
-        return [layer(x) for layer in layers]
-    bias = None if base[0].bias is None else torch.cat([b.bias for b in base])
-    out = F.linear(x, torch.cat([b.weight for b in base]), bias)
-    y = list(out.split([b.out_features for b in base], dim=-1))
-    adapted = [i for i, layer in enumerate(layers) if isinstance(layer, RowLoRA)]
-    if adapted and gate.start < x.shape[-2]:
-        a = torch.cat([layers[i].lora_A for i in adapted]).to(x.dtype)
-        down = F.linear(x[..., gate.start:, :], a)
-        parts = down.split([layers[i].lora_A.shape[0] for i in adapted], dim=-1)
-        for i, part in zip(adapted, parts, strict=True):
-            y[i] = layers[i].update(y[i], part)
-    return y
 
 
 def decodable(layers: list[nn.Module]) -> bool:
@@ -264,7 +238,6 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = RMSNorm(q_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
-        self.row_gate = gate
         self.qkv = DecodeLinear(gate)
         self.out = DecodeLinear(gate)
 
@@ -278,7 +251,7 @@ class Attention(nn.Module):
         if self.qkv.active():
             q, k, v = self.qkv(x)
         else:
-            q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj], self.row_gate)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:
@@ -349,7 +322,6 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.row_gate = gate
         self.gate_up = DecodeLinear(gate)
         self.down = DecodeLinear(gate)
 
@@ -360,7 +332,7 @@ class MLP(nn.Module):
         if self.gate_up.active():
             gate, up = self.gate_up(x)
         else:
-            gate, up = project(x, [self.gate_proj, self.up_proj], self.row_gate)
+            gate, up = self.gate_proj(x), self.up_proj(x)
         hidden = F.silu(gate) * up
         return self.down(hidden)[0] if self.down.active() else self.down_proj(hidden)
 
