@@ -24,7 +24,7 @@ NUM_WARPS = 4  # per thread block of the slice kernel
 TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
 MIN_CHUNK = 256  # the shortest key slice plan() makes
 MERGE_ROWS = 16  # rows per thread block of the merge: it has no matmul, so small tiles
-MERGE_ALWAYS = False  # benchmarks only: merge even one slice (as before; pass_latency --merge)
+MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --short-caches old)
 
 
 @triton.jit
