@@ -75,7 +75,9 @@ def attention_context(choice: str):
 
 
 INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
-            "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
+            "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+            # programmatic dependent launch: a Triton kernel starts while the one before ends
+            "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True}}
 
 
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
