@@ -11,6 +11,15 @@ import pytest
 os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def tuner_profiles(tmp_path, monkeypatch):
+    """Pass costs the tuner measures in a test stay in the test: in the user's cache they
+    would stand in for real measurements of the same model (the embedded default's)."""
+    import tidar.tuner
+
+    monkeypatch.setattr(tidar.tuner, "profile_dir", lambda: tmp_path / "tuner")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A 128-token word-level tokenizer saved once; `load_model` needs one beside the weights."""

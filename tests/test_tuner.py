@@ -73,10 +73,9 @@ class TimedEngine:
         return 1.0 + self.per_query * (queries - 1)
 
 
-def test_auto_config_measures_only_what_could_be_picked(tmp_path, monkeypatch):
+def test_auto_config_measures_only_what_could_be_picked():
     """An expensive pass with a weak drafter stops after the first drafting shape; a strong
     drafter on the same device later adds the shapes it could use to the cached costs."""
-    monkeypatch.setenv("TIDAR_CACHE", str(tmp_path))
     cfg = DecodeConfig(block_size=4).resolved()
     engine = TimedEngine(per_query=0.1)  # t(8) = 1.7 AR steps
     got, info = auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])

@@ -145,7 +145,6 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     adds them to the cache. Returns the configuration and a summary."""
     from dataclasses import replace
 
-    from . import default_model
     from .engine import DecodeConfig, batch_bucket
 
     device, dtype = engine.device, str(engine.dtype).replace("torch.", "")
@@ -155,7 +154,7 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     b = cfg.block_size
     key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{b}"
            f"-batch{batch_bucket(batch)}-pass{PASS_REVISION}")
-    path = default_model.cache_dir() / "tuner" / f"{key}.json"
+    path = profile_dir() / f"{key}.json"
     profile = cached_profile(path) or {"pass_seconds": {}}
     seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
     repeats = 9 if device.type == "cuda" else 2
@@ -171,6 +170,13 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
         return DecodeConfig(sampler="ar", sampling=cfg.sampling, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed).resolved(), info
     return replace(cfg, block_size=choice.block_size, proposals=choice.proposals).resolved(), info
+
+
+def profile_dir() -> Path:
+    """Where measured pass costs are kept, one file per model, device and batch bucket."""
+    from . import default_model
+
+    return default_model.cache_dir() / "tuner"
 
 
 def cached_profile(path: Path) -> dict | None:
