@@ -691,6 +691,30 @@ def test_compiled_pass_compiles_once_per_pass_shape():
     assert graphs[0] > 0 and graphs == graphs[:1] * 4
 
 
+def test_compiled_pass_reads_sampling_values_as_data():
+    """Temperature and top-p are data too: sampling at several values runs on one runner and
+    the graphs the first value compiled, and draws what a fresh eager engine draws."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", vocab=32, seed=3)
+    engine = Engine(model, compile=True)
+    prompts = _prompts(32, [5, 3], 6)
+    counters.clear()
+    graphs, outputs = [], []
+    for temperature, top_p in ((0.8, 0.9), (1.5, 0.9), (0.5, 0.6)):
+        sampling = SamplingParams(temperature=temperature, top_p=top_p)
+        cfg = DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=10, seed=1,
+                           sampling=sampling)
+        got, got_stats = engine.generate(prompts, cfg)
+        expected, stats = Engine(model).generate(prompts, cfg)
+        assert got == expected and got_stats.committed_hist == stats.committed_hist
+        graphs.append(counters["stats"]["unique_graphs"])
+        outputs.append(got)
+    assert len(engine._runners) == 1
+    assert graphs[0] > 0 and graphs == graphs[:1] * 3
+    assert outputs[0] != outputs[1] != outputs[2]  # the values reached the draws
+
+
 def test_compiled_pass_runs_moe_models_in_fp32_on_the_cpu():
     """torch's grouped GEMM checks for bf16 under torch.compile even on the CPU, where it
     runs fp32 eagerly: compiled MoE passes take the per-expert path and decode as eager."""

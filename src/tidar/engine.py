@@ -167,8 +167,9 @@ class Engine:
         and block inputs, each block (one compiled graph serves every block), and the head
         with verification and bookkeeping. Each pass shape (batch bucket, queries per row) gets
         its own static graphs, compiled on its first pass (14-30 s on an H200); the cache's
-        slot count stays symbolic and ``mix``'s beta is data, so every capacity bucket and
-        beta shares them. Prefill stays eager, as its shapes vary per call.
+        slot count stays symbolic and ``mix``'s beta, the temperature and top-p are data, so
+        every capacity bucket and value shares them (each top-k count compiles its own).
+        Prefill stays eager, as its shapes vary per call.
 
         The engine assumes the model's weights stay as they are while it exists.
         """
@@ -251,7 +252,7 @@ class Engine:
         """The runner for ``batch`` rows of up to ``length`` tokens (prompt plus output)."""
         need = length + cfg.block_size + 1
         capacity = -(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET
-        key = (batch, capacity, replace(cfg, max_new_tokens=0, seed=0))
+        key = (batch, capacity, pass_config(cfg))
         runner = self._runners.pop(key, None)
         if runner is None:
             while len(self._runners) >= MAX_RUNNERS:
@@ -260,6 +261,10 @@ class Engine:
                             self.device)
             runner = _Runner(cache, self._constants(cfg))
         self._runners[key] = runner
+        # In place: captured passes read these.
+        runner.consts["beta"].fill_(cfg.beta)
+        runner.consts["temperature"].fill_(cfg.sampling.temperature)
+        runner.consts["top_p"].fill_(cfg.sampling.top_p)
         return runner
 
     def _start(self, runner: _Runner, prompts, cfg: DecodeConfig, seeds) -> _State:
@@ -269,10 +274,11 @@ class Engine:
             runner.state = fresh
             if self.compiled:
                 _share_across_capacities(fresh, runner.cache)
+            shape = pass_config(cfg)
             if self.cuda_graphs:
-                runner.step = self._capture(fresh, cfg, runner.cache, runner.consts)
+                runner.step = self._capture(fresh, shape, runner.cache, runner.consts)
             else:
-                runner.step = lambda: self._pass(fresh, cfg, runner.cache, runner.consts)
+                runner.step = lambda: self._pass(fresh, shape, runner.cache, runner.consts)
         else:
             for kept, new in zip(runner.state.tensors(), fresh.tensors(), strict=True):
                 kept.copy_(new)
@@ -302,15 +308,17 @@ class Engine:
             "stop_ids": torch.tensor(self.stop_ids or (-1,), device=dev),
             "offsets": torch.arange(b, device=dev),
             "ks": torch.tensor(S, dtype=torch.long, device=dev),
-            # Data, not a constant: a compiled pass then serves every beta with one graph.
-            "beta": torch.tensor(cfg.beta, device=dev),
+            # Values as data, set by _runner: one runner, and its graphs, serve every value.
+            "beta": torch.zeros((), device=dev),
+            "temperature": torch.zeros((), device=dev),
+            "top_p": torch.zeros((), device=dev),
         }
 
-    def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor, consts: dict):
         """Tokens (and their distributions when sampling) from logits ``[..., V]``."""
         if cfg.sampling.greedy:
             return logits.argmax(-1), None
-        probs = probabilities(logits, cfg.sampling)
+        probs = probabilities(logits, cfg.sampling, consts["temperature"], consts["top_p"])
         return sample(probs, u), probs
 
     def _prefill(self, prompts, cfg: DecodeConfig, cache: KVCache, seeds, consts) -> _State:
@@ -327,7 +335,7 @@ class Engine:
         counter = torch.zeros(batch, dtype=torch.long, device=dev)
         u = hash_uniforms(seeds_t, counter, 2 * b)
         target = z_ar if n_mask == 0 else mix_logits(z_ar, z_block[:, 0], cfg.beta)
-        first, _ = self._draw(target, cfg, u[:, 0])
+        first, _ = self._draw(target, cfg, u[:, 0], consts)
         vocab = z_ar.shape[-1]
         sampled = not cfg.sampling.greedy
         st = _State(
@@ -350,7 +358,7 @@ class Engine:
         self._emit(st, first[:, None], torch.ones_like(first), consts)
         ahead = z_block[:, 1:]
         self._set_drafts(st, cfg, ahead, torch.ones(batch, b - 1, dtype=torch.bool, device=dev),
-                         u[:, b:])
+                         u[:, b:], consts)
         return st
 
     def _emit(self, st: _State, tokens: Tensor, count: Tensor, consts: dict) -> None:
@@ -368,11 +376,12 @@ class Engine:
         st.passes.add_(st.active.long())
         st.active.logical_and_(~stop.any(1) & (st.generated < st.budget))
 
-    def _set_drafts(self, st: _State, cfg: DecodeConfig, ahead: Tensor, real: Tensor, u: Tensor):
+    def _set_drafts(self, st: _State, cfg: DecodeConfig, ahead: Tensor, real: Tensor, u: Tensor,
+                    consts: dict):
         """Next drafts from block logits ``ahead [B, b-1, V]`` (``real``: not fillers)."""
         if ahead.shape[1] == 0:
             return
-        drafts, probs = self._draw(ahead, cfg, u[:, : ahead.shape[1]])
+        drafts, probs = self._draw(ahead, cfg, u[:, : ahead.shape[1]], consts)
         st.drafts.copy_(torch.where(real, drafts, 0))
         st.draft_valid.copy_(real)
         if st.draft_logits is not None:
@@ -416,7 +425,7 @@ class Engine:
         if cfg.sampling.greedy:
             k, c = verify_greedy(target, st.drafts)
         else:
-            p = probabilities(target, cfg.sampling)
+            p = probabilities(target, cfg.sampling, consts["temperature"], consts["top_p"])
             q = st.draft_probs if st.draft_probs is not None else p[:, :0]
             # Fillers of a partial proposal set are drafts with a one-hot q.
             q = torch.where(st.draft_valid[..., None], q, one_hot(st.drafts, p.shape[-1]))
@@ -439,7 +448,7 @@ class Engine:
             rows = torch.arange(batch, device=k.device)[:, None]
             pos = b + slot[:, None] * b + idx.clamp(max=b - 1)
             ahead = model.head(hidden[rows, pos])  # [B, b-1, V]
-            self._set_drafts(st, cfg, ahead, real, u[:, b:])
+            self._set_drafts(st, cfg, ahead, real, u[:, b:], consts)
 
     def _capture(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
         """Capture one pass in a CUDA graph; return its replay."""
@@ -483,6 +492,17 @@ class Engine:
                     runner.step()
                     times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
+
+
+def pass_config(cfg: DecodeConfig) -> DecodeConfig:
+    """``cfg`` as runners and their passes see it: without the values passes read as data
+    (``beta``, temperature, top-p; see ``Engine._constants``), so that all values share one
+    runner, its CUDA graphs and its compiled graphs. What is left decides the passes'
+    structure: greedy or not, top-p or not, the top-k count (a shape: each compiles)."""
+    p = cfg.sampling
+    sampling = replace(p, temperature=0.0 if p.greedy else 1.0,
+                       top_p=1.0 if p.top_p >= 1.0 else 0.5)
+    return replace(cfg, beta=1.0, sampling=sampling, max_new_tokens=0, seed=0)
 
 
 def scratch_slots(cfg: DecodeConfig) -> int:

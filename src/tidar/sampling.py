@@ -25,16 +25,19 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+def probabilities(logits: Tensor, params: SamplingParams, temperature: Tensor | None = None,
+                  top_p: Tensor | None = None) -> Tensor:
     """The distribution a token is drawn from: temperature, top-k, top-p, in float32.
 
     Greedy is the one-hot distribution at the argmax, so the sampled verification rule
-    below reduces to greedy verification.
+    below reduces to greedy verification. ``temperature`` and ``top_p``, 0-dim tensors, stand
+    in for ``params``' values: compiled code reads them as data, and ``params`` only decides
+    which steps run.
     """
     logits = logits.float()
     if params.greedy:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    logits = logits / (params.temperature if temperature is None else temperature)
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -42,7 +45,7 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= (params.top_p if top_p is None else top_p)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
