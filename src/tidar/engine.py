@@ -314,7 +314,8 @@ class Engine:
             "top_p": torch.zeros((), device=dev),
         }
 
-    def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor, consts: dict):
+    def _draw(self, logits: Tensor, cfg: DecodeConfig, u: Tensor,
+              consts: dict) -> tuple[Tensor, Tensor | None]:
         """Tokens (and their distributions when sampling) from logits ``[..., V]``."""
         if cfg.sampling.greedy:
             return logits.argmax(-1), None
