@@ -69,6 +69,16 @@ def test_generate_streams_text_and_summary(default, capsys):
     assert "tokens/pass" in err and "identical to ar" in err
 
 
+def test_compare_of_sampled_output_names_the_draws(default, capsys):
+    """Sampled lossless output is ar's distribution, not ar's draws: --compare says so
+    instead of reporting a difference as an error."""
+    code, _, err = _run(capsys, "generate", PROMPTS[1], "--temperature", "1.5",
+                        "--proposals", "1", "--block-size", "4", "--max-new-tokens", "12",
+                        "--compare")
+    assert code == 0 and ("same distribution" in err or "identical to ar" in err)
+    assert "DIFFERENT" not in err
+
+
 def test_stop_string_ends_generation(default, capsys):
     common = ["--sampler", "lossless", "--proposals", "2", "--block-size", "4",
               "--max-new-tokens", "24", "--json"]

@@ -199,10 +199,17 @@ def run_generate(args) -> int:
     )
     if args.compare:
         cmp = result["compare"]
-        same = "identical to" if cmp["identical"] else "DIFFERENT from"
+        if cmp["identical"]:
+            same = "identical to ar's"
+        elif not cfg.sampling.greedy:
+            same = "not ar's draws (sampling: the same distribution, other draws)"
+        elif cfg.sampler == "mix":
+            same = "different from ar's (mix changes the distribution)"
+        else:
+            same = "DIFFERENT from ar's"
         print(
             f"[ar] {cmp['ar_tokens_per_second']:.1f} tokens/s; speedup {cmp['speedup']:.2f}x; "
-            f"output {same} ar",
+            f"output {same}",
             file=sys.stderr,
         )
     return 0
