@@ -1,12 +1,14 @@
 """Exactness of the CUDA-graphed engine on the GPU, fp32, random weights, every family.
 
-    python benchmarks/gpu_exactness.py [--runs eager|compiled]
+    python benchmarks/gpu_exactness.py [--runs eager|compiled|values]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone. Every family runs with eager blocks, two of them (dense and
 MoE) also compiled (``Engine(compile=True)``, two of the proposal sets). Heads are 16 wide,
 so decode passes run the Triton attention kernel where the model picks it (the report says
-which kernel ran).
+which kernel ran). ``--runs values``: sampling temperatures, top-p values and betas are data
+the captured (and compiled) passes read; one engine decoding at several values must draw
+what a fresh engine draws at each.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common import DEVICE, write_json
 from tidar.config import from_hf_config
 from tidar.engine import DecodeConfig, Engine
 from tidar.model import Transformer, dense_attention_kernel
+from tidar.sampling import SamplingParams
 
 SMALL = dict(vocab_size=11, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -51,10 +54,34 @@ CONFIGS = [(2, None), (4, (0, 1)), (8, None), (16, (0, 2, 5)), (16, None)]
 COMPILED_CONFIGS = [(4, (0, 1)), (16, None)]
 
 
+VALUES = [(0.8, 0.95, 0.7), (1.5, 0.9, 0.7), (0.5, 0.6, 0.3)]  # temperature, top-p, beta
+
+
+def check_values(compiled: bool) -> list[dict]:
+    """One engine across ``VALUES`` against a fresh engine per value, ``lossless`` and
+    ``mix``, sampled: the shared runner's captured pass must read each new value."""
+    model = random_model("llama", 0)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]]
+    shared, rows = Engine(model, compile=compiled), []
+    for sampler in ("lossless", "mix"):
+        for temperature, top_p, beta in VALUES:
+            cfg = DecodeConfig(sampler=sampler, beta=beta, block_size=4, proposals=(0, 1),
+                               max_new_tokens=40, seed=3,
+                               sampling=SamplingParams(temperature=temperature, top_p=top_p))
+            got, _ = shared.generate(prompts, cfg)
+            expected, _ = Engine(model, compile=compiled).generate(prompts, cfg)
+            rows.append({"family": "llama", "compiled": compiled, "sampler": sampler,
+                         "temperature": temperature, "top_p": top_p, "beta": beta,
+                         "exact": got == expected})
+    assert len(shared._runners) == 2  # one per sampler, whatever the values
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", choices=["all", "eager", "compiled"], default="all",
-                    help="eager blocks (every family, 2 seeds), compiled (llama, qwen3_moe)")
+    ap.add_argument("--runs", choices=["all", "eager", "compiled", "values"], default="all",
+                    help="eager blocks (every family, 2 seeds), compiled (llama, qwen3_moe), "
+                    "or sampling values as data (eager and compiled)")
     args = ap.parse_args()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]]
     rows, failures = [], 0
@@ -65,6 +92,12 @@ def main() -> None:
         runs += [("llama", 0, True), ("qwen3_moe", 0, True)]
     probe = torch.zeros(1, 4, 1, 16, device=DEVICE)
     kernel = dense_attention_kernel(probe, probe)
+    if args.runs == "values":
+        rows = check_values(False) + check_values(True)
+        write_json("gpu_exactness_values.json", {"decode_attention": kernel, "runs": rows})
+        exact = sum(r["exact"] for r in rows)
+        print(f"{exact}/{len(rows)} sampled configurations draw as a fresh engine does")
+        return
     for family, seed, compiled in runs:
         engine = Engine(random_model(family, seed), compile=compiled)
         ar, _ = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=40))
