@@ -190,6 +190,57 @@ def test_resume_from_state_or_skip_gives_the_same_batches(tok, tmp_path):
         other.load_state_dict(state)
 
 
+def test_prefetched_batches_and_state_follow_what_was_taken(tok, tmp_path):
+    """Batches made ahead in a thread are the source's own, in order; the state is that
+    after the batches taken (a checkpoint resumes there), not after those made ahead."""
+    from tidar.prefetch import Prefetched
+
+    specs = _two_sources(tmp_path)
+    expected = draw(PackedRows(specs, tok, EOS, 16, 4, seed=2), 9)
+    batches = Prefetched(PackedRows(specs, tok, EOS, 16, 4, seed=2), depth=3)
+    try:
+        taken = torch.cat([batches.next_batch() for _ in range(5)])
+        state = batches.state_dict()
+    finally:
+        batches.close()
+    assert torch.equal(taken, expected[:20]) and state["batches"] == 5
+    resumed = PackedRows(specs, tok, EOS, 16, 4, seed=2)
+    resumed.load_state_dict(state)
+    assert torch.equal(draw(resumed, 4), expected[20:])
+
+
+def test_prefetched_errors_reach_the_consumer_and_close_stops_the_thread():
+    from tidar.prefetch import Prefetched
+
+    class Failing:
+        def __init__(self):
+            self.made = 0
+
+        def state_dict(self):
+            return {"made": self.made}
+
+        def next_batch(self):
+            self.made += 1
+            if self.made == 3:
+                raise TidarError("data source x has no usable rows")
+            return torch.full((1,), self.made)
+
+    batches = Prefetched(Failing(), depth=1)
+    assert [int(batches.next_batch()) for _ in range(2)] == [1, 2]
+    assert batches.state_dict() == {"made": 2}
+    with pytest.raises(TidarError, match="no usable rows"):
+        batches.next_batch()
+    batches.close()
+
+    class Endless(Failing):
+        def next_batch(self):
+            return torch.zeros(1)
+
+    endless = Prefetched(Endless(), depth=1)  # its thread waits on a full queue
+    endless.close()
+    assert not endless._thread.is_alive()
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 

@@ -286,6 +286,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     from .data import PackedRows, held_out_rows
     from .generate import encode_prompt, stop_ids
     from .loading import load_model
+    from .prefetch import Prefetched
 
     cfg.validate()
     rank, world = _distributed()
@@ -358,62 +359,75 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     total_params = sum(p.numel() for p in model.parameters())
     flops_per_clean_token = (6 if cfg.mode == "full" else 4) * 2 * total_params
     peak = _peak_flops(device)
-    micro = cfg.batch_size // (world * cfg.grad_accum)
     bar = _progress(start_step, cfg.steps, enabled=progress and rank == 0)
     tokens_done, t0 = 0, time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        batch = rows_source.next_batch()[rank::world].to(device)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        offsets = torch.randint(0, cfg.block_size, (batch.shape[0],), generator=gen).to(device)
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ar_total = diff_total = 0.0
-        for m in range(cfg.grad_accum):
-            rows, offs = batch[m * micro : (m + 1) * micro], offsets[m * micro : (m + 1) * micro]
-            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                ar, diff, _ = tidar_losses(model, rows, cfg.block_size, offs, cfg.mode, flex)
-            diff_mean = diff / rows.numel()
-            if ar is None:
-                loss = diff_mean
-            else:
-                ar_mean = ar / (rows.numel() - rows.shape[0])
-                loss = (cfg.alpha * ar_mean + diff_mean) / (1 + cfg.alpha)
-                ar_total += ar_mean.item() / cfg.grad_accum
-            aux = router_aux_loss(model) if cfg.mode == "full" else None
-            if aux is not None and cfg.router_aux:
-                loss = loss + cfg.router_aux * aux
-            (loss / cfg.grad_accum).backward()
-            diff_total += diff_mean.item() / cfg.grad_accum
-        if world > 1:  # log the global mean, not rank 0's share of the batch
-            ar_total, diff_total = _mean_over_ranks(ar_total, diff_total, device=device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_done += cfg.batch_size * cfg.seq_len
-        done = step + 1
-        elapsed = time.perf_counter() - t0
-        record = {"step": done, "lr": lr, "diff_loss": diff_total, "grad_norm": float(grad_norm),
-                  "tokens_per_second": tokens_done / elapsed}
-        if cfg.mode == "full":
-            record["ar_loss"] = ar_total
-        if peak:
-            record["mfu"] = record["tokens_per_second"] * flops_per_clean_token / (peak * world)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            record.update(evaluate(model, eval_rows.to(device), cfg, flex))
-            if prompt_ids and world == 1:
-                record.update(measure_acceptance(model, prompt_ids, stop_ids(loaded),
-                                                 cfg.block_size))
-        if done % cfg.log_every == 0 or "eval/diff_loss" in record:
-            history.append(record)
-            _log(writer, out, record, rank)
-        bar.update(1)
-        bar.set_postfix(loss=f"{diff_total:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            _save(model, optimizer, names, cfg, out, loaded.fingerprint, run_key, done,
-                  history, rows_source.state_dict(), rank)
+    batches = Prefetched(rows_source)  # tokenising overlaps the steps
+    try:
+        for step in range(start_step, cfg.steps):
+            batch = batches.next_batch()[rank::world].to(device)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            offsets = torch.randint(0, cfg.block_size, (batch.shape[0],), generator=gen)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ar_loss, diff_loss, grad_norm = _optimizer_step(
+                model, optimizer, trainable, batch, offsets.to(device), cfg, amp, flex)
+            if world > 1:  # log the global mean, not rank 0's share of the batch
+                ar_loss, diff_loss = _mean_over_ranks(ar_loss, diff_loss, device=device)
+            tokens_done += cfg.batch_size * cfg.seq_len
+            done = step + 1
+            record = {"step": done, "lr": lr, "diff_loss": diff_loss, "grad_norm": grad_norm,
+                      "tokens_per_second": tokens_done / (time.perf_counter() - t0)}
+            if cfg.mode == "full":
+                record["ar_loss"] = ar_loss
+            if peak:
+                record["mfu"] = record["tokens_per_second"] * flops_per_clean_token / (peak * world)
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                record.update(evaluate(model, eval_rows.to(device), cfg, flex))
+                if prompt_ids and world == 1:
+                    record.update(measure_acceptance(model, prompt_ids, stop_ids(loaded),
+                                                     cfg.block_size))
+            if done % cfg.log_every == 0 or "eval/diff_loss" in record:
+                history.append(record)
+                _log(writer, out, record, rank)
+            bar.update(1)
+            bar.set_postfix(loss=f"{diff_loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                _save(model, optimizer, names, cfg, out, loaded.fingerprint, run_key, done,
+                      history, batches.state_dict(), rank)
+    finally:
+        batches.close()
     bar.close()
     return {"history": history, "drafter": str(out / "drafter.safetensors")}
+
+
+def _optimizer_step(model, optimizer, trainable, batch: Tensor, offsets: Tensor,
+                    cfg: TrainConfig, amp: torch.dtype, flex: bool) -> tuple[float, float, float]:
+    """One optimizer step over ``batch``, in ``cfg.grad_accum`` micro-batches: (AR loss,
+    diffusion loss, gradient norm). The losses stay on the device until the step is queued,
+    so the host waits for the GPU once per step, at its end."""
+    micro = batch.shape[0] // cfg.grad_accum
+    ar_total = diff_total = torch.zeros((), device=batch.device)
+    for m in range(cfg.grad_accum):
+        rows, offs = batch[m * micro : (m + 1) * micro], offsets[m * micro : (m + 1) * micro]
+        with torch.autocast(batch.device.type, dtype=amp, enabled=amp != torch.float32):
+            ar, diff, _ = tidar_losses(model, rows, cfg.block_size, offs, cfg.mode, flex)
+        diff_mean = diff / rows.numel()
+        loss = diff_mean
+        if ar is not None:
+            ar_mean = ar / (rows.numel() - rows.shape[0])
+            loss = (cfg.alpha * ar_mean + diff_mean) / (1 + cfg.alpha)
+            ar_total = ar_total + ar_mean.detach() / cfg.grad_accum
+        aux = router_aux_loss(model) if cfg.mode == "full" else None
+        if aux is not None and cfg.router_aux:
+            loss = loss + cfg.router_aux * aux
+        (loss / cfg.grad_accum).backward()
+        diff_total = diff_total + diff_mean.detach() / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ar_loss, diff_loss = torch.stack([ar_total, diff_total]).tolist()
+    return ar_loss, diff_loss, float(grad_norm)
 
 
 def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history, data, rank):
