@@ -32,7 +32,7 @@ class Prefetched:
         try:
             while not self._stop.is_set():
                 self._put((self._source.next_batch(), self._source.state_dict()))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        except BaseException as exc:  # handed to the consumer, raised there
             self._put((exc, None))
 
     def _put(self, item) -> None:
