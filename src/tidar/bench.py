@@ -174,7 +174,7 @@ def prompt_texts(spec: str, raw: bool) -> list[str]:
     if spec == "chat":
         return list(CHAT_PROMPTS)
     if spec == "humaneval":
-        from .data import humaneval_prompts
+        from .humaneval import humaneval_prompts
 
         prompts = humaneval_prompts()
         return list(prompts) if raw else [HUMANEVAL_WRAPPER + p for p in prompts]
