@@ -18,7 +18,7 @@
 #   bash benchmarks/flagship.sh eval-full  # the full-mode drafter: pass@1 and speed
 #
 # Outputs land in $OUT (the device tool brings them back). Knobs: SYNTH_SECONDS, STEPS, LORA_RANK,
-# MODE, LR, TRAIN_SECONDS.
+# MODE, LR, TRAIN_SECONDS, BATCH (rows of 512 tokens a step), INIT (a drafter to continue).
 set -euo pipefail
 . benchmarks/device_setup.sh
 DATA=/root/data MODE=${MODE:-frozen-ar} RUN=/root/run-${MODE:-frozen-ar}
@@ -65,8 +65,9 @@ train)
   [ "$MODE" = full ] && args+=(--lr "${LR:-3e-5}")
   timeout "${TRAIN_SECONDS:-540}" python3 -m tidar.cli convert --device cuda --mode $MODE \
     --compile --lora-rank "${LORA_RANK:-48}" --data $DATA/chat:${CHAT:-0.7} $DATA/code:${CODE:-0.3} \
-    --out $RUN --steps "${STEPS:-1400}" --warmup 100 --batch-size 64 --seq-len 512 \
-    --eval-every "${EVAL_EVERY:-350}" --save-every "${EVAL_EVERY:-350}" "${args[@]}" 2>&1 \
+    --out $RUN --steps "${STEPS:-1400}" --warmup 100 --batch-size "${BATCH:-64}" --seq-len 512 \
+    ${INIT:+--init-drafter "$INIT"} --eval-every "${EVAL_EVERY:-350}" \
+    --save-every "${EVAL_EVERY:-350}" "${args[@]}" 2>&1 \
     | tr '\r' '\n' | grep -v "^convert:" | tail -20 || true
   cp $RUN/metrics.jsonl "$OUT/metrics_$MODE.jsonl"
   size=$(stat -c %s $RUN/drafter.safetensors)
