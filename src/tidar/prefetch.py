@@ -1,6 +1,6 @@
 """Training batches made ahead in a background thread.
 
-Tokenising the next documents took about 50 ms per 64 x 512 batch on 2 CPU cores, in bursts
+Tokenising the next documents took 30-50 ms per 64 x 512 batch on 2 CPU cores, in bursts
 of a few hundred ms whenever a source tokenised its next chunk, and the GPU waited for it
 at the start of each step. Tokenisers release the GIL while they encode, so a thread
 overlaps that work with the training thread's step.
