@@ -444,7 +444,7 @@ def run_bench(args) -> int:
     engine = Engine(loaded.model, stops, compile=args.compile)
     eager = Engine(loaded.model, stops, cuda_graphs=False)  # prefill timing only
     for length in lengths:  # every prompt must fit with every length: fail before timing
-        engine._check_prompts(prompt_ids, replace(base, max_new_tokens=length))
+        engine.check_prompts(prompt_ids, replace(base, max_new_tokens=length))
 
     notes = [
         "speedup: decode tokens/s (tokens after the first over the time after the first "

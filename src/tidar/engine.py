@@ -211,7 +211,7 @@ class Engine:
         ``cfg.seed``) and its pass count, so a row gets the same tokens in a batch as alone.
         """
         cfg = cfg.resolved()
-        self._check_prompts(prompts, cfg)
+        self.check_prompts(prompts, cfg)
         batch = len(prompts)
         seeds = seeds if seeds is not None else [cfg.seed] * batch
         if len(seeds) != batch:
@@ -284,7 +284,9 @@ class Engine:
                 kept.copy_(new)
         return runner.state
 
-    def _check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
+    def check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
+        """A one-line error for prompts ``cfg`` cannot decode (empty, past the context, ids
+        outside the vocabulary); callers may check before long work, as the tuner's."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise TidarError("every prompt needs at least one token")
         limit = self.model.cfg.max_position
@@ -402,7 +404,7 @@ class Engine:
         # The mask tokens take the cache's last slots. Counted from the buffers' size, not
         # from the capacity (a Python int a compiled graph would bake in), they leave a
         # compiled pass one graph for every capacity (see _share_across_capacities).
-        scratch_start = cache.slots - len(cfg.proposals) * cfg.block_size
+        scratch_start = cache.slots - scratch_slots(cfg)
         layout = decode_layout(st.committed, verify, consts["ks"], cfg.block_size,
                                scratch_start, self.model.cfg.mask_id)
         return self.model.prepare(layout, cache), layout.clean

@@ -157,7 +157,7 @@ def run_generate(args) -> int:
     cfg = decode_config(args, block_size)
     engine = Engine(loaded.model, stop_ids(loaded), compile=args.compile)
     prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)
-    engine._check_prompts([prompt_ids], cfg)  # before the tuner spends time measuring
+    engine.check_prompts([prompt_ids], cfg)  # before the tuner spends time measuring
     tuner_info = None
     if args.proposals in (None, "auto") and cfg.sampler != "ar":
         cfg, tuner_info = auto_config(engine, loaded.fingerprint, cfg, reach)
