@@ -260,3 +260,23 @@ def test_frozen_ar_objective_equals_the_full_forward(family):
         _, full, _ = train_mod.tidar_losses(model, tokens, 4, offsets, "full")
         _, frozen, _ = train_mod.tidar_losses(model, tokens, 4, offsets, "frozen-ar")
     assert frozen.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_autocast_keeps_the_residual_stream_in_the_compute_dtype():
+    """Full mode on one device keeps float32 weights under bf16 autocast; the hidden states
+    between blocks must still be bf16, as under FSDP2's param_dtype (a float32 stream
+    doubles the memory traffic of every norm and residual add)."""
+    from helpers import tiny_model
+
+    model = tiny_model("llama", vocab=16, seed=3, std=0.3).train()
+    seen = []
+    for block in model.layers:
+        block.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    tokens = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ar, diff, hidden = train_mod.tidar_losses(model, tokens, 4, torch.tensor([0, 1]), "full")
+    (ar + diff).backward()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert hidden.dtype == torch.bfloat16
+    assert model.embed_tokens.weight.grad.dtype == torch.float32
+

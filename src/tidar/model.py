@@ -160,7 +160,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
 
 
 class KVCache:
@@ -262,7 +262,7 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        # Under autocast the rotation runs in float32: attend in the projections' dtype.
+        # The RoPE tables follow the residual stream's dtype: attend in the projections'.
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
@@ -513,6 +513,11 @@ class Transformer(nn.Module):
         tables, masks and cache slots. Split from ``run_blocks`` so a decoding engine can
         compile this part (many small kernels) on its own."""
         x = self.embed(layout.tokens)
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            # Mixed precision: the residual stream (and every norm over it) in the compute
+            # dtype, as under FSDP2's param_dtype; float32 weights would keep it in float32.
+            x = x.to(torch.get_autocast_dtype(kind))
         cos, sin = self.rope(layout.positions, x.dtype)
         if masks is None:
             masks = self.masks(layout, key_meta(layout, cache.slots if cache else None))
