@@ -280,3 +280,38 @@ def test_autocast_keeps_the_residual_stream_in_the_compute_dtype():
     assert hidden.dtype == torch.bfloat16
     assert model.embed_tokens.weight.grad.dtype == torch.float32
 
+
+def test_evaluations_leave_the_compiled_training_blocks_alone():
+    """An in-training evaluation must not make the compiled blocks compile again for the
+    training steps after it (each compilation takes seconds on a GPU, and dynamo stops
+    compiling a function after 8): only the held-out forward adds one graph, once."""
+    from helpers import tiny_model
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny_model("llama", vocab=16, seed=3, std=0.3)
+    cfg = TrainConfig(out="", data=["-"], mode="frozen-ar", lora_rank=4, lora_alpha=8,
+                      block_size=4, seq_len=32, eval_rows=4)
+    train_mod.prepare(model, cfg)
+    model.train()
+    counter = CompileCounter()
+    for block in model.layers:
+        block.compile(backend=counter, dynamic=False)
+    gen = torch.Generator().manual_seed(0)
+    held_out = torch.randint(0, 15, (4, 32), generator=gen)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 1]]
+
+    def step():
+        tokens = torch.randint(0, 15, (4, 32), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, diff, _ = train_mod.tidar_losses(model, tokens, 4, torch.zeros(4).long(),
+                                                "frozen-ar")
+        diff.backward()
+
+    step()
+    graphs = [counter.frame_count]
+    for _ in range(2):
+        train_mod.evaluate(model, held_out, cfg, flex=False)
+        train_mod.measure_acceptance(model, prompts, (), 4)
+        step()
+        graphs.append(counter.frame_count)
+    assert graphs == [2, 3, 3]  # clean and mask passes; then the held-out forward, once

@@ -35,8 +35,11 @@ class RowGate:
     ``decoding``: the decode-time weights (``DecodeLinear``) are current and may be used (set
     by ``Transformer.decode_weights``; a plain attribute, so compiled code guards on it)."""
 
-    start: int = 0
-    decoding: bool = False
+    def __init__(self):
+        # Instance attributes from the start: compiled blocks guard on them, and a class
+        # attribute later shadowed by an instance one fails those guards (a recompile).
+        self.start = 0
+        self.decoding = False
 
 
 class RowLoRA(nn.Module):

@@ -211,7 +211,11 @@ def measure_acceptance(model, prompts: list[list[int]], stop_ids, block_size: in
 
     model.eval()
     engine = Engine(model, stop_ids)
-    _, stats = engine.generate(prompts, DecodeConfig(block_size=block_size, max_new_tokens=128))
+    # Eagerly: decode shapes would each compile the training blocks again (seconds apiece on
+    # a GPU) and use up their recompile limit; a few prompts decode in about a second.
+    with torch.compiler.set_stance("force_eager"):
+        _, stats = engine.generate(prompts, DecodeConfig(block_size=block_size,
+                                                         max_new_tokens=128))
     model.train()
     return {"eval/tokens_per_pass": stats.tokens_per_pass,
             "eval/acceptance_by_position": stats.acceptance}
