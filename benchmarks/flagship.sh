@@ -22,7 +22,7 @@
 set -euo pipefail
 . benchmarks/device_setup.sh
 DATA=/root/data MODE=${MODE:-frozen-ar} RUN=/root/run-${MODE:-frozen-ar}
-DRAFTER=${DRAFTER:-$DRAFTER_C}
+DRAFTER=${DRAFTER:-$DRAFTER_SHIPPED}
 OUT=${OUT:-/tmp/out}
 tidar() { python3 -m tidar.cli "$@"; }
 
