@@ -11,7 +11,7 @@ import torch
 from helpers import EOS, tiny_model_dir
 
 from tidar import train as train_mod
-from tidar.drafter import apply_drafter
+from tidar.drafter import apply_drafter, read_drafter
 from tidar.engine import DecodeConfig, Engine
 from tidar.errors import TidarError
 from tidar.layouts import causal_layout
@@ -178,6 +178,11 @@ def test_init_drafter_continues_from_its_weights(tiny_setup, tmp_path):
                           lora_alpha=4, init_drafter=first["drafter"]), progress=False)
     a, b = load_file(first["drafter"]), load_file(again["drafter"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the continued drafter counts its tokens over both runs
+    extras = [read_drafter(r["drafter"])[1].extra for r in (first, again)]
+    assert "clean_tokens_total" not in extras[0]
+    assert extras[1]["clean_tokens"] == 2 * 16 * 32
+    assert extras[1]["clean_tokens_total"] == (20 + 2) * 16 * 32
     assert any("lora_B" in k and a[k].abs().sum() > 0 for k in a)  # trained, not initial
     with pytest.raises(TidarError, match="LoRA rank"):
         train(_config(tiny_setup, tmp_path / "other", steps=2, lora_rank=8, lora_alpha=8,

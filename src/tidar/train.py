@@ -316,8 +316,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     rows_source = PackedRows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.batch_size, cfg.seed)
     eval_rows = held_out_rows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.eval_rows)
     named = prepare(model, cfg)
-    if cfg.init_drafter:
-        init_from_drafter(named, cfg, loaded.fingerprint)
+    tokens_before = init_from_drafter(named, cfg, loaded.fingerprint) if cfg.init_drafter else 0
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if device.type == "cuda" and cfg.mode == "frozen-ar":
         # Frozen weights never update: keep them in the compute dtype; adapters stay fp32.
@@ -398,7 +397,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             bar.set_postfix(loss=f"{diff_loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if done % cfg.save_every == 0 or done == cfg.steps:
                 _save(model, optimizer, names, cfg, out, loaded.fingerprint, run_key, done,
-                      history, batches.state_dict(), rank)
+                      history, batches.state_dict(), rank, tokens_before)
     finally:
         batches.close()
     bar.close()
@@ -434,7 +433,9 @@ def _optimizer_step(model, optimizer, trainable, batch: Tensor, offsets: Tensor,
     return ar_loss, diff_loss, float(grad_norm)
 
 
-def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history, data, rank):
+def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history, data, rank,
+          tokens_before: int = 0):
+    """Checkpoint and drafter file; ``tokens_before``: what an ``--init-drafter`` had seen."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -456,6 +457,8 @@ def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
         extra={"steps": step, "clean_tokens": tokens, "seq_len": cfg.seq_len},
     )
+    if tokens_before:  # a continued drafter: what it has seen over all its runs
+        info.extra["clean_tokens_total"] = tokens_before + tokens
     calibrated = [r for r in history if "eval/acceptance_by_position" in r]
     if calibrated:  # the latest calibration, for the tuner of `--proposals auto`
         info.extra |= {"acceptance_by_position": calibrated[-1]["eval/acceptance_by_position"],
@@ -482,9 +485,10 @@ def _drafter_tensors(full: dict[str, Tensor], names: list[str]) -> dict:
 
 
 def init_from_drafter(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig,
-                      fingerprint: str) -> None:
+                      fingerprint: str) -> int:
     """Load ``cfg.init_drafter`` into the trainable parameters: continue a drafter's training
-    in a new run (fresh optimizer and schedule), e.g. on more data."""
+    in a new run (fresh optimizer and schedule), e.g. on more data. Returns the clean tokens
+    that drafter had seen over all its runs."""
     from .drafter import read_drafter
 
     tensors, info = read_drafter(cfg.init_drafter, fingerprint)
@@ -498,6 +502,8 @@ def init_from_drafter(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainCon
     with torch.no_grad():
         for name, param in named:
             param.copy_(tensors[_drafter_key(name)])
+    extra = info.extra or {}
+    return int(extra.get("clean_tokens_total", extra.get("clean_tokens", 0)))
 
 
 def _tensorboard(out: Path):
