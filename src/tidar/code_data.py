@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import TidarError
-from .synth import write_jsonl_atomic
+from .synth import write_jsonl_atomic, write_text_atomic
 
 CODE_SHARD = "code-{:05d}.jsonl"
 
@@ -170,7 +170,7 @@ def collect_code(
             stale.unlink()
     summary = {"out": str(out), "candidates": len(files), "documents": kept, "bytes": total,
                "shards": shards, "dropped": dict(dropped), "decontaminated": decontaminate}
-    (out / "code.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "code.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

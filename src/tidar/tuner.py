@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .synth import write_text_atomic
+
 MARGIN = 0.03  # the least expected gain over AR for which the tuner picks drafting
 COST_NOISE = 0.05  # how much a measured pass may come out cheaper than a smaller one
 TUNER_CONTEXT = 128  # tokens in the cache while the tuner times a pass
@@ -184,7 +186,4 @@ def cached_profile(path: Path) -> dict | None:
 
 
 def save_profile(path: Path, pass_seconds: dict[int, float], choice: Choice) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pass_seconds": pass_seconds, "choice": asdict(choice)}))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"pass_seconds": pass_seconds, "choice": asdict(choice)}))
