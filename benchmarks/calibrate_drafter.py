@@ -3,7 +3,7 @@ does during training: greedy ``lossless`` tokens per pass and P(k >= j) by draft
 
     python benchmarks/calibrate_drafter.py --device cpu --dtype float32
 
-Default drafter: the shipped one. Prompts: ``benchmarks/calibration_prompts.txt``.
+Default drafter: the shipped one. Prompts: ``tidar.train.CALIBRATION_PROMPTS``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 from tidar.drafter import apply_drafter
 from tidar.generate import encode_prompt, stop_ids
 from tidar.loading import load_model
-from tidar.train import measure_acceptance
+from tidar.train import CALIBRATION_PROMPTS, measure_acceptance
 
-PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
 SHIPPED = Path(__file__).parents[1] / "src/tidar/drafters/smollm2-135m-instruct.safetensors"
 
 
@@ -33,8 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     info = apply_drafter(loaded.model, args.drafter, loaded.fingerprint)
-    prompts = [encode_prompt(loaded.tokenizer, p, raw=False)
-               for p in PROMPTS.read_text().splitlines() if p.strip()]
+    prompts = [encode_prompt(loaded.tokenizer, p, raw=False) for p in CALIBRATION_PROMPTS]
     start = time.perf_counter()
     result = measure_acceptance(loaded.model, prompts, stop_ids(loaded), info.block_size)
     result |= {"seconds": time.perf_counter() - start, "device": args.device,

@@ -26,9 +26,6 @@ DRAFTER=${DRAFTER:-$DRAFTER_SHIPPED}
 OUT=${OUT:-/tmp/out}
 tidar() { python3 -m tidar.cli "$@"; }
 
-# Calibration prompts for the drafter's acceptance profile (not the bench's chat set).
-mapfile -t CALIBRATE < benchmarks/calibration_prompts.txt
-
 case "$1" in
 setup)
   ls -l /root/parts
@@ -61,7 +58,6 @@ synth)
   ;;
 train)
   args=()
-  for p in "${CALIBRATE[@]}"; do args+=(--eval-prompt "$p"); done
   [ "$MODE" = full ] && args+=(--lr "${LR:-3e-5}")
   timeout "${TRAIN_SECONDS:-540}" python3 -m tidar.cli convert --device cuda --mode $MODE \
     --compile --lora-rank "${LORA_RANK:-48}" --data $DATA/chat:${CHAT:-0.7} $DATA/code:${CODE:-0.3} \

@@ -181,6 +181,8 @@ def test_init_drafter_continues_from_its_weights(tiny_setup, tmp_path):
     # the continued drafter counts its tokens over both runs
     extras = [read_drafter(r["drafter"])[1].extra for r in (first, again)]
     assert "clean_tokens_total" not in extras[0]
+    # with no eval prompts given, the built-in calibration prompts make the profile
+    assert extras[0]["calibration"]["prompts"] == len(train_mod.CALIBRATION_PROMPTS)
     assert extras[1]["clean_tokens"] == 2 * 16 * 32
     assert extras[1]["clean_tokens_total"] == (20 + 2) * 16 * 32
     assert any("lora_B" in k and a[k].abs().sum() > 0 for k in a)  # trained, not initial
@@ -320,3 +322,20 @@ def test_evaluations_leave_the_compiled_training_blocks_alone():
         step()
         graphs.append(counter.frame_count)
     assert graphs == [2, 3, 3]  # clean and mask passes; then the held-out forward, once
+
+
+def test_generate_says_when_a_drafter_has_no_acceptance_profile(tiny_setup, tmp_path, capsys):
+    """Without a profile `--proposals auto` cannot expect any draft to be accepted and
+    decodes as ar: generate says so, rather than silently never drafting."""
+    from tidar.cli import main
+
+    bare = train(_config(tiny_setup, tmp_path / "bare", steps=2, lora_rank=4, lora_alpha=4,
+                         eval_prompts=[]), progress=False)
+    assert "acceptance_by_position" not in read_drafter(bare["drafter"])[1].extra
+    calibrated = train(_config(tiny_setup, tmp_path / "calibrated", steps=2, lora_rank=4,
+                               lora_alpha=4), progress=False)
+    for result, notice in ((bare, True), (calibrated, False)):
+        code = main(["generate", "t11 t12 t13", "--raw", "--model", str(tiny_setup[0]),
+                     "--drafter", result["drafter"], "--max-new-tokens", "4"])
+        assert code == 0
+        assert ("has no acceptance profile" in capsys.readouterr().err) == notice

@@ -160,6 +160,10 @@ def run_generate(args) -> int:
     engine.check_prompts([prompt_ids], cfg)  # before the tuner spends time measuring
     tuner_info = None
     if args.proposals in (None, "auto") and cfg.sampler != "ar":
+        if drafter_path is not None and not reach:
+            print(f"tidar: {drafter_path} has no acceptance profile (converted without "
+                  "evaluations): --proposals auto assumes no draft is accepted; pass "
+                  "--proposals N to draft anyway", file=sys.stderr)
         cfg, tuner_info = auto_config(engine, loaded.fingerprint, cfg, reach)
 
     stops = tuple(args.stop)

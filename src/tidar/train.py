@@ -32,6 +32,18 @@ from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
 
 MODES = ("frozen-ar", "full")
+# Where evaluations measure acceptance (the profile the drafter file carries for the tuner of
+# `--proposals auto`), unless --eval-prompt names others; kept apart from the bench's prompts.
+CALIBRATION_PROMPTS = (
+    "Explain what a hash table is and when to use one.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "What are three tips for writing a good email?",
+    "Write a Python function that reverses the words in a sentence.",
+    "Summarize the water cycle in a few sentences.",
+    "Write a Python function that counts the vowels in a string.",
+    "What is the difference between a list and a tuple in Python?",
+    "Give me a short plan for learning to cook.",
+)
 
 
 @dataclass
@@ -63,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
-    eval_prompts: list[str] = field(default_factory=list)
+    eval_prompts: list[str] = field(default_factory=lambda: list(CALIBRATION_PROMPTS))
     init_drafter: str | None = None  # start from this drafter's weights (a new run)
 
     def validate(self) -> None:
