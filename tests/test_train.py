@@ -181,8 +181,11 @@ def test_init_drafter_continues_from_its_weights(tiny_setup, tmp_path):
     # the continued drafter counts its tokens over both runs
     extras = [read_drafter(r["drafter"])[1].extra for r in (first, again)]
     assert "clean_tokens_total" not in extras[0]
-    # with no eval prompts given, the built-in calibration prompts make the profile
-    assert extras[0]["calibration"]["prompts"] == len(train_mod.CALIBRATION_PROMPTS)
+    # no eval prompts given: on the CPU no profile (on a GPU the built-in prompts make one)
+    assert "calibration" not in extras[0]
+    assert train_mod.default_eval_prompts(torch.device("cpu")) == []
+    assert train_mod.default_eval_prompts(torch.device("cuda")) == list(
+        train_mod.CALIBRATION_PROMPTS)
     assert extras[1]["clean_tokens"] == 2 * 16 * 32
     assert extras[1]["clean_tokens_total"] == (20 + 2) * 16 * 32
     assert any("lora_B" in k and a[k].abs().sum() > 0 for k in a)  # trained, not initial
@@ -333,7 +336,7 @@ def test_generate_says_when_a_drafter_has_no_acceptance_profile(tiny_setup, tmp_
                          eval_prompts=[]), progress=False)
     assert "acceptance_by_position" not in read_drafter(bare["drafter"])[1].extra
     calibrated = train(_config(tiny_setup, tmp_path / "calibrated", steps=2, lora_rank=4,
-                               lora_alpha=4), progress=False)
+                               lora_alpha=4, eval_prompts=_prompts(2)), progress=False)
     for result, notice in ((bare, True), (calibrated, False)):
         code = main(["generate", "t11 t12 t13", "--raw", "--model", str(tiny_setup[0]),
                      "--drafter", result["drafter"], "--max-new-tokens", "4"])

@@ -84,7 +84,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-rows", type=int, default=d.eval_rows)
     p.add_argument("--eval-prompt", action="append", default=[], dest="eval_prompts",
                    help="a prompt on which evaluations measure acceptance, for the drafter's "
-                   "calibration profile (repeatable; default: 8 built-in chat prompts)")
+                   "calibration profile (repeatable; default: 8 built-in chat prompts on "
+                   "cuda, none on cpu, where measuring takes minutes)")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -98,7 +99,6 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
 def run_convert(args) -> int:
     from .train import TrainConfig, train
 
-    d = TrainConfig(out="")
     full = args.mode == "full"
     rank = args.lora_rank if args.lora_rank is not None else (0 if full else 64)
     cfg = TrainConfig(
@@ -111,7 +111,7 @@ def run_convert(args) -> int:
         router_aux=args.router_aux, freeze_router=args.freeze_router, dtype=args.dtype,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing,
         eval_every=args.eval_every, eval_rows=args.eval_rows,
-        eval_prompts=args.eval_prompts or d.eval_prompts,
+        eval_prompts=args.eval_prompts or None,
         save_every=args.save_every, log_every=args.log_every, seed=args.seed, device=args.device,
         init_drafter=args.init_drafter,
     )

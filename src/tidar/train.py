@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,8 +32,8 @@ from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
 
 MODES = ("frozen-ar", "full")
-# Where evaluations measure acceptance (the profile the drafter file carries for the tuner of
-# `--proposals auto`), unless --eval-prompt names others; kept apart from the bench's prompts.
+# Where evaluations on a GPU measure acceptance (the profile the drafter file carries for the
+# tuner of `--proposals auto`), unless --eval-prompt names others; apart from the bench's prompts.
 CALIBRATION_PROMPTS = (
     "Explain what a hash table is and when to use one.",
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
-    eval_prompts: list[str] = field(default_factory=lambda: list(CALIBRATION_PROMPTS))
+    eval_prompts: list[str] | None = None  # None: default_eval_prompts(device)
     init_drafter: str | None = None  # start from this drafter's weights (a new run)
 
     def validate(self) -> None:
@@ -114,6 +114,12 @@ def mask_half(layout: Layout, length: int, capacity: int) -> Layout:
         clean=0,
         slots=scratch,
     )
+
+
+def default_eval_prompts(device: torch.device) -> list[str]:
+    """The built-in calibration prompts on a GPU (a second or two an evaluation); none on the
+    CPU, where decoding them with the full proposal set takes minutes for a 135M model."""
+    return list(CALIBRATION_PROMPTS) if device.type == "cuda" else []
 
 
 def tidar_losses(
@@ -315,6 +321,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                           else cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TidarError("--device cuda requested but no CUDA device is available")
+    if cfg.eval_prompts is None:
+        cfg = replace(cfg, eval_prompts=default_eval_prompts(device))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
