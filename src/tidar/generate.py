@@ -161,8 +161,8 @@ def run_generate(args) -> int:
     tuner_info = None
     if args.proposals in (None, "auto") and cfg.sampler != "ar":
         if drafter_path is not None and not reach:
-            print(f"tidar: {drafter_path} has no acceptance profile (converted without "
-                  "evaluations): --proposals auto assumes no draft is accepted; pass "
+            print(f"tidar: {drafter_path} has no acceptance profile (its conversion measured "
+                  "none: --eval-prompt); --proposals auto assumes no draft is accepted; pass "
                   "--proposals N to draft anyway", file=sys.stderr)
         cfg, tuner_info = auto_config(engine, loaded.fingerprint, cfg, reach)
 
