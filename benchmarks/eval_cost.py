@@ -39,11 +39,10 @@ def timed(fn) -> tuple[float, object]:
 
 def compiled_acceptance(model, prompts, cfg) -> dict:
     """``measure_acceptance`` as it ran before: the decode through the compiled blocks."""
-    with torch.compiler.set_stance("default"):
-        model.eval()
-        _, stats = Engine(model).generate(
-            prompts, DecodeConfig(block_size=cfg.block_size, max_new_tokens=128))
-        model.train()
+    model.eval()
+    _, stats = Engine(model).generate(
+        prompts, DecodeConfig(block_size=cfg.block_size, max_new_tokens=128))
+    model.train()
     return {"eval/tokens_per_pass": stats.tokens_per_pass}
 
 
