@@ -16,17 +16,11 @@ import argparse
 import time
 
 import torch
-from common import smollm2_shaped, write_json
+from common import write_json
+from train_throughput import build
 
 from tidar.engine import DecodeConfig, Engine
-from tidar.train import (
-    TrainConfig,
-    compile_blocks,
-    evaluate,
-    measure_acceptance,
-    prepare,
-    tidar_losses,
-)
+from tidar.train import TrainConfig, evaluate, measure_acceptance
 
 
 def timed(fn) -> tuple[float, object]:
@@ -52,29 +46,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args()
-    model = smollm2_shaped(dtype=torch.float32)
-    cfg = TrainConfig(out="", data=["-"], mode="frozen-ar", lora_rank=48, lora_alpha=48)
-    named = prepare(model, cfg)
-    for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    model.cuda().train()
-    compile_blocks(model)
-    opt = torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)
+    model, train_step = build("frozen-ar", args.batch, 512, compile_model=True, lora_rank=48)
+    cfg = TrainConfig(out="", data=["-"])  # the evaluation's block size, rows and length
     vocab = model.cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
                for n in torch.randint(40, 120, (args.prompts,), generator=gen)]
     held_out = torch.randint(0, vocab, (cfg.eval_rows, cfg.seq_len), device="cuda")
-
-    def train_step() -> None:
-        tokens = torch.randint(0, vocab, (args.batch, cfg.seq_len), device="cuda")
-        offsets = torch.randint(0, cfg.block_size, (args.batch,), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, diff, _ = tidar_losses(model, tokens, cfg.block_size, offsets, cfg.mode, flex=True)
-        (diff / tokens.numel()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
     def graphs() -> int:
         return torch._dynamo.utils.counters["stats"]["unique_graphs"]

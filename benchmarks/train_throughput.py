@@ -17,19 +17,19 @@ import time
 import torch
 from common import format_profile, profile_cuda, smollm2_shaped, write_json
 
-from tidar.train import TrainConfig, compile_blocks, prepare, tidar_losses
+from tidar.train import TrainConfig, compile_blocks, frozen_to, prepare, tidar_losses
 
 
-def build(mode: str, batch: int, seq_len: int, compile_model: bool):
-    """The model and one optimizer step on fresh random rows, as ``tidar convert`` runs it."""
+def build(mode: str, batch: int, seq_len: int, compile_model: bool, lora_rank: int = 64):
+    """The model and one optimizer step on fresh random rows, as ``tidar convert`` runs it
+    (``lora_rank``: frozen-ar's adapters)."""
     model = smollm2_shaped(dtype=torch.float32)
+    rank = lora_rank if mode == "frozen-ar" else 0
     cfg = TrainConfig(out="", data=["-"], mode=mode, seq_len=seq_len, batch_size=batch,
-                      lora_rank=64 if mode == "frozen-ar" else 0, lora_alpha=64)
+                      lora_rank=rank, lora_alpha=max(rank, 1))
     named = prepare(model, cfg)
     if mode == "frozen-ar":
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+        frozen_to(model, torch.bfloat16)
     model.cuda().train()
     opt = torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)
     if compile_model:

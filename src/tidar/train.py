@@ -201,6 +201,14 @@ def prepare(model: Transformer, cfg: TrainConfig) -> list[tuple[str, torch.nn.Pa
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def frozen_to(model: Transformer, dtype: torch.dtype) -> None:
+    """Frozen-AR: the frozen weights never update, so they are kept in the compute dtype; the
+    trained ones (mask embedding, adapters) stay float32."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 # -- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, rows: Tensor, cfg: TrainConfig, flex: bool) -> dict:
@@ -339,10 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     tokens_before = init_from_drafter(named, cfg, loaded.fingerprint) if cfg.init_drafter else 0
     amp = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     if device.type == "cuda" and cfg.mode == "frozen-ar":
-        # Frozen weights never update: keep them in the compute dtype; adapters stay fp32.
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(amp)
+        frozen_to(model, amp)
     model.to(device)
     model.checkpointing = cfg.grad_checkpointing
     model.train()
