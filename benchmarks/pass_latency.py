@@ -10,6 +10,9 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 --compiled-only --slot-shapes static symbolic
     python benchmarks/pass_latency.py --batch 1 4 --context 100 --compiled-only \
         --short-caches old new
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --single-replays
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
+        --inductor engine max-autotune
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
@@ -38,7 +41,7 @@ from common import SMOLLM2, graph_seconds, smollm2_shaped, write_json
 from profile_pass import kernel_table
 
 from tidar.engine import DecodeConfig, Engine
-from tidar.tuner import measure_pass_seconds
+from tidar.tuner import pass_shapes
 
 
 def graph_kernel_seconds(n: int = 1000) -> float:
@@ -177,6 +180,11 @@ def main() -> None:
                     help="old: AR caches with a scratch slot, one key slice merged by a "
                     "second kernel (the engine before), per variant")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
+    ap.add_argument("--queries", type=int, nargs="+",
+                    help="time only these pass shapes (queries per row; default all)")
+    ap.add_argument("--single-replays", action="store_true",
+                    help="also time each pass as one replay alone (as the tuner did up to "
+                    "session 10) on the same graphs")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
@@ -208,18 +216,21 @@ def main() -> None:
         with variant_context(*spec), model.decode_weights():
             engine = make_engine()
             ar_kernels = kernels_per_pass(make_engine, DecodeConfig(sampler="ar"), args.context)
-            full_kernels = (None if args.ar_only else
+            full_kernels = (None if args.ar_only or 272 not in (args.queries or [272]) else
                             kernels_per_pass(make_engine, DecodeConfig(block_size=b), args.context))
             variant = {"kernels_ar_pass": ar_kernels, "kernels_272_pass": full_kernels,
                        "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
+            shapes = {q: cfg for q, cfg in pass_shapes(b).items()
+                      if q in (args.queries or [q]) and (q == 1 or not args.ar_only)}
             for batch in args.batch:
                 started = time.perf_counter()
-                if args.ar_only:
-                    curve = {1: engine.time_pass(DecodeConfig(sampler="ar"), batch,
-                                                 args.context, args.repeats)}
-                else:
-                    curve = measure_pass_seconds(engine, b, batch, args.context, args.repeats)
-                variant["curves"][batch] = curve
+                variant["curves"][batch] = curve = {
+                    q: engine.time_pass(cfg, batch, args.context, args.repeats)
+                    for q, cfg in shapes.items()}
+                if args.single_replays:
+                    variant.setdefault("single_replay_curves", {})[batch] = {
+                        q: engine.time_pass(cfg, batch, args.context, args.repeats, burst=1)
+                        for q, cfg in shapes.items()}
                 # Wall time of this batch's curve, compiling and capturing included.
                 variant.setdefault("wall_s", {})[batch] = time.perf_counter() - started
                 results["variants"][name] = variant
@@ -230,9 +241,10 @@ def main() -> None:
               f"pass; launch floor {variant['launch_floor_ms']:.2f} ms", flush=True)
     print(f"memory floor {results['memory_floor_ms']:.3f} ms, one graph kernel "
           f"{results['graph_kernel_us']:.2f} us")
-    results["notes"] = ("t(q) in seconds, median of CUDA-event-timed replays of the whole "
-                        "captured pass (forward, verification, drafting); kernels counted "
-                        "for the whole pass")
+    results["notes"] = ("t(q) in seconds, median over CUDA-event-timed bursts of back-to-back "
+                        "replays of the whole captured pass (forward, verification, drafting), "
+                        "as Engine.time_pass times it; single_replay_curves: one replay timed "
+                        "alone; kernels counted for the whole pass")
     write_json("pass_latency.json", results)
 
 

@@ -530,6 +530,20 @@ def test_runner_is_reused_across_calls(cfg):
     assert len(engine._runners) == 1
 
 
+def test_timing_a_pass_leaves_later_generations_unchanged():
+    """``time_pass`` runs bursts of passes on the runner a generation of its shape reuses."""
+    model = tiny_model("llama", vocab=8, seed=2)
+    cfg = DecodeConfig(block_size=4, sampling=SamplingParams(temperature=1.0), max_new_tokens=9)
+    engine = Engine(model)
+    assert engine.time_pass(cfg, batch=2, context=3, repeats=2, burst=3) > 0
+    prompts = _prompts(8, [3, 5], 6)
+    assert len(engine._runners) == 1
+    got, stats = engine.generate(prompts, cfg, seeds=[1, 2])
+    assert len(engine._runners) == 1  # the timed runner served the generation
+    fresh, fresh_stats = Engine(model).generate(prompts, cfg, seeds=[1, 2])
+    assert got == fresh and stats.passes == fresh_stats.passes
+
+
 def _with_row_lora(model):
     from tidar.drafter import add_row_lora
 
