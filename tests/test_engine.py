@@ -448,6 +448,17 @@ def test_stream_matches_generate():
     assert events > len(prompts)
 
 
+@pytest.mark.parametrize("max_new, sync_every", [(5, 8), (12, 8), (5, 1)])
+def test_stream_runs_no_pass_past_the_budget(max_new, sync_every):
+    """Between two looks at the state, AR runs no more passes than the tokens rows may
+    still emit: a generation of n tokens replays n - 1 passes after its prefill."""
+    engine = Engine(tiny_model("llama", vocab=8, seed=5))
+    cfg = DecodeConfig(sampler="ar", max_new_tokens=max_new)
+    chunks = list(engine.stream(_prompts(8, [3, 4], 7), cfg, sync_every=sync_every))
+    assert sum(len(t) for _, t in chunks) == 2 * max_new
+    assert int(engine._live.counter[0]) - 1 == max_new - 1  # the counter counts every pass
+
+
 def test_stream_is_lazy():
     """The first token comes out after the prefill, before the rest is decoded."""
     model = ScriptedModel("never")

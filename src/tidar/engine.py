@@ -8,9 +8,10 @@ All decoding state lives in fixed-shape device tensors that a pass updates in pl
 host synchronisation: token bookkeeping (stop tokens, budgets, output buffer) is tensor
 arithmetic and randomness is a counter-based hash of (row seed, pass, slot). On CUDA the pass
 is captured in a CUDA graph and replayed; the host looks at the state every ``sync_every``
-passes to stream tokens and stop. Graphs, caches and state buffers are kept per (batch-size
-bucket, cache-capacity bucket, configuration) and reused by later calls: a call with the same
-shapes only prefills and replays.
+passes (fewer when the rows' token budget ends sooner) to stream tokens and stop. Graphs,
+caches and state buffers are kept per (batch-size bucket, cache-capacity bucket,
+configuration) and reused by later calls: a call with the same shapes only prefills and
+replays.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class Engine:
             self._leave = compile_static(self._leave_pass)
         self.last_stats: Stats | None = None
         self._live: _State | None = None  # the running stream's state, for finish()
+        self._ended: set[int] = set()  # and the rows finish() ended
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
 
     # -- public API -------------------------------------------------------------------
@@ -225,16 +227,22 @@ class Engine:
             if filler:
                 st.active[batch:] = False
             shown = [0] * batch
+            self._ended = set()  # rows the caller finished
             while True:
-                generated = st.generated[:batch].tolist()
-                out = st.out[:batch].cpu()  # one copy per sync, not one per row
+                # One copy (one sync) per look: each row's count, liveness and output.
+                host = torch.cat([st.generated[:, None], st.active[:, None], st.out], 1).cpu()
+                generated = host[:batch, 0].tolist()
                 for r in range(batch):
                     if generated[r] > shown[r]:
-                        yield r, out[r, shown[r] : generated[r]].tolist()
+                        yield r, host[r, 2 + shown[r] : 2 + generated[r]].tolist()
                         shown[r] = generated[r]
-                if not bool(st.active.any()):
+                live = host[:, 1].bool()
+                live[list(self._ended)] = False
+                if not bool(live.any()):
                     break
-                for _ in range(sync_every):
+                # A live row emits a token or more a pass: no more passes than its budget left.
+                room = int((cfg.max_new_tokens - host[:, 0])[live].max())
+                for _ in range(min(sync_every, room)):
                     runner.step()
             hist = st.hist.tolist()
             hist[0] = 0
@@ -246,6 +254,7 @@ class Engine:
         Takes effect at the next pass; the engine sees token ids, the caller decides on text.
         """
         self._live.active[row] = False
+        self._ended.add(row)
 
     # -- internals --------------------------------------------------------------------
     def _runner(self, batch: int, length: int, cfg: DecodeConfig) -> _Runner:
