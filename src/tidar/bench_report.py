@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import TidarError
-from .synth import write_text_atomic
+from .files import write_text_atomic
 
 # What makes two runs' cells comparable: everything but the cells asked for and the curve.
 RESUME_KEYS = ("device", "device_type", "dtype", "torch", "transformers", "model_fingerprint",

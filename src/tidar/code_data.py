@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import TidarError
-from .synth import write_jsonl_atomic, write_text_atomic
+from .files import write_jsonl_atomic, write_text_atomic
 
 CODE_SHARD = "code-{:05d}.jsonl"
 

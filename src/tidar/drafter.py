@@ -8,7 +8,6 @@ the base model it was trained for. Written atomically.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import TidarError
+from .files import replaced_atomically
 from .model import MLP, RowLoRA, Transformer
 
 FORMAT = "tidar-drafter/1"
@@ -59,12 +59,9 @@ def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: Draft
     """Write atomically; bf16 by default (half the size, and what the GPU computes in)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata=info.metadata())
-    os.replace(tmp, path)
+    with replaced_atomically(Path(path)) as tmp:
+        save_file({k: v.to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=info.metadata())
 
 
 def read_drafter(path: str | Path, fingerprint: str | None = None

@@ -17,13 +17,13 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import TidarError
+from .files import write_jsonl_atomic, write_text_atomic
 
 SENTINEL = "TIDARUSERTURN7731"
 SHARD_NAME = "synth-{:05d}.jsonl"
@@ -46,28 +46,6 @@ def _unit(*parts) -> float:
 def normalise(text: str) -> str:
     """The dedupe key of a prompt: lowercase, whitespace collapsed."""
     return " ".join(text.lower().split())
-
-
-def write_text_atomic(path: Path, text: str) -> int:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``; returns bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
-    return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                           for r in rows))
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .synth import write_text_atomic
+from .files import write_text_atomic
 
 # The least expected gain over AR for which the tuner picks drafting. Benches measured
 # 0.85-0.98 of the expected speedup (docs/results.md section 3): a pick expected at 1.04x
