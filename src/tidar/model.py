@@ -249,12 +249,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, masks, kv: tuple[Tensor, Tensor] | None, slots) -> Tensor:
         """``kv``: this layer's cache buffers (written at ``slots``), or None: no cache."""
-        cfg = self.cfg
-        batch, length, _ = x.shape
         if self.qkv.active():
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        out = self.context(q, k, v, cos, sin, masks, kv, slots)
+        return self.out(out)[0] if self.out.active() else self.o_proj(out)
+
+    def context(self, q, k, v, cos, sin, masks, kv, slots) -> Tensor:
+        """Attention from projected ``q, k, v [B, T, heads * head_dim]``: the heads' outputs
+        ``[B, T, n_heads * head_dim]``, before the output projection."""
+        cfg = self.cfg
+        batch, length, _ = q.shape
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.clip_qkv is not None:
@@ -270,8 +276,7 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.out(out)[0] if self.out.active() else self.o_proj(out)
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 _compiled_flex = None
