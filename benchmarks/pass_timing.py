@@ -83,7 +83,7 @@ def decode_seconds_per_pass(engine: Engine, cfg: DecodeConfig, groups: list[list
     elapsed, replays, passes = 0.0, 0, 0
     for prompts in groups:
         started = None
-        for _ in engine.stream(prompts, cfg, sync_every=8):
+        for _ in engine.stream(prompts, cfg):
             if started is None:
                 torch.cuda.synchronize()
                 started = time.perf_counter()

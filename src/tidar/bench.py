@@ -190,12 +190,11 @@ def batches(prompts: list, batch_size: int, num_prompts: int) -> list[list]:
 
 # -- runs --------------------------------------------------------------------------------
 def run_engine(engine, prompts: list[list[int]], cfg) -> Run:
-    sync_every = 8 if engine.cuda_graphs else 1  # as Engine.generate
     outputs: list[list[int]] = [[] for _ in prompts]
     sync(engine.device)
     start = time.perf_counter()
     first = None
-    for row, tokens in engine.stream(prompts, cfg, sync_every=sync_every):
+    for row, tokens in engine.stream(prompts, cfg):
         if first is None:  # the stream syncs before it yields: every row's first token is in
             first = time.perf_counter() - start
         outputs[row].extend(tokens)

@@ -197,21 +197,22 @@ class Engine:
         self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None
     ) -> tuple[list[list[int]], Stats]:
         outputs: list[list[int]] = [[] for _ in prompts]
-        # A sync costs little on the CPU; on CUDA, run several graph replays per sync.
-        sync_every = 8 if self.cuda_graphs else 1
-        for row, tokens in self.stream(prompts, cfg, seeds, sync_every=sync_every):
+        for row, tokens in self.stream(prompts, cfg, seeds):
             outputs[row].extend(tokens)
         return outputs, self.last_stats
 
     def stream(
         self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None,
-        sync_every: int = 1,
+        sync_every: int | None = None,
     ) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(row, tokens)`` as tokens are committed; stats end up in ``last_stats``.
 
         Each row's randomness is a function of its seed (``seeds[row]``, default
         ``cfg.seed``) and its pass count, so a row gets the same tokens in a batch as alone.
+        ``sync_every``: passes between looks at the state (default: 8 replays of a CUDA graph,
+        where a look stalls the device; else 1, where it costs little).
         """
+        sync_every = sync_every or (8 if self.cuda_graphs else 1)
         cfg = cfg.resolved()
         self.check_prompts(prompts, cfg)
         batch = len(prompts)
