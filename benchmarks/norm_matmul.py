@@ -28,7 +28,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
+BLOCK_M, BLOCK_K = 32, 64
+MIN_PROGRAMS = 96  # about one thread block per SM of an H100: narrower output tiles below it
+
+
+def output_tile(rows: int, n_out: int) -> int:
+    """Columns per thread block: the widest of 64, 32, 16 that still gives ``MIN_PROGRAMS``
+    blocks (a 32-row pass has only ``n_out / 64`` of them at 64), else 16."""
+    for block_n in (64, 32):
+        if triton.cdiv(rows, BLOCK_M) * triton.cdiv(n_out, block_n) >= MIN_PROGRAMS:
+            return block_n
+    return 16
 
 
 @triton.jit
@@ -83,14 +93,15 @@ def _launch(x: Tensor, weight: Tensor, n_out: int, norm: Tensor | None, eps: flo
             swiglu: bool, residual: Tensor | None) -> Tensor:
     rows, dim = x.shape
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_out, BLOCK_N))
+    block_n = output_tile(rows, n_out)
+    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_out, block_n))
     _matmul_kernel[grid](
         x, x if norm is None else norm, weight, x if residual is None else residual, out,
         rows, n_out, dim, eps, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0),
         NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 exact, as cuBLAS
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K)
     return out
 
 

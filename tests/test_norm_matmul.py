@@ -18,7 +18,10 @@ from tidar.engine import DecodeConfig, Engine  # noqa: E402
 from tidar.model import RMSNorm  # noqa: E402
 
 
-@pytest.mark.parametrize(("rows", "dim", "n_out"), [(37, 80, 70), (1, 64, 64), (70, 32, 130)])
+@pytest.mark.parametrize(("rows", "dim", "n_out"), [
+    (37, 80, 70), (1, 64, 64), (70, 32, 130),  # 16-column tiles
+    (300, 32, 700),  # 64-column tiles
+])
 def test_kernels_match_the_unfused_layers(rows, dim, n_out):
     gen = torch.Generator().manual_seed(rows + dim)
     x, residual = torch.randn(rows, dim, generator=gen), torch.randn(rows, n_out, generator=gen)
