@@ -114,6 +114,7 @@ def test_info(default, capsys):
         (["generate", "hi", "--block-size", "1", "--proposals", "1"], "block-size"),
         (["generate", "hi", "--proposals", "many"], "proposals"),
         (["generate", "hi", "--drafter", "/no/such/drafter"], "does not exist"),
+        (["generate", "hi", "--stop", ""], "--stop"),  # before loading and tuning
         (["generate"], "required"),
     ],
 )

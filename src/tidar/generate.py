@@ -141,6 +141,9 @@ def run_generate(args) -> int:
     from .drafter import apply_drafter
     from .loading import load_model
 
+    stops = tuple(args.stop)
+    if any(not s for s in stops):
+        raise TidarError("--stop strings must not be empty")
     device = _device(args.device)
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, device=device, dtype=_dtype(args.dtype))
@@ -166,9 +169,6 @@ def run_generate(args) -> int:
                   "--proposals N to draft anyway", file=sys.stderr)
         cfg, tuner_info = auto_config(engine, loaded.fingerprint, cfg, reach)
 
-    stops = tuple(args.stop)
-    if any(not s for s in stops):
-        raise TidarError("--stop strings must not be empty")
     ar_cfg = DecodeConfig(sampler="ar", sampling=cfg.sampling,
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if args.compare:  # a process's first decode runs slower (allocation, kernel setup)
