@@ -146,6 +146,13 @@ def test_resume_refuses_another_run(tiny_setup, tmp_path):
         ({"mode": "half"}, "mode"),
         ({"data": []}, "no training data"),
         ({"steps": 0}, "positive"),
+        ({"lr": -1.0}, "--lr"),
+        ({"lr": float("nan")}, "--lr"),
+        ({"warmup": -1}, "--warmup"),
+        ({"eval_every": 0}, "--eval-every"),
+        ({"save_every": 0}, "--save-every"),
+        ({"alpha": -0.5}, "--alpha"),
+        ({"lora_rank": -1, "mode": "full"}, "--lora-rank"),
     ],
 )
 def test_bad_settings(tiny_setup, tmp_path, change, message):

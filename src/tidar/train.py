@@ -89,8 +89,22 @@ class TrainConfig:
             )
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TidarError("--steps, --batch-size and --grad-accum must be positive")
-        if self.mode == "frozen-ar" and self.lora_rank < 0:
+        if self.lora_rank < 0:
             raise TidarError("--lora-rank must be >= 0")
+        counts = {"--eval-every": self.eval_every, "--eval-rows": self.eval_rows,
+                  "--save-every": self.save_every, "--log-every": self.log_every}
+        for flag, value in counts.items():
+            if value < 1:
+                raise TidarError(f"{flag} must be at least 1, got {value}")
+        if not self.lr > 0 or self.warmup < 0:
+            raise TidarError(f"need --lr > 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TidarError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        weights = {"--weight-decay": self.weight_decay, "--alpha": self.alpha,
+                   "--router-aux": self.router_aux, "--lora-alpha": self.lora_alpha}
+        for flag, value in weights.items():
+            if not value >= 0:
+                raise TidarError(f"{flag} must be >= 0, got {value}")
         if not self.data:
             raise TidarError("no training data: pass --data SOURCE [SOURCE ...]")
 
