@@ -153,11 +153,14 @@ def test_resume_refuses_another_run(tiny_setup, tmp_path):
         ({"save_every": 0}, "--save-every"),
         ({"alpha": -0.5}, "--alpha"),
         ({"lora_rank": -1, "mode": "full"}, "--lora-rank"),
+        ({"init_drafter": "/no/such/drafter"}, "does not exist"),
+        ({"out": __file__}, "not a directory"),
     ],
 )
 def test_bad_settings(tiny_setup, tmp_path, change, message):
+    change = {"out": tmp_path / "run"} | change
     with pytest.raises(TidarError, match=message):
-        train(_config(tiny_setup, tmp_path / "run", **change), progress=False)
+        train(_config(tiny_setup, **change), progress=False)
 
 
 def test_unusable_data(tiny_setup, tmp_path):

@@ -96,8 +96,8 @@ class TrainConfig:
         for flag, value in counts.items():
             if value < 1:
                 raise TidarError(f"{flag} must be at least 1, got {value}")
-        if not self.lr > 0 or self.warmup < 0:
-            raise TidarError(f"need --lr > 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
+        if not self.lr >= 0 or self.warmup < 0:
+            raise TidarError(f"need --lr >= 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TidarError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         weights = {"--weight-decay": self.weight_decay, "--alpha": self.alpha,
@@ -107,6 +107,12 @@ class TrainConfig:
                 raise TidarError(f"{flag} must be >= 0, got {value}")
         if not self.data:
             raise TidarError("no training data: pass --data SOURCE [SOURCE ...]")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise TidarError(f"--out {self.out} exists and is not a directory")
+        if self.init_drafter is not None and not Path(self.init_drafter).is_file():
+            raise TidarError(f"drafter {self.init_drafter} does not exist")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TidarError("--device cuda requested but no CUDA device is available")
 
     def run_key(self, fingerprint: str) -> str:
         """What must match for ``--resume``: the base model and everything shaping the run."""
