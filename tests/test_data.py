@@ -564,6 +564,17 @@ def test_data_parser_errors_are_one_line():
         parse(["data", "code"])
 
 
+@pytest.mark.parametrize("command", ["synth", "code"])
+def test_data_out_must_not_be_a_file(command, tmp_path):
+    from tidar.synth import run_data
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    with pytest.raises(TidarError, match="not a directory"):
+        run_data(parse(["data", command, "--out", str(taken)]))
+    assert taken.read_text() == "mine"
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"num_prompts": 0}, "--num-prompts"),
     ({"greedy_fraction": 1.5}, "--greedy-fraction"),

@@ -434,6 +434,9 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def run_data(args) -> int:
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise TidarError(f"--out {out} exists and is not a directory")
     if args.data_command == "synth":
         return run_synth(args)
     if args.data_command == "code":
