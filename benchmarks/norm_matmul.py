@@ -13,10 +13,11 @@ matmuls:
 - down with the residual add in its epilogue.
 
 ``fused_blocks()`` patches ``Block.forward`` for passes of more than one query per row on
-decode weights without mask-row adapters; ``pass_latency.py --norm-matmul off triton`` times
-it against the engine's path. The rounding follows the model's (normalise in float32,
-round, scale in the weights' dtype; matmul outputs rounded before SiLU and the adds); the
-accumulation order is the kernel's own. Not measured on a GPU yet.
+decode weights, the stacked weights of mask-row adapters included; ``pass_latency.py
+--norm-matmul off triton`` times it against the engine's path. The rounding follows the
+model's (normalise in float32, round, scale in the weights' dtype; matmul outputs rounded
+before SiLU and the adds); the accumulation order is the kernel's own. Not measured on a GPU
+yet.
 """
 
 from __future__ import annotations
@@ -42,18 +43,30 @@ def output_tile(rows: int, n_out: int) -> int:
 
 
 @triton.jit
-def _matmul_kernel(X, G, W, R, Out, rows, n_out, dim, eps,
+def _weights(W, n, k, sw, n_ok, k_ok):
+    """Rows ``n`` of ``W``, columns ``k``, as a ``[BLOCK_K, BLOCK_N]`` operand."""
+    return tl.load(W + n[None, :] * sw + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _matmul_kernel(X, G, W, R, Out, rows, n_out, dim, eps, length, start, adapted,
                    sx, sw, sr, so,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                    PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``Out[m, n] = f(X) @ W[n]``: ``f`` the RMSNorm with weight ``G`` (``NORM``); with
-    ``SWIGLU`` the output is ``silu(f(X) @ W[n]) * (f(X) @ W[n_out + n])``; with ``RESIDUAL``
-    it is added to ``R``."""
+    """``Out[m, n] = f(X[m]) @ W[n]``: ``f`` the RMSNorm with weight ``G`` (``NORM``); with
+    ``SWIGLU`` it is ``silu(f(X[m]) @ W[n]) * (f(X[m]) @ W[n_out + n])``; with ``RESIDUAL``
+    it is added to ``R``. A mask row (``m % length >= start``) reads the rows ``adapted``
+    further down ``W`` (the adapted half of a stacked weight ``[W; W']``; ``adapted`` 0:
+    none). A tile computes a half only if one of its rows needs it."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = m < rows, n < n_out
+    mask_row = ((m % length) >= start) & (adapted > 0)
+    any_base = tl.sum((m_ok & ~mask_row).to(tl.int32), axis=0) > 0
+    any_mask = tl.sum((m_ok & mask_row).to(tl.int32), axis=0) > 0
     if NORM:
         squares = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, dim, BLOCK_K):
@@ -64,6 +77,8 @@ def _matmul_kernel(X, G, W, R, Out, rows, n_out, dim, eps,
         scale = tl.rsqrt(squares / dim + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_mask = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_mask_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         k = k0 + kk
         k_ok = k < dim
@@ -72,82 +87,108 @@ def _matmul_kernel(X, G, W, R, Out, rows, n_out, dim, eps,
         if NORM:
             g = tl.load(G + k, mask=k_ok, other=0.0).to(x.dtype)
             x = g[None, :] * (x.to(tl.float32) * scale[:, None]).to(x.dtype)
-        w = tl.load(W + n[None, :] * sw + k[:, None], mask=n_ok[None, :] & k_ok[:, None],
-                    other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        if SWIGLU:
-            w_up = tl.load(W + (n_out + n)[None, :] * sw + k[:, None],
-                           mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            acc_up = tl.dot(x, w_up, acc_up, input_precision=PRECISION)
+        if any_base:
+            acc = tl.dot(x, _weights(W, n, k, sw, n_ok, k_ok), acc, input_precision=PRECISION)
+            if SWIGLU:
+                acc_up = tl.dot(x, _weights(W, n_out + n, k, sw, n_ok, k_ok), acc_up,
+                                input_precision=PRECISION)
+        if any_mask:
+            acc_mask = tl.dot(x, _weights(W, adapted + n, k, sw, n_ok, k_ok), acc_mask,
+                              input_precision=PRECISION)
+            if SWIGLU:
+                acc_mask_up = tl.dot(x, _weights(W, adapted + n_out + n, k, sw, n_ok, k_ok),
+                                     acc_mask_up, input_precision=PRECISION)
     dtype = Out.dtype.element_ty
-    y = acc.to(dtype)
+    y = tl.where(mask_row[:, None], acc_mask, acc).to(dtype)
     if SWIGLU:
         gate = y.to(tl.float32)
-        y = (gate * tl.sigmoid(gate)).to(dtype) * acc_up.to(dtype)
+        up = tl.where(mask_row[:, None], acc_mask_up, acc_up).to(dtype)
+        y = (gate * tl.sigmoid(gate)).to(dtype) * up
     if RESIDUAL:
         y = tl.load(R + m[:, None] * sr + n[None, :], mask=m_ok[:, None] & n_ok[None, :]) + y
     tl.store(Out + m[:, None] * so + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch(x: Tensor, weight: Tensor, n_out: int, norm: Tensor | None, eps: float,
-            swiglu: bool, residual: Tensor | None) -> Tensor:
+def _launch(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool, length: int, start: int,
+            norm: Tensor | None = None, eps: float = 0.0,
+            residual: Tensor | None = None) -> Tensor:
     rows, dim = x.shape
+    base = weight.shape[0] // 2 if stacked else weight.shape[0]  # rows of W before W'
+    n_out = base // 2 if swiglu else base
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     block_n = output_tile(rows, n_out)
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_out, block_n))
     _matmul_kernel[grid](
         x, x if norm is None else norm, weight, x if residual is None else residual, out,
-        rows, n_out, dim, eps, x.stride(0), weight.stride(0),
-        0 if residual is None else residual.stride(0), out.stride(0),
+        rows, n_out, dim, eps, length, start, base if stacked else 0,
+        x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
+        out.stride(0),
         NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 exact, as cuBLAS
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K)
     return out
 
 
+def _n_out(weight: Tensor, swiglu: bool, stacked: bool) -> int:
+    return weight.shape[0] // (2 if stacked else 1) // (2 if swiglu else 1)
+
+
 @torch.library.custom_op("tidar_bench::norm_matmul", mutates_args=())
-def norm_matmul(x: Tensor, norm: Tensor, eps: float, weight: Tensor, swiglu: bool) -> Tensor:
-    """``rmsnorm(x) @ weight.T`` for rows ``x [M, K]``; with ``swiglu``, ``weight`` is
-    ``[gate; up]`` and the result ``silu(gate) * up``."""
-    n_out = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    return _launch(x.contiguous(), weight, n_out, norm, eps, swiglu, None)
+def norm_matmul(x: Tensor, norm: Tensor, eps: float, weight: Tensor, swiglu: bool,
+                stacked: bool, length: int, start: int) -> Tensor:
+    """``rmsnorm(x) @ weight.T`` for rows ``x [M, K]`` (sequences of ``length`` rows); with
+    ``swiglu``, ``weight`` is ``[gate; up]`` and the result ``silu(gate) * up``; ``stacked``:
+    ``weight`` is ``[W; W']`` and rows from ``start`` of each sequence take ``W'``."""
+    return _launch(x.contiguous(), weight, swiglu, stacked, length, start, norm, eps)
 
 
 @norm_matmul.register_fake
-def _(x, norm, eps, weight, swiglu):
-    return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
+def _(x, norm, eps, weight, swiglu, stacked, length, start):
+    return x.new_empty(x.shape[0], _n_out(weight, swiglu, stacked))
 
 
 @torch.library.custom_op("tidar_bench::matmul_add", mutates_args=())
-def matmul_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
-    """``residual + x @ weight.T`` for rows ``x [M, K]``."""
-    return _launch(x.contiguous(), weight, weight.shape[0], None, 0.0, False,
-                   residual.contiguous())
+def matmul_add(x: Tensor, weight: Tensor, residual: Tensor, stacked: bool, length: int,
+               start: int) -> Tensor:
+    """``residual + x @ weight.T`` for rows ``x [M, K]`` (``stacked`` as in ``norm_matmul``)."""
+    return _launch(x.contiguous(), weight, False, stacked, length, start,
+                   residual=residual.contiguous())
 
 
 @matmul_add.register_fake
-def _(x, weight, residual):
+def _(x, weight, residual, stacked, length, start):
     return residual.new_empty(residual.shape)
 
 
 def fused_block(block, x: Tensor, cos, sin, masks, kv, slots) -> Tensor:
-    """``Block.forward`` through the four fused matmuls (decode weights, no adapters)."""
+    """``Block.forward`` through the four fused matmuls (decode weights)."""
     batch, length, dim = x.shape
     attn, mlp = block.self_attn, block.mlp
+    start = attn.qkv.gate.start  # where each sequence's mask rows begin
     rows = x.reshape(batch * length, dim)
-    qkv = norm_matmul(rows, block.input_layernorm.weight, block.input_layernorm.eps,
-                      attn.qkv.weight, False)
+    norm = block.input_layernorm
+    qkv = norm_matmul(rows, norm.weight, norm.eps, attn.qkv.weight, False, attn.qkv.stacked,
+                      length, start)
     q, k, v = qkv.view(batch, length, -1).split(attn.qkv.sizes, dim=-1)
     context = attn.context(q, k, v, cos, sin, masks, kv, slots)
-    rows = matmul_add(context.reshape(batch * length, -1), attn.o_proj.weight, rows)
-    hidden = norm_matmul(rows, block.post_attention_layernorm.weight,
-                         block.post_attention_layernorm.eps, mlp.gate_up.weight, True)
-    return matmul_add(hidden, mlp.down_proj.weight, rows).view(batch, length, dim)
+    o, o_stacked = _weight(attn.out, attn.o_proj)
+    rows = matmul_add(context.reshape(batch * length, -1), o, rows, o_stacked, length, start)
+    norm = block.post_attention_layernorm
+    hidden = norm_matmul(rows, norm.weight, norm.eps, mlp.gate_up.weight, True,
+                         mlp.gate_up.stacked, length, start)
+    down, down_stacked = _weight(mlp.down, mlp.down_proj)
+    return matmul_add(hidden, down, rows, down_stacked, length, start).view(batch, length, dim)
+
+
+def _weight(group, layer) -> tuple[Tensor, bool]:
+    """A one-layer group's decode weight: stacked when the layer carries an adapter, else the
+    layer's own (``DecodeLinear`` leaves a plain single layer alone)."""
+    return (group.weight, group.stacked) if group.active() else (layer.weight, False)
 
 
 def fusable(block, x: Tensor) -> bool:
     """A pass of more than one query per row through a dense block on decode weights with no
-    mask-row adapters, biases, q/k norms or clipping."""
+    biases, q/k norms or clipping (mask-row adapters are fine)."""
     from torch import nn
 
     from tidar.model import MLP
@@ -155,11 +196,11 @@ def fusable(block, x: Tensor) -> bool:
     attn, mlp = block.self_attn, block.mlp
     if x.shape[1] == 1 or not isinstance(mlp, MLP):  # AR steps keep inductor's fusions
         return False
-    fused = [attn.qkv, mlp.gate_up]
-    plain = [attn.o_proj, mlp.down_proj]
+    singles = [(attn.out, attn.o_proj), (mlp.down, mlp.down_proj)]
     return (attn.cfg.qk_norm is None and attn.cfg.clip_qkv is None
-            and all(g.active() and not g.stacked and g.bias is None for g in fused)
-            and all(type(p) is nn.Linear and p.bias is None for p in plain))
+            and all(g.active() and g.bias is None for g in (attn.qkv, mlp.gate_up))
+            and all(g.bias is None if g.active() else type(p) is nn.Linear and p.bias is None
+                    for g, p in singles))
 
 
 @contextlib.contextmanager
