@@ -11,11 +11,13 @@ tokens, prompts of ``--context`` tokens).
     python benchmarks/pass_timing.py --batch 1 4 --queries 1 32 --new-tokens 128 \
         --drafter /root/drafter.safetensors
     python benchmarks/pass_timing.py --batch 1 --queries 1 32 --per-pass
+    python benchmarks/pass_timing.py --batch 1 4 --queries 1 32 272 --norm-matmul off triton
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import replace
@@ -94,13 +96,12 @@ def decode_seconds_per_pass(engine: Engine, cfg: DecodeConfig, groups: list[list
     return elapsed / replays, replays, passes
 
 
-def load(drafter: str | None) -> tuple[Engine, list[list[int]]]:
-    """The engine, and the prompts of the real model (none for random weights)."""
+def load(drafter: str | None):
+    """The model, its stop tokens and prompts (random weights: none and none)."""
     if drafter is None:
         model = smollm2_shaped(device="cpu", dtype=torch.float32)
         add_row_lora(model, 48, 96.0)
-        model = model.to(device="cuda", dtype=torch.bfloat16).eval()
-        return Engine(model, compile=True), []
+        return model.to(device="cuda", dtype=torch.bfloat16).eval(), (), []
     from tidar.bench import prompt_texts
     from tidar.drafter import apply_drafter
     from tidar.generate import encode_prompt, stop_ids
@@ -109,7 +110,44 @@ def load(drafter: str | None) -> tuple[Engine, list[list[int]]]:
     loaded = load_model(None, device="cuda", dtype=torch.bfloat16)
     apply_drafter(loaded.model, drafter, loaded.fingerprint)
     prompts = [encode_prompt(loaded.tokenizer, t, raw=False) for t in prompt_texts("chat", False)]
-    return Engine(loaded.model, stop_ids(loaded), compile=True), prompts
+    return loaded.model, stop_ids(loaded), prompts
+
+
+def variant(name: str):
+    """``off``: the engine's pass; ``triton``: multi-query passes through the fused matmuls of
+    ``norm_matmul.py``."""
+    if name == "off":
+        return contextlib.nullcontext()
+    from norm_matmul import fused_blocks
+
+    return fused_blocks()
+
+
+def time_rows(engine: Engine, chat: list, args) -> list[dict]:
+    rows = []
+    for batch in args.batch:
+        for q in args.queries:
+            cfg = config_for(q, args.block_size)
+            single = single_replays(engine, cfg, batch, args.context, args.repeats)
+            burst = engine.time_pass(cfg, batch, args.context, args.repeats)
+            prompts = chat or [[(7 * i + 3 * r) % 1000 for i in range(args.context)]
+                               for r in range(batch)]
+            groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+            decoded = [decode_seconds_per_pass(engine, cfg, groups, args.new_tokens)
+                       for _ in range(args.rounds)]
+            row = {"batch": batch, "queries": q, "single_ms": 1e3 * single,
+                   "time_pass_ms": 1e3 * burst,
+                   "decode_ms": 1e3 * statistics.median(d for d, _, _ in decoded),
+                   "decode_replays": [n for _, n, _ in decoded],
+                   "decode_active_passes": [n for _, _, n in decoded]}
+            if args.per_pass and batch == 1:
+                times = per_pass_after_prefill(engine, cfg, args.context)
+                row["per_pass_after_prefill_ms"] = [round(1e3 * t, 4) for t in times]
+            rows.append(row)
+            print(f"batch {batch} q {q}: single {row['single_ms']:.3f} ms, time_pass "
+                  f"{row['time_pass_ms']:.3f} ms, decode {row['decode_ms']:.3f} ms/pass "
+                  f"({row['decode_replays']} replays)", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -124,43 +162,29 @@ def main() -> None:
     ap.add_argument("--drafter", help="the embedded default with this drafter, chat prompts")
     ap.add_argument("--per-pass", action="store_true",
                     help="also time the passes after a prefill one by one (batch 1)")
+    ap.add_argument("--norm-matmul", nargs="+", default=["off"], choices=["off", "triton"],
+                    help="variants, each compiled afresh in this process (see variant)")
     args = ap.parse_args()
-    engine, chat = load(args.drafter)
+    model, stops, chat = load(args.drafter)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "model": args.drafter or "random, drafter-shaped", "context": args.context,
                "new_tokens": args.new_tokens, "rows": []}
-    with torch.inference_mode(), engine.model.decode_weights():
+    for name in args.norm_matmul:
+        torch._dynamo.reset()
+        print(f"== norm-matmul {name}", flush=True)
+        with torch.inference_mode(), model.decode_weights(), variant(name):
+            engine = Engine(model, stops, compile=True)
+            rows = time_rows(engine, chat, args)
+        results["rows"] += [{"norm_matmul": name} | r for r in rows]
+        write_json("pass_timing.json", results)
         for batch in args.batch:
-            for q in args.queries:
-                cfg = config_for(q, args.block_size)
-                single = single_replays(engine, cfg, batch, args.context, args.repeats)
-                burst = engine.time_pass(cfg, batch, args.context, args.repeats)
-                prompts = chat or [[(7 * i + 3 * r) % 1000 for i in range(args.context)]
-                                   for r in range(batch)]
-                groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-                decoded = [decode_seconds_per_pass(engine, cfg, groups, args.new_tokens)
-                           for _ in range(args.rounds)]
-                row = {"batch": batch, "queries": q, "single_ms": 1e3 * single,
-                       "time_pass_ms": 1e3 * burst,
-                       "decode_ms": 1e3 * statistics.median(d for d, _, _ in decoded),
-                       "decode_replays": [n for _, n, _ in decoded],
-                       "decode_active_passes": [n for _, _, n in decoded]}
-                if args.per_pass and batch == 1:
-                    times = per_pass_after_prefill(engine, cfg, args.context)
-                    row["per_pass_after_prefill_ms"] = [round(1e3 * t, 4) for t in times]
-                results["rows"].append(row)
-                write_json("pass_timing.json", results)
-                print(f"batch {batch} q {q}: single {row['single_ms']:.3f} ms, time_pass "
-                      f"{row['time_pass_ms']:.3f} ms, decode {row['decode_ms']:.3f} ms/pass "
-                      f"({row['decode_replays']} replays)", flush=True)
-    for batch in args.batch:
-        rows = {r["queries"]: r for r in results["rows"] if r["batch"] == batch}
-        if 1 in rows:
-            ratios = {q: {k: round(r[k] / rows[1][k], 3)
-                          for k in ("single_ms", "time_pass_ms", "decode_ms")}
-                      for q, r in rows.items() if q != 1}
-            results.setdefault("ratios_to_ar", {})[batch] = ratios
-            print(f"batch {batch}: t(q)/t(1) {ratios}")
+            by_q = {r["queries"]: r for r in rows if r["batch"] == batch}
+            if 1 in by_q:
+                ratios = {q: {k: round(r[k] / by_q[1][k], 3)
+                              for k in ("single_ms", "time_pass_ms", "decode_ms")}
+                          for q, r in by_q.items() if q != 1}
+                results.setdefault("ratios_to_ar", {}).setdefault(name, {})[batch] = ratios
+                print(f"batch {batch}: t(q)/t(1) {ratios}")
     write_json("pass_timing.json", results)
 
 
