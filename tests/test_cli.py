@@ -130,3 +130,20 @@ def test_corrupt_gguf_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     code, _, err = _run(capsys, "info", str(bad))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("sampler", "beta", "expected", "notice"), [
+    ("mix", None, 0.7, False),  # mix's default
+    ("mix", 0.4, 0.4, False),
+    ("lossless", 0.4, 1.0, True),  # --beta with another sampler: said, then ignored
+    ("lossless", None, 1.0, False),
+])
+def test_beta_belongs_to_mix(sampler, beta, expected, notice, capsys):
+    import argparse
+
+    from tidar.generate import decode_config
+
+    args = argparse.Namespace(block_size=None, proposals=None, sampler=sampler, beta=beta,
+                              temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=4, seed=0)
+    assert decode_config(args, 4).beta == expected
+    assert ("--beta applies to --sampler mix" in capsys.readouterr().err) == notice

@@ -417,7 +417,7 @@ def run_bench(args) -> int:
         block_size, drafter = info.block_size, str(drafter_path)
         reach = (info.extra or {}).get("acceptance_by_position", [])
     dargs = argparse.Namespace(block_size=args.block_size, proposals=args.proposals,
-                               sampler="lossless", beta=1.0, temperature=0.0, top_k=0,
+                               sampler="lossless", beta=None, temperature=0.0, top_k=0,
                                top_p=1.0, max_new_tokens=max(lengths), seed=0)
     base = decode_config(dargs, block_size)
     methods = []

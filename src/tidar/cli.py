@@ -39,7 +39,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=None, help="drafter checkpoint from `tidar convert` "
                    "(default: the model's shipped drafter, if any)")
     p.add_argument("--sampler", default="lossless", choices=["ar", "lossless", "mix"])
-    p.add_argument("--beta", type=float, default=0.7, help="mix weight of the AR logits")
+    p.add_argument("--beta", type=float, default=None,
+                   help="mix weight of the AR logits (--sampler mix; default 0.7)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -15,6 +15,7 @@ from .sampling import SamplingParams
 from .tuner import auto_config
 
 DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BETA = 0.7  # mix: the weight of the AR logits
 
 
 def shipped_drafter(model_name: str) -> Path | None:
@@ -42,6 +43,9 @@ def stop_ids(loaded) -> tuple[int, ...]:
 def decode_config(args, block_size: int) -> DecodeConfig:
     """The configuration the flags ask for (``--proposals auto`` is resolved by the tuner)."""
     b = args.block_size or block_size
+    if args.beta is not None and args.sampler != "mix":
+        print(f"tidar: --beta applies to --sampler mix; the {args.sampler} sampler ignores it",
+              file=sys.stderr)
     proposals = None
     if args.proposals not in (None, "all", "auto"):
         try:
@@ -53,7 +57,7 @@ def decode_config(args, block_size: int) -> DecodeConfig:
         sampler=args.sampler,
         block_size=b,
         proposals=proposals,
-        beta=args.beta if args.sampler == "mix" else 1.0,
+        beta=(DEFAULT_BETA if args.beta is None else args.beta) if args.sampler == "mix" else 1.0,
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
