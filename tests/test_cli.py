@@ -147,3 +147,16 @@ def test_beta_belongs_to_mix(sampler, beta, expected, notice, capsys):
                               temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=4, seed=0)
     assert decode_config(args, 4).beta == expected
     assert ("--beta applies to --sampler mix" in capsys.readouterr().err) == notice
+
+
+def test_tuner_summary_in_words():
+    from tidar.generate import tuner_summary
+
+    drafting = {"choice": "lossless", "block_size": 16, "proposals": 1,
+                "expected_tokens_per_pass": 1.558, "expected_speedup": 1.157,
+                "shapes_measured": [1, 32, 48]}
+    assert tuner_summary(drafting) == (
+        "lossless, block size 16, 1 proposal block: expected 1.558 tokens per pass, 1.157x ar "
+        "(pass costs measured for 1, 32, 48 queries)")
+    ar = drafting | {"choice": "ar", "block_size": 1, "proposals": 0, "shapes_measured": [1]}
+    assert tuner_summary(ar).startswith("ar (no drafting setting was expected to beat it by 10%")

@@ -12,7 +12,7 @@ from pathlib import Path
 from .engine import DecodeConfig, Engine, proposal_set
 from .errors import TidarError
 from .sampling import SamplingParams
-from .tuner import auto_config
+from .tuner import MARGIN, auto_config
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_BETA = 0.7  # mix: the weight of the AR logits
@@ -138,6 +138,19 @@ def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | N
     }
 
 
+def tuner_summary(info: dict) -> str:
+    """The tuner's pick in words (``--json`` keeps the dict)."""
+    shapes = ", ".join(map(str, info["shapes_measured"]))
+    if info["choice"] == "ar":
+        return (f"ar (no drafting setting was expected to beat it by {MARGIN:.0%}; pass "
+                f"costs measured for {shapes} queries)")
+    blocks = info["proposals"]
+    return (f"{info['choice']}, block size {info['block_size']}, {blocks} proposal "
+            f"block{'s' if blocks > 1 else ''}: expected {info['expected_tokens_per_pass']} "
+            f"tokens per pass, {info['expected_speedup']}x ar (pass costs measured for "
+            f"{shapes} queries)")
+
+
 def run_generate(args) -> int:
     import torch
 
@@ -196,7 +209,7 @@ def run_generate(args) -> int:
         return 0
     print(file=sys.stdout)
     if tuner_info is not None:
-        print(f"tuner: {tuner_info}", file=sys.stderr)
+        print(f"tuner: {tuner_summary(tuner_info)}", file=sys.stderr)
     label = result["sampler"]
     if tuner_info is not None and label != args.sampler:
         label = f"{args.sampler} -> {label} (tuner)"
