@@ -191,8 +191,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, nargs="+",
                     help="time only these pass shapes (queries per row; default all)")
     ap.add_argument("--single-replays", action="store_true",
-                    help="also time each pass as one replay alone (as the tuner did up to "
-                    "session 10) on the same graphs")
+                    help="also time each pass as one replay right after a prefill, on the "
+                    "same graphs (not the tuner's old timing, which did not prefill between "
+                    "replays: pass_timing.py has that one)")
     args = ap.parse_args()
     model = smollm2_shaped()
     b = args.block_size
@@ -253,7 +254,7 @@ def main() -> None:
     results["notes"] = ("t(q) in seconds, median over CUDA-event-timed bursts of back-to-back "
                         "replays of the whole captured pass (forward, verification, drafting), "
                         "as Engine.time_pass times it; single_replay_curves: one replay timed "
-                        "alone; kernels counted for the whole pass")
+                        "right after a prefill; kernels counted for the whole pass")
     write_json("pass_latency.json", results)
 
 
