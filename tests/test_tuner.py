@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,19 @@ def test_auto_config_measures_only_what_could_be_picked():
     engine.timed.clear()
     auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
     assert engine.timed == []
+
+
+@pytest.mark.parametrize("content", ["{broken", '{"pass_seconds": [1, 2]}', '{"other": 1}'])
+def test_an_unreadable_cache_is_measured_again(content, tmp_path, capsys):
+    from tidar.tuner import profile_dir
+
+    cfg = DecodeConfig(block_size=4).resolved()
+    engine = TimedEngine(per_query=0.1)
+    auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    (cached,) = profile_dir().glob("*.json")
+    cached.write_text(content)
+    engine.timed.clear()
+    got, _ = auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    assert got.sampler == "ar" and engine.timed == [1, 8]
+    assert "unreadable tuner cache" in capsys.readouterr().err
+    assert json.loads(cached.read_text())["pass_seconds"]  # written afresh

@@ -160,8 +160,7 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     key = (f"{fingerprint}-{where.replace(' ', '_')}-{dtype}{compiled}-b{b}"
            f"-batch{batch_bucket(batch)}-pass{PASS_REVISION}")
     path = profile_dir() / f"{key}.json"
-    profile = cached_profile(path) or {"pass_seconds": {}}
-    seconds = {int(q): float(t) for q, t in profile["pass_seconds"].items()}
+    seconds = cached_pass_seconds(path)
     repeats = 9 if device.type == "cuda" else 2
     seconds = measure_pass_seconds(engine, b, batch, repeats=repeats, reach=reach, known=seconds)
     choice = choose(seconds, reach, cfg.sampler, block_sizes=(b,))
@@ -184,8 +183,17 @@ def profile_dir() -> Path:
     return default_model.cache_dir() / "tuner"
 
 
-def cached_profile(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def cached_pass_seconds(path: Path) -> dict[int, float]:
+    """The pass costs measured before, by query count; none for a missing or unreadable file
+    (then they are measured again)."""
+    if not path.exists():
+        return {}
+    try:
+        return {int(q): float(t) for q, t in json.loads(path.read_text())["pass_seconds"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        print(f"tidar: ignoring the unreadable tuner cache {path}; measuring again",
+              file=sys.stderr)
+        return {}
 
 
 def save_profile(path: Path, pass_seconds: dict[int, float], choice: Choice) -> None:
