@@ -315,3 +315,25 @@ def test_load_truncated_gguf(tmp_path, default_gguf):
         path.write_bytes(f.read(1 << 20))
     with pytest.raises(TidarError):
         load_model(str(path))
+
+
+def test_a_damaged_default_cache_is_converted_again(tmp_path, monkeypatch, capsys):
+    """The embedded default's converted directory is a cache: unreadable, it is rebuilt."""
+    import tidar.loading as loading
+
+    target, conversions = tmp_path / "hf", []
+
+    def convert():  # stands in for the GGUF conversion: a small model directory
+        if not (target / "config.json").exists():
+            from transformers import AutoModelForCausalLM
+
+            AutoModelForCausalLM.from_config(_hf_config(CASES["llama"])).save_pretrained(target)
+            conversions.append(target)
+        return target
+
+    monkeypatch.setattr(loading, "_default_model_dir", convert)
+    _, (cfg, state) = loading._read_default()
+    (target / "config.json").write_text("{damaged")
+    _, (cfg_again, state_again) = loading._read_default()
+    assert len(conversions) == 2 and "converting it again" in capsys.readouterr().err
+    assert cfg_again.n_layers == cfg.n_layers and state_again.keys() == state.keys()

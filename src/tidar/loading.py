@@ -135,12 +135,28 @@ def _default_model_dir() -> Path:
     return target
 
 
+def _read_default():
+    """The cached default's directory and contents; a damaged cache is converted again."""
+    import shutil
+
+    path = _default_model_dir()
+    try:
+        return path, _read_hf_dir(path)
+    except TidarError as exc:
+        print(f"tidar: the cached default model is unreadable ({exc}); converting it again",
+              file=sys.stderr)
+        shutil.rmtree(path)
+        path = _default_model_dir()
+        return path, _read_hf_dir(path)
+
+
 def load_model(spec: str | None = None, device: str = "cpu", dtype=torch.float32) -> Loaded:
     """Load a model by spec; ``None`` means the embedded default."""
     _quiet_transformers()
     is_default = spec is None or spec == default_model.NAME
     if is_default:
-        path = _default_model_dir()
+        path, (cfg, hf_state) = _read_default()
+        gguf = False
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -148,10 +164,10 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype=torch.float32
                 path = _from_hub(spec)
             else:
                 raise TidarError(f"model path {spec} does not exist")
-    gguf = path.is_file()
-    if gguf and path.suffix != ".gguf":
-        raise TidarError(f"{path} is a file but not a .gguf: give a .gguf or a model directory")
-    cfg, hf_state = _read_gguf(path) if gguf else _read_hf_dir(path)
+        gguf = path.is_file()
+        if gguf and path.suffix != ".gguf":
+            raise TidarError(f"{path} is a file but not a .gguf: give a .gguf or a model directory")
+        cfg, hf_state = _read_gguf(path) if gguf else _read_hf_dir(path)
     state = to_native(cfg, hf_state)
     with torch.device("meta"):
         model = Transformer(cfg)
