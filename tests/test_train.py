@@ -138,6 +138,21 @@ def test_resume_refuses_another_run(tiny_setup, tmp_path):
         train(_config(tiny_setup, tmp_path / "empty", steps=20), resume=True, progress=False)
 
 
+def test_resume_reads_a_checkpoint_killed_mid_rename_and_refuses_a_damaged_one(tiny_setup,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tiny_setup, out, steps=20, lora_rank=4, lora_alpha=4)
+    train(cfg, progress=False)
+    # killed between the two renames of _write_checkpoint: only checkpoint.old is left
+    (out / "checkpoint").rename(out / "checkpoint.old")
+    assert len(train(cfg, resume=True, progress=False)["history"]) == 20
+    for name, damage in [("state.json", "{bad"), ("trainable.safetensors", "bad")]:
+        train(cfg, progress=False)  # a fresh run writes a good checkpoint
+        (out / "checkpoint" / name).write_text(damage)
+        with pytest.raises(TidarError, match="unreadable"):
+            train(cfg, resume=True, progress=False)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

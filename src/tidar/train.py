@@ -286,19 +286,25 @@ def _write_checkpoint(out: Path, trainable: dict, optim: dict, state: dict) -> N
 
 
 def _read_checkpoint(out: Path, run_key: str) -> tuple[dict, dict, dict]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     final = out / "checkpoint"
+    if not (final / "state.json").exists() and (out / "checkpoint.old" / "state.json").exists():
+        final = out / "checkpoint.old"  # killed between _write_checkpoint's two renames
     if not (final / "state.json").exists():
         raise TidarError(f"--resume: no checkpoint in {out}")
-    state = json.loads((final / "state.json").read_text())
-    if state.get("run_key") != run_key:
-        raise TidarError(
-            f"--resume: the checkpoint in {out} belongs to another run (different model, data "
-            "or settings); use a new --out or the original settings"
-        )
-    trainable = load_file(str(final / "trainable.safetensors"))
-    optim = torch.load(final / "optimizer.pt", weights_only=False)
+    try:
+        state = json.loads((final / "state.json").read_text())
+        if state.get("run_key") != run_key:
+            raise TidarError(
+                f"--resume: the checkpoint in {out} belongs to another run (different model, "
+                "data or settings); use a new --out or the original settings"
+            )
+        trainable = load_file(str(final / "trainable.safetensors"))
+        optim = torch.load(final / "optimizer.pt", weights_only=False)
+    except (ValueError, OSError, RuntimeError, EOFError, SafetensorError) as exc:
+        raise TidarError(f"--resume: the checkpoint in {final} is unreadable ({exc})") from None
     return trainable, optim, state
 
 
