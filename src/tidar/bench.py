@@ -270,7 +270,8 @@ def _measure_cell(methods, engine, eager, hf, groups, max_new: int, repeats: int
 
     for m in methods:  # warm-up: kernels, allocator, compilation
         full(m, groups[0])
-        ttft(m, groups[0])
+        for prompts in groups:  # every batch's prefill (Triton compiles per size class)
+            ttft(m, prompts)
     rec = {m.name: {"seconds": [0.0] * repeats, "decode": [0.0] * repeats,
                     "ttft": [0.0] * repeats, "first": [0.0] * repeats,
                     "outputs": [], "passes": 0, "hist": []} for m in methods}
