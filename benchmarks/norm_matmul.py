@@ -109,28 +109,28 @@ def _matmul_kernel(X, G, W, R, Out, rows, n_out, dim, eps, length, start, adapte
     tl.store(Out + m[:, None] * so + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
+def _n_out(weight: Tensor, swiglu: bool, stacked: bool) -> int:
+    """Output columns: the rows of ``W`` (before ``W'`` when stacked), halved by SwiGLU."""
+    return weight.shape[0] // (2 if stacked else 1) // (2 if swiglu else 1)
+
+
 def _launch(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool, length: int, start: int,
             norm: Tensor | None = None, eps: float = 0.0,
             residual: Tensor | None = None) -> Tensor:
     rows, dim = x.shape
-    base = weight.shape[0] // 2 if stacked else weight.shape[0]  # rows of W before W'
-    n_out = base // 2 if swiglu else base
+    n_out = _n_out(weight, swiglu, stacked)
     out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     block_n = output_tile(rows, n_out)
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(n_out, block_n))
     _matmul_kernel[grid](
         x, x if norm is None else norm, weight, x if residual is None else residual, out,
-        rows, n_out, dim, eps, length, start, base if stacked else 0,
+        rows, n_out, dim, eps, length, start, weight.shape[0] // 2 if stacked else 0,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
         out.stride(0),
         NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 exact, as cuBLAS
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K)
     return out
-
-
-def _n_out(weight: Tensor, swiglu: bool, stacked: bool) -> int:
-    return weight.shape[0] // (2 if stacked else 1) // (2 if swiglu else 1)
 
 
 @torch.library.custom_op("tidar_bench::norm_matmul", mutates_args=())

@@ -195,6 +195,8 @@ def main() -> None:
                     "same graphs (not the tuner's old timing, which did not prefill between "
                     "replays: pass_timing.py has that one)")
     args = ap.parse_args()
+    if args.ar_only:
+        args.queries = [1]
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
@@ -226,12 +228,12 @@ def main() -> None:
         with variant_context(*spec), model.decode_weights():
             engine = make_engine()
             ar_kernels = kernels_per_pass(make_engine, DecodeConfig(sampler="ar"), args.context)
-            full_kernels = (None if args.ar_only or 272 not in (args.queries or [272]) else
+            full_kernels = (None if 272 not in (args.queries or [272]) else
                             kernels_per_pass(make_engine, DecodeConfig(block_size=b), args.context))
             variant = {"kernels_ar_pass": ar_kernels, "kernels_272_pass": full_kernels,
                        "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
             shapes = {q: cfg for q, cfg in pass_shapes(b).items()
-                      if q in (args.queries or [q]) and (q == 1 or not args.ar_only)}
+                      if q in (args.queries or [q])}
             for batch in args.batch:
                 started = time.perf_counter()
                 variant["curves"][batch] = curve = {

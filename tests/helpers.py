@@ -116,6 +116,21 @@ def tiny_model(
     return model.eval()
 
 
+def with_row_lora(model: Transformer, rank: int = 4) -> Transformer:
+    """``model`` with mask-row adapters, and adapters and mask embedding random (not the
+    zero-update start), so that mask rows differ from the base model's."""
+    from tidar.drafter import add_row_lora
+
+    add_row_lora(model, rank=rank, alpha=2 * rank)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        model.mask_embedding.normal_(generator=gen)
+    return model
+
+
 def ar_distribution(model: Transformer, context: list[int]) -> Tensor:
     """The model's AR logits for the token after ``context`` (a full causal forward)."""
     with torch.inference_mode():

@@ -24,6 +24,7 @@ from helpers import (  # noqa: F401
     one_thread,
     residual_from_p,
     tiny_model,
+    with_row_lora,
 )
 
 import tidar.engine as engine_module
@@ -555,22 +556,9 @@ def test_timing_a_pass_leaves_later_generations_unchanged():
     assert got == fresh and stats.passes == fresh_stats.passes
 
 
-def _with_row_lora(model):
-    from tidar.drafter import add_row_lora
-
-    add_row_lora(model, rank=4, alpha=8)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        model.mask_embedding.normal_(generator=gen)
-    return model
-
-
 def test_row_adapters_decode_exactly_and_leave_ar_alone():
     base = tiny_model("qwen2", vocab=8, seed=5)
-    adapted = _with_row_lora(tiny_model("qwen2", vocab=8, seed=5))
+    adapted = with_row_lora(tiny_model("qwen2", vocab=8, seed=5))
     prompts = _prompts(8, [6, 3], 5)
     ar, _ = Engine(base).generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=16))
     engine = Engine(adapted)
@@ -592,7 +580,7 @@ def test_row_adapter_fast_path_matches_autograd_path(stacked, monkeypatch):
 
     if not stacked:
         monkeypatch.setattr(tidar.model, "DECODE_LINEAR_MAX_ELEMENTS", 0)
-    model = _with_row_lora(tiny_model("qwen2", vocab=8, seed=6))  # qwen2: q/k/v biases
+    model = with_row_lora(tiny_model("qwen2", vocab=8, seed=6))  # qwen2: q/k/v biases
     committed = torch.tensor([3, 5])
     layout = decode_layout(committed, torch.randint(0, 8, (2, 4)), [0, 1, 3], 4, 16,
                            model.cfg.mask_id)
@@ -636,8 +624,8 @@ def test_compiled_blocks_follow_adapter_updates():
     decoding, and a training-time evaluation (no grad, compiled blocks) does not use it."""
     from tidar.train import TrainConfig, evaluate
 
-    model = _with_row_lora(tiny_model("llama", vocab=8, seed=7))
-    reference = _with_row_lora(tiny_model("llama", vocab=8, seed=7))
+    model = with_row_lora(tiny_model("llama", vocab=8, seed=7))
+    reference = with_row_lora(tiny_model("llama", vocab=8, seed=7))
     for block in model.layers:
         block.compile(backend="eager", dynamic=False)
     prompts = _prompts(8, [6, 3], 7)
@@ -661,7 +649,7 @@ def test_compiled_blocks_follow_adapter_updates():
 
 def test_row_adapters_compile_without_graph_breaks():
     """A graph break in every adapter would split each compiled block into small graphs."""
-    model = _with_row_lora(tiny_model("llama", vocab=8, seed=8))
+    model = with_row_lora(tiny_model("llama", vocab=8, seed=8))
     attn = model.layers[0].self_attn
     x = torch.randn(1, 6, attn.o_proj.base.in_features)
     model.row_gate.start = 3

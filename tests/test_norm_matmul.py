@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
+from helpers import tiny_model, with_row_lora
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 fused = pytest.importorskip("norm_matmul")
 
-from tidar.drafter import add_row_lora  # noqa: E402
 from tidar.engine import DecodeConfig, Engine  # noqa: E402
 from tidar.model import RMSNorm  # noqa: E402
 
@@ -69,12 +68,7 @@ def test_fused_blocks_decode_the_same_tokens(monkeypatch, adapters):
     go through them."""
     model = tiny_model("llama", vocab=32, seed=3, std=0.3)
     if adapters:
-        add_row_lora(model, rank=4, alpha=8)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        model = with_row_lora(model)
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
     cfg = DecodeConfig(block_size=4, max_new_tokens=10)
     expected, stats = Engine(model).generate(prompts, cfg)
