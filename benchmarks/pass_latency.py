@@ -13,7 +13,6 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --single-replays
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
         --inductor engine max-autotune
-    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --norm-matmul off triton
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
@@ -85,7 +84,7 @@ INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
 
 
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
-                    short: str, norm_matmul: str):
+                    short: str):
     import tidar.engine
     import tidar.model
 
@@ -113,10 +112,6 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
         own_options = tidar.engine.COMPILE_OPTIONS
         tidar.engine.COMPILE_OPTIONS = INDUCTOR[inductor]
         stack.callback(setattr, tidar.engine, "COMPILE_OPTIONS", own_options)
-    if norm_matmul == "triton":
-        from norm_matmul import fused_blocks
-
-        stack.enter_context(fused_blocks())
     if fuse == "off":
         own = tidar.model.DECODE_LINEAR_MAX_ELEMENTS
         tidar.model.DECODE_LINEAR_MAX_ELEMENTS = 0
@@ -184,9 +179,6 @@ def main() -> None:
     ap.add_argument("--short-caches", nargs="+", default=["new"], choices=["new", "old"],
                     help="old: AR caches with a scratch slot, one key slice merged by a "
                     "second kernel (the engine before), per variant")
-    ap.add_argument("--norm-matmul", nargs="+", default=["off"], choices=["off", "triton"],
-                    help="triton: multi-query passes through the fused matmuls of "
-                    "norm_matmul.py (an experiment), per variant")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
     ap.add_argument("--queries", type=int, nargs="+",
                     help="time only these pass shapes (queries per row; default all)")
@@ -200,17 +192,16 @@ def main() -> None:
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
-    for attention, fuse, inductor, scope, slots, short, norm_mm in itertools.product(
+    for attention, fuse, inductor, scope, slots, short in itertools.product(
             args.attention, args.fuse, args.inductor, args.compile_scope, args.slot_shapes,
-            args.short_caches, args.norm_matmul):
+            args.short_caches):
         suffix = "" if attention == "default" else f", {attention} attention"
         suffix += "" if fuse == "on" else ", unfused projections"
         suffix += "" if inductor == "engine" else f", inductor {inductor}"
         suffix += "" if scope == "pass" else ", compiled blocks only"
         suffix += "" if slots == "symbolic" else ", static slot count"
         suffix += "" if short == "new" else ", old short caches"
-        suffix += "" if norm_mm == "off" else ", fused norm-matmuls"
-        spec = (attention, fuse, inductor, scope, slots, short, norm_mm)
+        spec = (attention, fuse, inductor, scope, slots, short)
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)

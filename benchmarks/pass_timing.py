@@ -11,13 +11,11 @@ tokens, prompts of ``--context`` tokens).
     python benchmarks/pass_timing.py --batch 1 4 --queries 1 32 --new-tokens 128 \
         --drafter /root/drafter.safetensors
     python benchmarks/pass_timing.py --batch 1 --queries 1 32 --per-pass
-    python benchmarks/pass_timing.py --batch 1 4 --queries 1 32 272 --norm-matmul off triton
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from dataclasses import replace
@@ -113,16 +111,6 @@ def load(drafter: str | None):
     return loaded.model, stop_ids(loaded), prompts
 
 
-def variant(name: str):
-    """``off``: the engine's pass; ``triton``: multi-query passes through the fused matmuls of
-    ``norm_matmul.py``."""
-    if name == "off":
-        return contextlib.nullcontext()
-    from norm_matmul import fused_blocks
-
-    return fused_blocks()
-
-
 def time_rows(engine: Engine, chat: list, args) -> list[dict]:
     rows = []
     for batch in args.batch:
@@ -162,29 +150,21 @@ def main() -> None:
     ap.add_argument("--drafter", help="the embedded default with this drafter, chat prompts")
     ap.add_argument("--per-pass", action="store_true",
                     help="also time the passes after a prefill one by one (batch 1)")
-    ap.add_argument("--norm-matmul", nargs="+", default=["off"], choices=["off", "triton"],
-                    help="variants, each compiled afresh in this process (see variant)")
     args = ap.parse_args()
     model, stops, chat = load(args.drafter)
+    with torch.inference_mode(), model.decode_weights():
+        rows = time_rows(Engine(model, stops, compile=True), chat, args)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "model": args.drafter or "random, drafter-shaped", "context": args.context,
-               "new_tokens": args.new_tokens, "rows": []}
-    for name in args.norm_matmul:
-        torch._dynamo.reset()
-        print(f"== norm-matmul {name}", flush=True)
-        with torch.inference_mode(), model.decode_weights(), variant(name):
-            engine = Engine(model, stops, compile=True)
-            rows = time_rows(engine, chat, args)
-        results["rows"] += [{"norm_matmul": name} | r for r in rows]
-        write_json("pass_timing.json", results)
-        for batch in args.batch:
-            by_q = {r["queries"]: r for r in rows if r["batch"] == batch}
-            if 1 in by_q:
-                ratios = {q: {k: round(r[k] / by_q[1][k], 3)
-                              for k in ("single_ms", "time_pass_ms", "decode_ms")}
-                          for q, r in by_q.items() if q != 1}
-                results.setdefault("ratios_to_ar", {}).setdefault(name, {})[batch] = ratios
-                print(f"batch {batch}: t(q)/t(1) {ratios}")
+               "new_tokens": args.new_tokens, "rows": rows, "ratios_to_ar": {}}
+    for batch in args.batch:
+        by_q = {r["queries"]: r for r in rows if r["batch"] == batch}
+        if 1 in by_q:
+            ratios = {q: {k: round(r[k] / by_q[1][k], 3)
+                          for k in ("single_ms", "time_pass_ms", "decode_ms")}
+                      for q, r in by_q.items() if q != 1}
+            results["ratios_to_ar"][batch] = ratios
+            print(f"batch {batch}: t(q)/t(1) {ratios}")
     write_json("pass_timing.json", results)
 
 

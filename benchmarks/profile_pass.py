@@ -3,17 +3,12 @@ a 32-query pass (one proposal block) and the full 272-query pass, eager and with
 blocks (batch 1, SmolLM2 shape).
 
     python benchmarks/profile_pass.py --context 1024
-    python benchmarks/profile_pass.py --compiled-only --norm-matmul off triton
-
-``--norm-matmul triton``: multi-query passes through the fused matmuls of ``norm_matmul.py``
-(an experiment).
+    python benchmarks/profile_pass.py --compiled-only
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 
 import torch
 from common import format_profile, profile_cuda, smollm2_shaped, write_json
@@ -37,32 +32,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--compiled-only", action="store_true", help="skip the eager blocks")
-    ap.add_argument("--norm-matmul", nargs="+", default=["off"], choices=["off", "triton"])
     args = ap.parse_args()
     model = smollm2_shaped()
     report = {"device": torch.cuda.get_device_name(), "context": args.context}
     kinds = ["compiled"] if args.compiled_only else ["eager", "compiled"]
-    for fused, kind in itertools.product(args.norm_matmul, kinds):
-        torch._dynamo.reset()
-        with fused_matmuls(fused):
-            engine = Engine(model, cuda_graphs=False, compile=kind == "compiled")
-            for label, cfg in {"ar": DecodeConfig(sampler="ar"),
-                               "lossless_b16_one_block": DecodeConfig(block_size=16,
-                                                                      proposals=(0,)),
-                               "lossless_b16_full": DecodeConfig(block_size=16)}.items():
-                table = kernel_table(engine, cfg, args.context)
-                name = kind if fused == "off" else f"{kind}+norm_matmul"
-                report[f"{name}/{label}"] = table
-                print(f"== {name} {label}\n{format_profile(table, 12)}", flush=True)
+    for kind in kinds:
+        engine = Engine(model, cuda_graphs=False, compile=kind == "compiled")
+        for label, cfg in {"ar": DecodeConfig(sampler="ar"),
+                           "lossless_b16_one_block": DecodeConfig(block_size=16, proposals=(0,)),
+                           "lossless_b16_full": DecodeConfig(block_size=16)}.items():
+            table = kernel_table(engine, cfg, args.context)
+            report[f"{kind}/{label}"] = table
+            print(f"== {kind} {label}\n{format_profile(table, 12)}", flush=True)
     write_json("profile_pass.json", report)
-
-
-def fused_matmuls(choice: str):
-    if choice == "off":
-        return contextlib.nullcontext()
-    from norm_matmul import fused_blocks
-
-    return fused_blocks()
 
 
 if __name__ == "__main__":
