@@ -556,6 +556,25 @@ def test_timing_a_pass_leaves_later_generations_unchanged():
     assert got == fresh and stats.passes == fresh_stats.passes
 
 
+def test_timing_passes_takes_turns_between_shapes():
+    """``time_passes`` times one burst of each shape a round, on each shape's own runner."""
+    model = tiny_model("llama", vocab=8, seed=2)
+    cfgs = {1: DecodeConfig(sampler="ar"), 8: DecodeConfig(block_size=4, proposals=(0,))}
+    engine = Engine(model)
+    started = []
+    own_start = engine._start
+
+    def start(runner, prompts, cfg, seeds):
+        started.append(cfg.sampler)
+        return own_start(runner, prompts, cfg, seeds)
+
+    engine._start = start
+    seconds = engine.time_passes(cfgs, batch=1, context=3, repeats=3, burst=2)
+    assert sorted(seconds) == [1, 8] and all(t > 0 for t in seconds.values())
+    assert started == ["ar", "lossless"] * 3
+    assert len(engine._runners) == 2
+
+
 def test_row_adapters_decode_exactly_and_leave_ar_alone():
     base = tiny_model("qwen2", vocab=8, seed=5)
     adapted = with_row_lora(tiny_model("qwen2", vocab=8, seed=5))

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from tidar.engine import DecodeConfig
-from tidar.tuner import auto_config, choose, expected_tokens_per_pass, worth_measuring
+from tidar.tuner import (
+    auto_config,
+    choose,
+    expected_tokens_per_pass,
+    measure_pass_seconds,
+    worth_measuring,
+)
 
 
 def test_full_set_is_one_plus_sum_of_reach():
@@ -67,12 +73,18 @@ class TimedEngine:
     device, dtype, compiled = torch.device("cpu"), torch.float32, False
 
     def __init__(self, per_query: float):
-        self.per_query, self.timed = per_query, []
+        self.per_query, self.timed, self.calls = per_query, [], []
 
-    def time_pass(self, cfg, batch, context, repeats):
-        queries = 1 if cfg.sampler == "ar" else cfg.block_size * (1 + len(cfg.proposals))
-        self.timed.append(queries)
-        return 1.0 + self.per_query * (queries - 1)
+    def time_passes(self, cfgs, batch, context, repeats):
+        self.calls.append(sorted(cfgs))
+        seconds = {}
+        for key, cfg in cfgs.items():
+            queries = 1 if cfg.sampler == "ar" else cfg.block_size * (1 + len(cfg.proposals))
+            assert key == queries
+            seconds[key] = 1.0 + self.per_query * (queries - 1)
+        if len(cfgs) == 1:  # a shape's first timing: what the tuner chose to measure
+            self.timed += list(cfgs)
+        return seconds
 
 
 def test_auto_config_measures_only_what_could_be_picked():
@@ -90,6 +102,27 @@ def test_auto_config_measures_only_what_could_be_picked():
     engine.timed.clear()
     auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
     assert engine.timed == []
+
+
+def test_the_shapes_measured_are_timed_again_together():
+    """After a first timing of each shape (which decides what else to measure), the shapes
+    this process measured are timed once more taking turns, and those costs are the ones
+    kept; a single shape needs no second timing."""
+    cfg = DecodeConfig(block_size=4).resolved()
+    engine = TimedEngine(per_query=0.1)
+    auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    assert engine.calls == [[1], [8], [1, 8]]
+    engine.calls.clear()
+    auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
+    assert engine.calls == [[12], [20], [12, 20]]
+
+    class Drifting(TimedEngine):  # first timings 20% high: the joint timing must win
+        def time_passes(self, cfgs, batch, context, repeats):
+            seconds = super().time_passes(cfgs, batch, context, repeats)
+            return {k: t * (1.2 if len(cfgs) == 1 else 1.0) for k, t in seconds.items()}
+
+    seconds = measure_pass_seconds(Drifting(per_query=0.1), 4, reach=[0.4, 0.1, 0.02])
+    assert seconds == pytest.approx({1: 1.0, 8: 1.7})
 
 
 @pytest.mark.parametrize("content", ["{broken", '{"pass_seconds": [1, 2]}', '{"other": 1}'])

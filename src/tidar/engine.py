@@ -480,39 +480,53 @@ class Engine:
             t.copy_(s)
         return graph.replay
 
-    @torch.inference_mode()
     def time_pass(self, cfg: DecodeConfig, batch: int, context: int, repeats: int = 30,
                   burst: int | None = None) -> float:
-        """Median seconds of one decode pass after ``context`` tokens, on the same runner a
-        generation of that shape uses: ``burst`` passes back to back per timing (on CUDA 8,
-        as ``generate`` replays them between syncs), each burst from a fresh prefill so the
-        context stays near ``context``. On the H200 bursts came within 2% of decoding with
-        random weights and 6% with the real model, one replay timed alone within 9%
+        """Median seconds of one decode pass of ``cfg``'s shape (``time_passes``)."""
+        return self.time_passes({0: cfg}, batch, context, repeats, burst)[0]
+
+    @torch.inference_mode()
+    def time_passes(self, cfgs: dict, batch: int, context: int, repeats: int = 30,
+                    burst: int | None = None) -> dict:
+        """Median seconds of one decode pass of each of ``cfgs`` (any keys) after ``context``
+        tokens, on the runners generations of those shapes use. A timing is ``burst`` passes
+        back to back (on CUDA 8, as ``generate`` replays them between looks), each from a
+        fresh prefill so the context stays near ``context``. The shapes take turns, one
+        timing each a round, so a drift over the measurement reaches all of them alike: in
+        one process the same AR graph timed 3-7% apart by its place in the order. On the H200
+        bursts came within 2% of decoding with random weights and 6% with the real model
         (docs/results.md, section 2)."""
         burst = burst or (8 if self.cuda_graphs else 1)
-        cfg = replace(cfg.resolved(), max_new_tokens=burst * cfg.block_size + 1)
+        rows = batch_bucket(batch)  # the rows decoding runs
         prompts = [[(7 * i + r) % self.model.cfg.vocab_size for i in range(context)]
-                   for r in range(batch_bucket(batch))]  # the rows decoding runs
-        times = []
+                   for r in range(rows)]
+        times: dict = {key: [] for key in cfgs}
         with self.model.decode_weights():
-            runner = self._runner(len(prompts), context + cfg.max_new_tokens, cfg)
+            plans = {}
+            for key, cfg in cfgs.items():
+                cfg = replace(cfg.resolved(), max_new_tokens=burst * cfg.block_size + 1)
+                plans[key] = cfg, self._runner(rows, context + cfg.max_new_tokens, cfg)
             for _ in range(repeats):
-                self._start(runner, prompts, cfg, [0] * len(prompts))
-                if self.device.type == "cuda":
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(burst):
-                        runner.step()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / 1000 / burst)
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(burst):
-                        runner.step()
-                    times.append((time.perf_counter() - t0) / burst)
-        return sorted(times)[len(times) // 2]
+                for key, (cfg, runner) in plans.items():
+                    self._start(runner, prompts, cfg, [0] * rows)
+                    times[key].append(self._burst_seconds(runner, burst))
+        return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+
+    def _burst_seconds(self, runner: _Runner, burst: int) -> float:
+        """Seconds per pass of ``burst`` passes back to back (CUDA events on CUDA)."""
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            for _ in range(burst):
+                runner.step()
+            return (time.perf_counter() - t0) / burst
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(burst):
+            runner.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / burst
 
 
 def pass_config(cfg: DecodeConfig) -> DecodeConfig:

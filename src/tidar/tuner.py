@@ -24,7 +24,7 @@ from .files import write_text_atomic
 MARGIN = 0.10
 COST_NOISE = 0.05  # how much a measured pass may come out cheaper than a smaller one
 TUNER_CONTEXT = 128  # tokens in the cache while the tuner times a pass
-PASS_REVISION = 7  # in the cache key of measured pass costs: bump when a pass or its timing changes
+PASS_REVISION = 8  # in the cache key of measured pass costs: bump when a pass or its timing changes
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,13 @@ def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int =
     """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for the shapes
     of ``pass_shapes``, in order of query count, kept with the ``known`` ones. Given the
     drafter's ``reach``, only the shapes ``worth_measuring`` (each costs a compile with
-    ``--compile``). A bar on stderr while it measures."""
+    ``--compile``), judged by a first timing of each; the shapes measured are then timed
+    again taking turns (``Engine.time_passes``), so that the costs compared were measured
+    alike. A bar on stderr while it measures."""
     from tqdm import tqdm
 
     seconds = dict(known or {})
+    measured = {}
     bar = None
     for q, cfg in pass_shapes(block_size).items():
         if q in seconds or (reach is not None
@@ -116,10 +119,13 @@ def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int =
             continue
         if bar is None:
             bar = tqdm(desc=f"pass costs, batch {batch}", unit="shape", file=sys.stderr)
-        seconds[q] = engine.time_pass(cfg, batch, context, repeats)
+        seconds[q] = engine.time_passes({q: cfg}, batch, context, repeats)[q]
+        measured[q] = cfg
         bar.update()
     if bar is not None:
         bar.close()
+    if len(measured) > 1:
+        seconds.update(engine.time_passes(measured, batch, context, repeats))
     return seconds
 
 
