@@ -13,10 +13,13 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --single-replays
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
         --inductor engine max-autotune
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
-``--inductor`` compiles under other inductor settings. ``--compile-scope blocks`` compiles
+``--inductor`` compiles under other inductor settings. ``--rounds 2`` compiles and times every
+variant twice, in turn: how far the same graphs time apart by their place in the process
+(session 12 saw 3-7% for the AR step). ``--compile-scope blocks`` compiles
 the blocks alone, as the engine did before it compiled the whole pass with static shapes.
 ``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
 before it kept it symbolic (one graph for every capacity bucket). ``--short-caches old``
@@ -179,6 +182,8 @@ def main() -> None:
     ap.add_argument("--short-caches", nargs="+", default=["new"], choices=["new", "old"],
                     help="old: AR caches with a scratch slot, one key slice merged by a "
                     "second kernel (the engine before), per variant")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="compile and time the variants this many times, in turn")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
     ap.add_argument("--queries", type=int, nargs="+",
                     help="time only these pass shapes (queries per row; default all)")
@@ -214,6 +219,9 @@ def main() -> None:
                "memory_floor_ms": 1e3 * floor_bytes / args.bandwidth,
                "bandwidth_bytes_per_s": args.bandwidth,
                "graph_kernel_us": 1e6 * per_kernel, "variants": {}}
+    if args.rounds > 1:
+        engines = {f"{name} (round {r})": plan for r in range(1, args.rounds + 1)
+                   for name, plan in engines.items()}
     for name, (make_engine, spec) in engines.items():
         torch._dynamo.reset()  # compile this variant afresh, under its own settings
         with variant_context(*spec), model.decode_weights():
@@ -227,13 +235,11 @@ def main() -> None:
                       if q in (args.queries or [q])}
             for batch in args.batch:
                 started = time.perf_counter()
-                variant["curves"][batch] = curve = {
-                    q: engine.time_pass(cfg, batch, args.context, args.repeats)
-                    for q, cfg in shapes.items()}
+                variant["curves"][batch] = curve = engine.time_passes(
+                    shapes, batch, args.context, args.repeats)
                 if args.single_replays:
-                    variant.setdefault("single_replay_curves", {})[batch] = {
-                        q: engine.time_pass(cfg, batch, args.context, args.repeats, burst=1)
-                        for q, cfg in shapes.items()}
+                    variant.setdefault("single_replay_curves", {})[batch] = engine.time_passes(
+                        shapes, batch, args.context, args.repeats, burst=1)
                 # Wall time of this batch's curve, compiling and capturing included.
                 variant.setdefault("wall_s", {})[batch] = time.perf_counter() - started
                 results["variants"][name] = variant
@@ -246,8 +252,9 @@ def main() -> None:
           f"{results['graph_kernel_us']:.2f} us")
     results["notes"] = ("t(q) in seconds, median over CUDA-event-timed bursts of back-to-back "
                         "replays of the whole captured pass (forward, verification, drafting), "
-                        "as Engine.time_pass times it; single_replay_curves: one replay timed "
-                        "right after a prefill; kernels counted for the whole pass")
+                        "the shapes taking turns, as Engine.time_passes times them; "
+                        "single_replay_curves: one replay timed right after a prefill; "
+                        "kernels counted for the whole pass")
     write_json("pass_latency.json", results)
 
 
