@@ -113,6 +113,9 @@ def test_info(default, capsys):
         (["generate", "hi", "--beta", "2", "--sampler", "mix"], "beta"),
         (["generate", "hi", "--block-size", "1", "--proposals", "1"], "block-size"),
         (["generate", "hi", "--proposals", "many"], "proposals"),
+        (["generate", "hi", "--block-size", "0"], "block-size"),  # not "the drafter's"
+        (["generate", "hi", "--proposals", "0"], "proposals"),
+        (["generate", "hi", "--proposals", "9", "--block-size", "4"], "proposals"),
         (["generate", "hi", "--drafter", "/no/such/drafter"], "does not exist"),
         (["generate", "hi", "--stop", ""], "--stop"),  # before loading and tuning
         (["generate"], "required"),

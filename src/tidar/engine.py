@@ -77,9 +77,10 @@ class DecodeConfig:
 
 def proposal_set(count: int, block_size: int) -> tuple[int, ...]:
     """``count`` proposal blocks: the shortest acceptance lengths, the most likely ones."""
-    if count < 1:
-        raise TidarError(f"--proposals must be at least 1, got {count}")
-    return tuple(range(min(count, block_size)))
+    if not 1 <= count <= block_size:
+        raise TidarError(f"--proposals takes 1 .. {block_size} (the block size), all or auto, "
+                         f"got {count}")
+    return tuple(range(count))
 
 
 @dataclass

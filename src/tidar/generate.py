@@ -42,7 +42,7 @@ def stop_ids(loaded) -> tuple[int, ...]:
 
 def decode_config(args, block_size: int) -> DecodeConfig:
     """The configuration the flags ask for (``--proposals auto`` is resolved by the tuner)."""
-    b = args.block_size or block_size
+    b = block_size if args.block_size is None else args.block_size
     if args.beta is not None and args.sampler != "mix":
         print(f"tidar: --beta applies to --sampler mix; the {args.sampler} sampler ignores it",
               file=sys.stderr)
