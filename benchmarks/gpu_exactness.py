@@ -1,6 +1,6 @@
 """Exactness of the CUDA-graphed engine on the GPU, fp32, random weights, every family.
 
-    python benchmarks/gpu_exactness.py [--runs eager|compiled|values]
+    python benchmarks/gpu_exactness.py [--runs eager|compiled|values|stops]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone. Every family runs with eager blocks, two of them (dense and
@@ -8,7 +8,9 @@ MoE) also compiled (``Engine(compile=True)``, two of the proposal sets). Heads a
 so decode passes run the Triton attention kernel where the model picks it (the report says
 which kernel ran). ``--runs values``: sampling temperatures, top-p values and betas are data
 the captured (and compiled) passes read; one engine decoding at several values must draw
-what a fresh engine draws at each.
+what a fresh engine draws at each. ``--runs stops``: rows that end on a stop token give the
+same tokens whether the host looks after every pass or every 8 (``Engine.stream``), and
+between looks at most one pass runs after the last row ended.
 """
 
 from __future__ import annotations
@@ -77,9 +79,38 @@ def check_values(compiled: bool) -> list[dict]:
     return rows
 
 
+def check_stops() -> list[dict]:
+    """Stop tokens under CUDA graphs: the tokens with a look every 8 passes against a look
+    after every pass, and the passes replayed after the last row ended."""
+    prompts, rows = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]], []
+    for family in ("llama", "qwen3_moe"):
+        model = random_model(family, 0)
+        ar, _ = Engine(model).generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=40))
+        stop = ar[0][6]
+        for cfg in (DecodeConfig(sampler="ar", max_new_tokens=40),
+                    DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=40)):
+            engine = Engine(model, stop_ids=(stop,))
+            looks = {}
+            for every in (1, 8):
+                out = [[] for _ in prompts]
+                for row, tokens in engine.stream(prompts, cfg, sync_every=every):
+                    out[row] += tokens
+                replays = int(engine._live.counter[0]) - 1
+                looks[every] = out, replays, max(engine.last_stats.passes) - 1
+            (out1, replays1, needed), (out8, replays8, _) = looks[1], looks[8]
+            truncated = [a[: a.index(stop) + 1] if stop in a else a for a in ar]
+            rows.append({"family": family, "sampler": cfg.sampler, "stop": stop,
+                         "exact": out1 == out8 == truncated, "passes_needed": needed,
+                         "replays_look_every_pass": replays1, "replays_look_every_8": replays8,
+                         "at_most_one_extra": replays8 <= needed + 1})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", choices=["all", "eager", "compiled", "values"], default="all",
+    ap.add_argument("--runs", choices=["all", "eager", "compiled", "values", "stops"],
+                    default="all",
                     help="eager blocks (every family, 2 seeds), compiled (llama, qwen3_moe), "
                     "or sampling values as data (eager and compiled)")
     args = ap.parse_args()
@@ -92,6 +123,12 @@ def main() -> None:
         runs += [("llama", 0, True), ("qwen3_moe", 0, True)]
     probe = torch.zeros(1, 4, 1, 16, device=DEVICE)
     kernel = dense_attention_kernel(probe, probe)
+    if args.runs == "stops":
+        rows = check_stops()
+        write_json("gpu_exactness_stops.json", {"decode_attention": kernel, "runs": rows})
+        good = sum(r["exact"] and r["at_most_one_extra"] for r in rows)
+        print(f"{good}/{len(rows)} stop-token runs exact, with at most one extra replay")
+        return
     if args.runs == "values":
         rows = check_values(False) + check_values(True)
         write_json("gpu_exactness_values.json", {"decode_attention": kernel, "runs": rows})

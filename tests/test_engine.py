@@ -460,6 +460,23 @@ def test_stream_runs_no_pass_past_the_budget(max_new, sync_every):
     assert int(engine._live.counter[0]) - 1 == max_new - 1  # the counter counts every pass
 
 
+@pytest.mark.parametrize("sampler", ["ar", "lossless"])
+def test_stream_stops_queueing_passes_after_a_stop_token(sampler):
+    """Between two looks, at most one pass runs after every row has finished: the engine
+    reads the rows' liveness from two passes back before it queues the next one."""
+    model = ScriptedModel("never")  # drafts never accepted: one token a pass either way
+    prompt = model.f(torch.arange(5)).tolist()
+    text = model.f(torch.arange(5, 40)).tolist()
+    stop = text[3]
+    assert stop not in text[:3]
+    engine = Engine(model, stop_ids=(stop,))
+    cfg = DecodeConfig(sampler=sampler, block_size=4, max_new_tokens=30)
+    out = [t for _, chunk in engine.stream([prompt], cfg, sync_every=16) for t in chunk]
+    assert out == text[:4]
+    needed = 3  # the prefill commits the first token, each replay one more
+    assert needed <= int(engine._live.counter[0]) - 1 <= needed + 1  # was 16 replays
+
+
 def test_stream_is_lazy():
     """The first token comes out after the prefill, before the rest is decoded."""
     model = ScriptedModel("never")

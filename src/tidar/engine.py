@@ -8,7 +8,8 @@ All decoding state lives in fixed-shape device tensors that a pass updates in pl
 host synchronisation: token bookkeeping (stop tokens, budgets, output buffer) is tensor
 arithmetic and randomness is a counter-based hash of (row seed, pass, slot). On CUDA the pass
 is captured in a CUDA graph and replayed; the host looks at the state every ``sync_every``
-passes (fewer when the rows' token budget ends sooner) to stream tokens and stop. Graphs,
+passes (fewer when the rows' token budget ends sooner) to stream tokens, and between looks
+stops queueing passes once no row is live (``_run_passes``). Graphs,
 caches and state buffers are kept per (batch-size bucket, cache-capacity bucket,
 configuration) and reused by later calls: a call with the same shapes only prefills and
 replays.
@@ -148,6 +149,7 @@ class _Runner:
     consts: dict
     state: _State | None = None
     step: Callable[[], None] | None = None
+    live_copies: Tensor | None = None  # [2, rows] on the host: liveness after recent passes
 
 
 CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths share graphs
@@ -244,8 +246,7 @@ class Engine:
                     break
                 # A live row emits a token or more a pass: no more passes than its budget left.
                 room = int((cfg.max_new_tokens - host[:, 0])[live].max())
-                for _ in range(min(sync_every, room)):
-                    runner.step()
+                self._run_passes(runner, st, min(sync_every, room))
             hist = st.hist.tolist()
             hist[0] = 0
             self.last_stats = Stats(cfg.block_size, st.passes[:batch].tolist(), generated, hist)
@@ -259,6 +260,30 @@ class Engine:
         self._ended.add(row)
 
     # -- internals --------------------------------------------------------------------
+    def _run_passes(self, runner: _Runner, st: _State, passes: int) -> None:
+        """Up to ``passes`` passes, fewer once every row has finished (a stop token). After
+        each pass the rows' liveness is copied to the host without a sync; before queueing a
+        pass the host reads the copy from two passes back, so on CUDA the device always has
+        a pass queued and at most one pass runs after the rows finished (a look every
+        ``sync_every`` passes alone ran up to ``sync_every - 1``)."""
+        if runner.live_copies is None:
+            runner.live_copies = torch.zeros(2, st.active.shape[0], dtype=torch.bool,
+                                             pin_memory=self.device.type == "cuda")
+        copies = runner.live_copies
+        events = ([torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda"
+                  else None)
+        for i in range(passes):
+            slot = i % 2
+            if i >= 2:
+                if events is not None:
+                    events[slot].synchronize()  # pass i - 2 is done; pass i - 1 is queued
+                if not bool(copies[slot].any()):
+                    return
+            runner.step()
+            copies[slot].copy_(st.active, non_blocking=True)
+            if events is not None:
+                events[slot].record()
+
     def _runner(self, batch: int, length: int, cfg: DecodeConfig) -> _Runner:
         """The runner for ``batch`` rows of up to ``length`` tokens (prompt plus output)."""
         need = length + cfg.block_size + 1
