@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=None)
 
+    serve = sub.add_parser("serve", help="an HTTP API in OpenAI's style (FastAPI)")
+    add_model_args(serve)
+    add_decode_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
     from .bench import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="decoding speed against transformers and ar"))
@@ -166,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(args)
         if args.command == "info":
             return run_info(args)
+        if args.command == "serve":
+            from .serve import run_serve
+
+            return run_serve(args)
         if args.command == "bench":
             from .bench import run_bench
 

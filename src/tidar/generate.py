@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .engine import DecodeConfig, Engine, proposal_set
 from .errors import TidarError
@@ -105,9 +107,11 @@ class TextStream:
         return self.ids
 
 
-def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
-             ) -> dict:
-    """One generation; with ``text``, stop strings end it (the engine finishes the row)."""
+def stream_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
+                ) -> Iterator[None]:
+    """One generation, a step per chunk of tokens the engine commits (the server streams
+    between steps); its return value is the result. With ``text``, stop strings end it (the
+    engine finishes the row)."""
     cfg = cfg.resolved()
     start = time.perf_counter()
     tokens: list[int] = []
@@ -117,6 +121,7 @@ def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | N
             text.add(new)
             if text.stopped:
                 engine.finish(0)
+        yield
     seconds = time.perf_counter() - start
     if text is not None:
         text.close()
@@ -138,6 +143,21 @@ def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | N
     }
 
 
+def finish(steps: Iterator[None]) -> dict:
+    """Run the rest of a ``stream_once`` and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
+             ) -> dict:
+    """One generation (``stream_once``) to its end."""
+    return finish(stream_once(engine, prompt_ids, cfg, text))
+
+
 def tuner_summary(info: dict) -> str:
     """The tuner's pick in words (``--json`` keeps the dict)."""
     shapes = ", ".join(map(str, info["shapes_measured"]))
@@ -151,16 +171,40 @@ def tuner_summary(info: dict) -> str:
             f"{shapes} queries)")
 
 
-def run_generate(args) -> int:
+@dataclass
+class Decoder:
+    """A loaded model with its drafter, its engine, and the configuration the flags ask for
+    (``tune`` settles ``--proposals auto``)."""
+
+    loaded: Any
+    engine: Engine
+    cfg: DecodeConfig
+    drafter: str  # its path, or what stands in for it
+    drafter_path: Path | None
+    reach: list[float]  # the drafter's acceptance profile for the tuner
+
+    def tune(self, args) -> dict | None:
+        """The tuner's pick replaces ``cfg`` when the flags leave the proposals to it;
+        returns the tuner's summary (None: nothing to tune)."""
+        if args.proposals not in (None, "auto") or self.cfg.sampler == "ar":
+            return None
+        if self.drafter_path is not None and not self.reach:
+            print(f"tidar: {self.drafter_path} has no acceptance profile (its conversion "
+                  "measured none: --eval-prompt); --proposals auto assumes no draft is "
+                  "accepted; pass --proposals N to draft anyway", file=sys.stderr)
+        self.cfg, info = auto_config(self.engine, self.loaded.fingerprint, self.cfg, self.reach)
+        return info
+
+
+def load_decoder(args) -> Decoder:
+    """The model, drafter (the shipped one for the embedded default) and engine the flags
+    name."""
     import torch
 
     from .cli import _device, _dtype
     from .drafter import apply_drafter
     from .loading import load_model
 
-    stops = tuple(args.stop)
-    if any(not s for s in stops):
-        raise TidarError("--stop strings must not be empty")
     device = _device(args.device)
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, device=device, dtype=_dtype(args.dtype))
@@ -176,15 +220,19 @@ def run_generate(args) -> int:
         reach = (info.extra or {}).get("acceptance_by_position", [])
     cfg = decode_config(args, block_size)
     engine = Engine(loaded.model, stop_ids(loaded), compile=args.compile)
+    return Decoder(loaded, engine, cfg, drafter, drafter_path and Path(drafter_path), reach)
+
+
+def run_generate(args) -> int:
+    stops = tuple(args.stop)
+    if any(not s for s in stops):
+        raise TidarError("--stop strings must not be empty")
+    decoder = load_decoder(args)
+    loaded, engine = decoder.loaded, decoder.engine
     prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)
-    engine.check_prompts([prompt_ids], cfg)  # before the tuner spends time measuring
-    tuner_info = None
-    if args.proposals in (None, "auto") and cfg.sampler != "ar":
-        if drafter_path is not None and not reach:
-            print(f"tidar: {drafter_path} has no acceptance profile (its conversion measured "
-                  "none: --eval-prompt); --proposals auto assumes no draft is accepted; pass "
-                  "--proposals N to draft anyway", file=sys.stderr)
-        cfg, tuner_info = auto_config(engine, loaded.fingerprint, cfg, reach)
+    engine.check_prompts([prompt_ids], decoder.cfg)  # before the tuner spends time measuring
+    tuner_info = decoder.tune(args)
+    cfg, drafter = decoder.cfg, decoder.drafter
 
     ar_cfg = DecodeConfig(sampler="ar", sampling=cfg.sampling,
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)

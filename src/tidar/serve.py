@@ -1,0 +1,259 @@
+"""``tidar serve``: an HTTP API in the style of OpenAI's over one engine (FastAPI, uvicorn).
+
+``POST /v1/completions`` takes a raw prompt, ``POST /v1/chat/completions`` messages through
+the model's chat template; ``"stream": true`` sends the text as server-sent events as the
+engine commits it. ``GET /v1/models`` and ``GET /health`` describe the server. The decode
+shape (sampler, block size, proposal set) is fixed at start-up by the flags and the tuner; a
+request sets ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, and may ask for
+``"sampler": "ar"`` (plain decoding) or another ``beta`` for ``mix``. Replies carry OpenAI's
+fields plus ``tidar`` (passes, tokens per pass, the configuration that ran).
+
+One thread decodes, one request at a time, in arrival order: the engine's CUDA graphs and
+its inference mode belong to that thread. Batching concurrent requests is not done yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engine import DecodeConfig
+from .errors import TidarError
+from .generate import Decoder, TextStream, stream_once, tuner_summary
+from .sampling import SamplingParams
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    sampler: Literal["ar"] | None = None
+    beta: float | None = Field(None, ge=0, le=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+
+
+class _Collect:
+    """What a ``TextStream`` releases (text past any partial stop string), taken in pieces."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> str:
+        text = "".join(self.parts)
+        self.parts.clear()
+        return text
+
+
+def request_config(base: DecodeConfig, req: _Request) -> DecodeConfig:
+    """The server's configuration with the request's sampling settings."""
+    s = base.sampling
+    sampling = SamplingParams(s.temperature if req.temperature is None else req.temperature,
+                              s.top_k, s.top_p if req.top_p is None else req.top_p)
+    cfg = replace(base, sampling=sampling, max_new_tokens=req.max_tokens or base.max_new_tokens,
+                  seed=base.seed if req.seed is None else req.seed)
+    if req.sampler == "ar":
+        cfg = replace(cfg, sampler="ar")
+    if req.beta is not None:
+        if cfg.sampler != "mix":
+            raise TidarError(f"beta applies to the mix sampler; this server runs {cfg.sampler}")
+        cfg = replace(cfg, beta=req.beta)
+    return cfg.resolved()
+
+
+def stop_strings(req: _Request) -> tuple[str, ...]:
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if any(not s for s in stops):
+        raise TidarError("stop strings must not be empty")
+    return stops
+
+
+class Server:
+    """The decoding thread and the replies around it."""
+
+    def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None):
+        self.decoder, self.name, self.tuner = decoder, name, tuner
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidar-decode")
+
+    def decode(self, prompt_ids: list[int], cfg: DecodeConfig, stops: tuple[str, ...],
+               deltas: queue.Queue | None, cancel: threading.Event) -> dict:
+        """One generation on the decoding thread; with ``deltas``, the text as it comes,
+        then None (or the exception that ended it)."""
+        engine, out = self.decoder.engine, _Collect()
+        text = TextStream(self.decoder.loaded.tokenizer, out, stops)
+        try:
+            steps = stream_once(engine, prompt_ids, cfg, text)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                if cancel.is_set():  # the client left: end the row at the next pass
+                    engine.finish(0)
+                if deltas is not None and (delta := out.take()):
+                    deltas.put(delta)
+        except Exception as exc:
+            if deltas is not None:
+                deltas.put(exc)
+            raise
+        if deltas is not None:
+            if delta := out.take():
+                deltas.put(delta)
+            deltas.put(None)
+        ended = text.stopped or (result["token_ids"] and result["token_ids"][-1]
+                                 in engine.stop_ids)
+        result["text"] = text.text
+        result["finish_reason"] = ("length" if not ended and result["num_tokens"]
+                                   >= cfg.max_new_tokens else "stop")
+        return result
+
+    def prepare(self, req: _Request, prompt_ids: list[int]):
+        """The request's configuration and stop strings, checked before any reply starts."""
+        try:
+            cfg = request_config(self.decoder.cfg, req)
+            self.decoder.engine.check_prompts([prompt_ids], cfg)
+            return cfg, stop_strings(req)
+        except TidarError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    def usage(self, prompt_ids: list[int], result: dict) -> dict:
+        return {"usage": {"prompt_tokens": len(prompt_ids),
+                          "completion_tokens": result["num_tokens"],
+                          "total_tokens": len(prompt_ids) + result["num_tokens"]},
+                "tidar": {k: result[k] for k in ("sampler", "block_size", "proposals", "passes",
+                                                 "tokens_per_pass", "tokens_per_second")}}
+
+    async def reply(self, req: _Request, prompt_ids: list[int], chat: bool):
+        cfg, stops = self.prepare(req, prompt_ids)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()), "model": self.name}
+        if not req.stream:
+            result = await asyncio.wrap_future(self.worker.submit(
+                self.decode, prompt_ids, cfg, stops, None, threading.Event()))
+            choice = ({"message": {"role": "assistant", "content": result["text"]}} if chat
+                      else {"text": result["text"], "logprobs": None})
+            return head | {"object": "chat.completion" if chat else "text_completion",
+                           "choices": [{"index": 0, **choice,
+                                        "finish_reason": result["finish_reason"]}]
+                           } | self.usage(prompt_ids, result)
+        deltas: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        future = self.worker.submit(self.decode, prompt_ids, cfg, stops, deltas, cancel)
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        sent: list[bool] = []
+
+        def chunk(text: str | None, finish: str | None = None, extra: dict | None = None
+                  ) -> str:
+            delta = {} if text is None else {"content": text}
+            if chat and not sent:  # the first chunk names the role, as OpenAI's do
+                delta = {"role": "assistant"} | delta
+                sent.append(True)
+            piece = {"delta": delta} if chat else {"text": text or ""}
+            body = head | {"choices": [{"index": 0, **piece, "finish_reason": finish}]}
+            return f"data: {json.dumps(body | (extra or {}))}\n\n"
+
+        async def events():
+            try:
+                while (item := await asyncio.to_thread(deltas.get)) is not None:
+                    if isinstance(item, Exception):
+                        yield f"data: {json.dumps({'error': {'message': str(item)}})}\n\n"
+                        return
+                    yield chunk(item)
+                result = await asyncio.wrap_future(future)
+                yield chunk(None, result["finish_reason"], self.usage(prompt_ids, result))
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def build_app(server: Server):
+    app = FastAPI(title="tidar", description=__doc__)
+    tokenizer = server.decoder.loaded.tokenizer
+
+    @app.get("/health")
+    def health():
+        cfg = server.decoder.cfg
+        return {"status": "ok", "model": server.name, "drafter": server.decoder.drafter,
+                "sampler": cfg.sampler, "block_size": cfg.block_size,
+                "proposals": len(cfg.proposals), "device": str(server.decoder.engine.device),
+                "tuner": server.tuner}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list",
+                "data": [{"id": server.name, "object": "model", "owned_by": "tidar"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        ids = tokenizer.encode(req.prompt, add_special_tokens=True)
+        return await server.reply(req, ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        if not getattr(tokenizer, "chat_template", None):
+            raise HTTPException(400, "this model has no chat template: use /v1/completions")
+        messages = [m.model_dump() for m in req.messages]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return await server.reply(req, list(ids), chat=True)
+
+    return app
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from .generate import load_decoder
+
+    with socket.socket() as probe:  # a taken port is one line, before the model loads
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise TidarError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    decoder = load_decoder(args)
+    tuner = decoder.tune(args)
+    if tuner is not None:
+        print(f"tuner: {tuner_summary(tuner)}", flush=True)
+    name = args.model or "smollm2-135m-instruct"
+    uvicorn.run(build_app(Server(decoder, name, tuner)), host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,118 @@
+"""``tidar serve`` on the embedded default (CPU): replies, streaming, stop strings and bad
+requests, through FastAPI's test client."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tidar.cli import build_parser, main
+from tidar.engine import DecodeConfig
+from tidar.generate import encode_prompt, load_decoder
+from tidar.serve import Server, build_app
+
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def decoder(default_gguf, single_thread):
+    args = build_parser().parse_args(["serve", "--proposals", "2", "--max-new-tokens", "12"])
+    return load_decoder(args)
+
+
+@pytest.fixture(scope="module")
+def client(decoder):
+    return TestClient(build_app(Server(decoder, "smollm2-135m-instruct")))
+
+
+def _chat(**fields) -> dict:
+    return {"messages": [{"role": "user", "content": PROMPT}]} | fields
+
+
+def test_chat_reply_is_the_engines_greedy_text(client, decoder):
+    reply = client.post("/v1/chat/completions", json=_chat())
+    assert reply.status_code == 200
+    body = reply.json()
+    ids = encode_prompt(decoder.loaded.tokenizer, PROMPT, raw=False)
+    tokens, _ = decoder.engine.generate([ids], DecodeConfig(sampler="ar", max_new_tokens=12))
+    expected = decoder.loaded.tokenizer.decode(tokens[0], skip_special_tokens=True)
+    assert body["object"] == "chat.completion" and body["model"] == "smollm2-135m-instruct"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    usage = body["usage"]
+    assert usage == {"prompt_tokens": len(ids), "completion_tokens": len(tokens[0]),
+                     "total_tokens": len(ids) + len(tokens[0])}
+    assert body["tidar"]["sampler"] == "lossless" and body["tidar"]["proposals"] == 2
+
+
+def test_completion_with_ar_equals_lossless(client):
+    request = {"prompt": "def add(a, b):", "max_tokens": 8}
+    drafted = client.post("/v1/completions", json=request).json()
+    plain = client.post("/v1/completions", json=request | {"sampler": "ar"}).json()
+    assert plain["tidar"]["sampler"] == "ar" and plain["tidar"]["passes"] == 8
+    assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert drafted["choices"][0]["finish_reason"] == "length"
+    assert drafted["usage"]["completion_tokens"] == 8
+
+
+def test_streamed_text_adds_up_to_the_reply(client):
+    whole = client.post("/v1/chat/completions", json=_chat()).json()
+    chunks = []
+    with client.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in events.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert last["usage"] == whole["usage"]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_stop_string_ends_the_text(client):
+    whole = client.post("/v1/chat/completions", json=_chat()).json()
+    text = whole["choices"][0]["message"]["content"]
+    stop = text.split()[2]  # a word from the middle of the reply
+    cut = client.post("/v1/chat/completions", json=_chat(stop=[stop])).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize(("path", "request_body", "status", "message"), [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "greater than or equal"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 422, "literal_error"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 422, "greater than 0"),
+    ("/v1/completions", {"max_tokens": 4}, 422, "missing"),
+    ("/v1/chat/completions", {"messages": []}, 422, "at least 1"),
+    ("/v1/completions", {"prompt": "x", "beta": 0.5}, 400, "mix sampler"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "must not be empty"),
+    ("/v1/completions", {"prompt": "hello " * 9000}, 400, "context"),
+])
+def test_bad_requests_get_a_clear_error(client, path, request_body, status, message):
+    reply = client.post(path, json=request_body)
+    assert reply.status_code == status
+    assert message in reply.text
+
+
+def test_health_and_models(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["block_size"] == 16
+    assert health["proposals"] == 2 and health["device"] == "cpu"
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+
+
+def test_a_taken_port_is_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0]
