@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from tidar.cli import build_parser, main
 from tidar.engine import DecodeConfig
 from tidar.generate import encode_prompt, load_decoder
-from tidar.serve import Server, build_app
+from tidar.serve import CompletionRequest, Server, _Job, build_app, request_config
 
 PROMPT = "What is the capital of France?"
 
@@ -98,6 +98,29 @@ def test_bad_requests_get_a_clear_error(client, path, request_body, status, mess
     reply = client.post(path, json=request_body)
     assert reply.status_code == status
     assert message in reply.text
+
+
+def test_waiting_requests_of_one_configuration_decode_as_one_batch(decoder):
+    """Requests queued while the decoding thread is busy: those sharing the oldest one's
+    configuration run together, and each row gets what it gets alone (a stop string ends
+    only its own row); another configuration waits for the next batch."""
+    server = Server(decoder, "m", start=False)
+    cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10))
+    other = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=6))
+    tokenizer = decoder.loaded.tokenizer
+    prompts = [tokenizer.encode(t) for t in ("def add(a, b):", "The sky is", "1, 2, 3,")]
+    alone = [decoder.engine.generate([ids], cfg)[0][0] for ids in prompts]
+    first_word = tokenizer.decode(alone[1]).split()[0]
+    jobs = [server.submit(_Job(prompts[0], cfg, (), None)),
+            server.submit(_Job(prompts[1], cfg, (first_word,), None)),
+            server.submit(_Job(prompts[1], other, (), None)),
+            server.submit(_Job(prompts[2], cfg, (), None))]
+    server.thread.start()
+    results = [job.done.result(timeout=120) for job in jobs]
+    assert dict(server.batch_sizes) == {3: 1, 1: 1}
+    assert results[0]["token_ids"] == alone[0] and results[3]["token_ids"] == alone[2]
+    assert results[1]["finish_reason"] == "stop" and first_word not in results[1]["text"]
+    assert results[2]["token_ids"] == alone[1][:6]
 
 
 def test_health_and_models(client):

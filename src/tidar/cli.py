@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="requests of one configuration decoded together, at most")
 
     from .bench import add_bench_args
 

@@ -107,44 +107,58 @@ class TextStream:
         return self.ids
 
 
-def stream_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
-                ) -> Iterator[None]:
-    """One generation, a step per chunk of tokens the engine commits (the server streams
-    between steps); its return value is the result. With ``text``, stop strings end it (the
-    engine finishes the row)."""
+def stream_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
+                texts: list[TextStream | None], cancelled=lambda row: False) -> Iterator[int]:
+    """A batched generation, stepping after each chunk of tokens the engine commits (it
+    yields the chunk's row; the server streams between steps); its return value is each
+    row's result. A row whose ``texts`` reached a stop string, or that is ``cancelled``,
+    ends at the next pass (the engine finishes it)."""
     cfg = cfg.resolved()
     start = time.perf_counter()
-    tokens: list[int] = []
-    for _, new in engine.stream([prompt_ids], cfg):
-        tokens.extend(new)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for row, new in engine.stream(prompts, cfg):
+        tokens[row].extend(new)
+        text = texts[row]
         if text is not None:
             text.add(new)
-            if text.stopped:
-                engine.finish(0)
-        yield
+        if (text is not None and text.stopped) or cancelled(row):
+            engine.finish(row)
+        yield row
     seconds = time.perf_counter() - start
-    if text is not None:
-        text.close()
-        if text.stopped:
-            tokens = text.stop_prefix()
-    stats = engine.last_stats.as_dict()
-    return {
-        "token_ids": tokens,
-        "num_tokens": len(tokens),
-        "passes": stats["passes"],
-        "tokens_per_pass": stats["tokens_per_pass"],
-        "seconds": seconds,
-        "tokens_per_second": len(tokens) / seconds if seconds > 0 else 0.0,
-        "sampler": cfg.sampler,
-        "block_size": cfg.block_size,
-        "proposals": len(cfg.proposals),
-        "acceptance_by_position": stats["acceptance_by_position"],
-        "committed_per_pass_histogram": stats["committed_per_pass_histogram"],
-    }
+    stats = engine.last_stats
+    batch = stats.as_dict()
+    results = []
+    for row, text in enumerate(texts):
+        ids = tokens[row]
+        if text is not None:
+            text.close()
+            if text.stopped:
+                ids = text.stop_prefix()
+        results.append({
+            "token_ids": ids,
+            "num_tokens": len(ids),
+            "passes": stats.passes[row],
+            "tokens_per_pass": stats.tokens[row] / max(1, stats.passes[row]),
+            "seconds": seconds,
+            "tokens_per_second": len(ids) / seconds if seconds > 0 else 0.0,
+            "sampler": cfg.sampler,
+            "block_size": cfg.block_size,
+            "proposals": len(cfg.proposals),
+            "acceptance_by_position": batch["acceptance_by_position"],
+            "committed_per_pass_histogram": batch["committed_per_pass_histogram"],
+        })
+    return results
 
 
-def finish(steps: Iterator[None]) -> dict:
-    """Run the rest of a ``stream_once`` and return its result."""
+def stream_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
+                ) -> Iterator[int]:
+    """``stream_rows`` for one prompt; its return value is the one result."""
+    results = yield from stream_rows(engine, [prompt_ids], cfg, [text])
+    return results[0]
+
+
+def finish(steps: Iterator[int]):
+    """Run the rest of a ``stream_rows`` (or ``stream_once``) and return its result."""
     while True:
         try:
             next(steps)

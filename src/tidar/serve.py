@@ -8,8 +8,10 @@ request sets ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, and
 ``"sampler": "ar"`` (plain decoding) or another ``beta`` for ``mix``. Replies carry OpenAI's
 fields plus ``tidar`` (passes, tokens per pass, the configuration that ran).
 
-One thread decodes, one request at a time, in arrival order: the engine's CUDA graphs and
-its inference mode belong to that thread. Batching concurrent requests is not done yet.
+One thread decodes (the engine's CUDA graphs and inference mode belong to it). Requests that
+arrive while it is busy wait; it then takes the oldest with every waiting request of the same
+configuration, up to ``--max-batch``, and decodes them as one batch: a row gets the same
+tokens in a batch as alone (the engine's batch invariance). Rows do not join a running batch.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException
@@ -31,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import DecodeConfig
 from .errors import TidarError
-from .generate import Decoder, TextStream, stream_once, tuner_summary
+from .generate import Decoder, TextStream, stream_rows, tuner_summary
 from .sampling import SamplingParams
 
 
@@ -104,45 +107,85 @@ def stop_strings(req: _Request) -> tuple[str, ...]:
     return stops
 
 
+@dataclass
+class _Job:
+    """One request on its way through the decoding thread."""
+
+    prompt_ids: list[int]
+    cfg: DecodeConfig
+    stops: tuple[str, ...]
+    deltas: queue.Queue | None  # streaming: the text as it comes, then None or an exception
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: Future = field(default_factory=Future)  # the result
+    out: _Collect = field(default_factory=_Collect)
+
+
 class Server:
     """The decoding thread and the replies around it."""
 
-    def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None):
-        self.decoder, self.name, self.tuner = decoder, name, tuner
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidar-decode")
+    def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None,
+                 max_batch: int = 8, start: bool = True):
+        self.decoder, self.name, self.tuner, self.max_batch = decoder, name, tuner, max_batch
+        self.waiting: deque[_Job] = deque()
+        self.wake = threading.Condition()
+        self.batch_sizes: Counter[int] = Counter()
+        self.thread = threading.Thread(target=self._work, name="tidar-decode", daemon=True)
+        if start:
+            self.thread.start()
 
-    def decode(self, prompt_ids: list[int], cfg: DecodeConfig, stops: tuple[str, ...],
-               deltas: queue.Queue | None, cancel: threading.Event) -> dict:
-        """One generation on the decoding thread; with ``deltas``, the text as it comes,
-        then None (or the exception that ended it)."""
-        engine, out = self.decoder.engine, _Collect()
-        text = TextStream(self.decoder.loaded.tokenizer, out, stops)
+    def submit(self, job: _Job) -> _Job:
+        with self.wake:
+            self.waiting.append(job)
+            self.wake.notify()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self.wake:
+                while not self.waiting:
+                    self.wake.wait()
+                first = self.waiting.popleft()
+                batch = [first] + [j for j in self.waiting if j.cfg == first.cfg
+                                   ][: self.max_batch - 1]
+                for job in batch[1:]:
+                    self.waiting.remove(job)
+            self.batch_sizes[len(batch)] += 1
+            self._decode(batch)
+
+    def _decode(self, batch: list[_Job]) -> None:
+        """One batch on the decoding thread: each job gets its text as it comes (streaming)
+        and its result."""
+        engine, tokenizer = self.decoder.engine, self.decoder.loaded.tokenizer
+        texts = [TextStream(tokenizer, job.out, job.stops) for job in batch]
         try:
-            steps = stream_once(engine, prompt_ids, cfg, text)
+            steps = stream_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg,
+                                texts, lambda row: batch[row].cancel.is_set())
             while True:
                 try:
-                    next(steps)
+                    row = next(steps)
                 except StopIteration as done:
-                    result = done.value
+                    results = done.value
                     break
-                if cancel.is_set():  # the client left: end the row at the next pass
-                    engine.finish(0)
-                if deltas is not None and (delta := out.take()):
-                    deltas.put(delta)
+                job = batch[row]
+                if job.deltas is not None and (delta := job.out.take()):
+                    job.deltas.put(delta)
         except Exception as exc:
-            if deltas is not None:
-                deltas.put(exc)
-            raise
-        if deltas is not None:
-            if delta := out.take():
-                deltas.put(delta)
-            deltas.put(None)
-        ended = text.stopped or (result["token_ids"] and result["token_ids"][-1]
-                                 in engine.stop_ids)
-        result["text"] = text.text
-        result["finish_reason"] = ("length" if not ended and result["num_tokens"]
-                                   >= cfg.max_new_tokens else "stop")
-        return result
+            for job in batch:
+                job.done.set_exception(exc)
+                if job.deltas is not None:
+                    job.deltas.put(exc)
+            return
+        for job, text, result in zip(batch, texts, results, strict=True):
+            ids = result["token_ids"]
+            ended = text.stopped or (ids and ids[-1] in engine.stop_ids)
+            result["text"] = text.text
+            result["finish_reason"] = ("length" if not ended and result["num_tokens"]
+                                       >= job.cfg.max_new_tokens else "stop")
+            job.done.set_result(result)
+            if job.deltas is not None:
+                if delta := job.out.take():
+                    job.deltas.put(delta)
+                job.deltas.put(None)
 
     def prepare(self, req: _Request, prompt_ids: list[int]):
         """The request's configuration and stop strings, checked before any reply starts."""
@@ -165,17 +208,15 @@ class Server:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": self.name}
         if not req.stream:
-            result = await asyncio.wrap_future(self.worker.submit(
-                self.decode, prompt_ids, cfg, stops, None, threading.Event()))
+            job = self.submit(_Job(prompt_ids, cfg, stops, None))
+            result = await asyncio.wrap_future(job.done)
             choice = ({"message": {"role": "assistant", "content": result["text"]}} if chat
                       else {"text": result["text"], "logprobs": None})
             return head | {"object": "chat.completion" if chat else "text_completion",
                            "choices": [{"index": 0, **choice,
                                         "finish_reason": result["finish_reason"]}]
                            } | self.usage(prompt_ids, result)
-        deltas: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-        future = self.worker.submit(self.decode, prompt_ids, cfg, stops, deltas, cancel)
+        job = self.submit(_Job(prompt_ids, cfg, stops, queue.Queue()))
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         sent: list[bool] = []
 
@@ -191,16 +232,16 @@ class Server:
 
         async def events():
             try:
-                while (item := await asyncio.to_thread(deltas.get)) is not None:
+                while (item := await asyncio.to_thread(job.deltas.get)) is not None:
                     if isinstance(item, Exception):
                         yield f"data: {json.dumps({'error': {'message': str(item)}})}\n\n"
                         return
                     yield chunk(item)
-                result = await asyncio.wrap_future(future)
+                result = await asyncio.wrap_future(job.done)
                 yield chunk(None, result["finish_reason"], self.usage(prompt_ids, result))
                 yield "data: [DONE]\n\n"
             finally:
-                cancel.set()
+                job.cancel.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -215,7 +256,8 @@ def build_app(server: Server):
         return {"status": "ok", "model": server.name, "drafter": server.decoder.drafter,
                 "sampler": cfg.sampler, "block_size": cfg.block_size,
                 "proposals": len(cfg.proposals), "device": str(server.decoder.engine.device),
-                "tuner": server.tuner}
+                "max_batch": server.max_batch, "tuner": server.tuner,
+                "batches_by_size": dict(sorted(server.batch_sizes.items()))}
 
     @app.get("/v1/models")
     def models():
@@ -242,6 +284,9 @@ def build_app(server: Server):
 def run_serve(args) -> int:
     import uvicorn
 
+    if not 1 <= args.max_batch <= 1024:
+        raise TidarError(f"--max-batch must lie in 1 .. 1024, got {args.max_batch}")
+
     from .generate import load_decoder
 
     with socket.socket() as probe:  # a taken port is one line, before the model loads
@@ -255,5 +300,6 @@ def run_serve(args) -> int:
     if tuner is not None:
         print(f"tuner: {tuner_summary(tuner)}", flush=True)
     name = args.model or "smollm2-135m-instruct"
-    uvicorn.run(build_app(Server(decoder, name, tuner)), host=args.host, port=args.port)
+    server = Server(decoder, name, tuner, max_batch=args.max_batch)
+    uvicorn.run(build_app(server), host=args.host, port=args.port)
     return 0
