@@ -139,3 +139,9 @@ def test_a_taken_port_is_one_line(capsys):
         code = main(["serve", "--port", str(port)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0]
+
+
+def test_a_bad_batch_limit_is_one_line(capsys):
+    code = main(["serve", "--max-batch", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--max-batch" in err[0]
