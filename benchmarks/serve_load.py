@@ -1,0 +1,116 @@
+"""Throughput and latency of ``tidar serve`` under concurrent clients, in one process.
+
+The server (the embedded default and its shipped drafter, or the flags given) runs under
+uvicorn on a free local port. For each client count, that many clients each send
+``--requests`` of the bench's chat prompts in turn as streamed chat completions, after a
+warm-up at that count (with ``--compile`` each new batch size compiles its graphs).
+Reported per count: completion tokens per second over the run, the median and 90th
+percentile of the time to the first streamed text and to the whole reply, and the batch
+sizes the server ran.
+
+    python benchmarks/serve_load.py --clients 1 4 8 -- --device cuda --dtype bfloat16 \
+        --compile
+    python benchmarks/serve_load.py --clients 1 2 --requests 2 --max-tokens 16  # CPU smoke
+
+Flags after ``--`` go to ``tidar serve`` (model, drafter, sampler, proposals, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import uvicorn
+from common import write_json
+
+from tidar.bench import prompt_texts
+from tidar.cli import build_parser
+from tidar.generate import load_decoder
+from tidar.serve import Server, build_app
+
+
+def start_server(serve_args: list[str]) -> tuple[str, Server, uvicorn.Server]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = build_parser().parse_args(["serve", "--port", str(port), *serve_args])
+    decoder = load_decoder(args)
+    tuner = decoder.tune(args)
+    server = Server(decoder, "bench", tuner, max_batch=args.max_batch)
+    web = uvicorn.Server(uvicorn.Config(build_app(server), port=port, log_level="warning"))
+    threading.Thread(target=web.run, daemon=True).start()
+    while not web.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, web
+
+
+async def one_reply(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
+    """Seconds to the first streamed text and to the end, and the completion tokens."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": True}
+    start, first, usage = time.perf_counter(), None, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as events:
+        async for line in events.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+            usage = chunk.get("usage", usage)
+    end = time.perf_counter() - start
+    return {"first_s": end if first is None else first, "end_s": end,
+            "tokens": usage["completion_tokens"]}
+
+
+async def load(url: str, clients: int, prompts: list[str], max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+        async def one_client(offset: int) -> list[dict]:
+            return [await one_reply(client, prompts[(offset + i) % len(prompts)], max_tokens)
+                    for i in range(len(prompts))]
+
+        start = time.perf_counter()
+        replies = [r for rs in await asyncio.gather(*map(one_client, range(clients))) for r in rs]
+        seconds = time.perf_counter() - start
+
+    def quantiles(key: str) -> dict:
+        values = sorted(r[key] for r in replies)
+        return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))]}
+
+    return {"clients": clients, "replies": len(replies), "seconds": seconds,
+            "tokens_per_second": sum(r["tokens"] for r in replies) / seconds,
+            "first_text_s": quantiles("first_s"), "reply_s": quantiles("end_s")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=8, help="replies per client")
+    ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: tidar serve flags")
+    args = ap.parse_args()
+    serve_args = [a for a in args.serve_args if a != "--"]
+    url, server, web = start_server(serve_args)
+    prompts = (prompt_texts("chat", raw=False) * args.requests)[: args.requests]
+    report = {"serve_args": serve_args, "max_tokens": args.max_tokens,
+              "requests_per_client": args.requests, "runs": []}
+    for clients in args.clients:
+        asyncio.run(load(url, clients, prompts, 8))  # warm-up: graphs of these batch sizes
+        server.batch_sizes.clear()
+        run = asyncio.run(load(url, clients, prompts, args.max_tokens))
+        run["batches_by_size"] = dict(sorted(server.batch_sizes.items()))
+        report["runs"].append(run)
+        write_json("serve_load.json", report)
+        print(f"{clients} clients: {run['tokens_per_second']:.1f} tokens/s, first text "
+              f"{run['first_text_s']['median']:.3f} s, reply {run['reply_s']['median']:.3f} s "
+              f"(medians), batches {run['batches_by_size']}", flush=True)
+    web.should_exit = True
+
+
+if __name__ == "__main__":
+    main()
