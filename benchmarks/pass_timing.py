@@ -42,15 +42,7 @@ def single_replays(engine: Engine, cfg: DecodeConfig, batch: int, context: int,
     cfg = replace(cfg, max_new_tokens=(repeats + 4) * cfg.block_size + 1)
     runner = engine._runner(batch, context + cfg.max_new_tokens, cfg)
     engine._start(runner, prompts, cfg, [0] * batch)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        runner.step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    return statistics.median(engine._burst_seconds(runner, 1) for _ in range(repeats))
 
 
 def per_pass_after_prefill(engine: Engine, cfg: DecodeConfig, context: int, passes: int = 24,

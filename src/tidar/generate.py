@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -107,12 +106,12 @@ class TextStream:
         return self.ids
 
 
-def stream_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
-                texts: list[TextStream | None], cancelled=lambda row: False) -> Iterator[int]:
-    """A batched generation, stepping after each chunk of tokens the engine commits (it
-    yields the chunk's row; the server streams between steps); its return value is each
-    row's result. A row whose ``texts`` reached a stop string, or that is ``cancelled``,
-    ends at the next pass (the engine finishes it)."""
+def run_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
+             texts: list[TextStream | None], on_chunk=None) -> list[dict]:
+    """A batched generation; each row's result. A row whose ``texts`` reached a stop string
+    ends at the next pass (the engine finishes it). ``on_chunk(row)`` runs after each chunk of
+    a row's tokens, inside the engine's stream: the server streams text there, and may
+    ``engine.finish`` the row."""
     cfg = cfg.resolved()
     start = time.perf_counter()
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -121,9 +120,10 @@ def stream_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
         text = texts[row]
         if text is not None:
             text.add(new)
-        if (text is not None and text.stopped) or cancelled(row):
-            engine.finish(row)
-        yield row
+            if text.stopped:
+                engine.finish(row)
+        if on_chunk is not None:
+            on_chunk(row)
     seconds = time.perf_counter() - start
     stats = engine.last_stats
     batch = stats.as_dict()
@@ -150,26 +150,10 @@ def stream_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
     return results
 
 
-def stream_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
-                ) -> Iterator[int]:
-    """``stream_rows`` for one prompt; its return value is the one result."""
-    results = yield from stream_rows(engine, [prompt_ids], cfg, [text])
-    return results[0]
-
-
-def finish(steps: Iterator[int]):
-    """Run the rest of a ``stream_rows`` (or ``stream_once``) and return its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
 def run_once(engine: Engine, prompt_ids, cfg: DecodeConfig, text: TextStream | None = None
              ) -> dict:
-    """One generation (``stream_once``) to its end."""
-    return finish(stream_once(engine, prompt_ids, cfg, text))
+    """One generation (``run_rows`` for one prompt)."""
+    return run_rows(engine, [prompt_ids], cfg, [text])[0]
 
 
 def tuner_summary(info: dict) -> str:

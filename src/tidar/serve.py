@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import DecodeConfig
 from .errors import TidarError
-from .generate import Decoder, TextStream, stream_rows, tuner_summary
+from .generate import Decoder, TextStream, run_rows, tuner_summary
 from .sampling import SamplingParams
 
 
@@ -157,18 +157,17 @@ class Server:
         and its result."""
         engine, tokenizer = self.decoder.engine, self.decoder.loaded.tokenizer
         texts = [TextStream(tokenizer, job.out, job.stops) for job in batch]
+
+        def streamed(row: int) -> None:
+            job = batch[row]
+            if job.cancel.is_set():  # the client left: end the row at the next pass
+                engine.finish(row)
+            if job.deltas is not None and (delta := job.out.take()):
+                job.deltas.put(delta)
+
         try:
-            steps = stream_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg,
-                                texts, lambda row: batch[row].cancel.is_set())
-            while True:
-                try:
-                    row = next(steps)
-                except StopIteration as done:
-                    results = done.value
-                    break
-                job = batch[row]
-                if job.deltas is not None and (delta := job.out.take()):
-                    job.deltas.put(delta)
+            results = run_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg, texts,
+                               streamed)
         except Exception as exc:
             for job in batch:
                 job.done.set_exception(exc)
