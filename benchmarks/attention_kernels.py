@@ -8,6 +8,8 @@ gate/up projections separate against fused (SmolLM2-135M shapes, bf16, H100/H200
         --batch 1 4 16 64
     python benchmarks/attention_kernels.py --attention-only --triton-sweep tiles \
         --queries 1 32 272 --batch 1 16 64
+    python benchmarks/attention_kernels.py --attention-only --triton-sweep slices \
+        --queries 1 32 272 --batch 1 4 --slots 512 1536 --triton-only
 
 Each candidate is compiled, then ``--calls`` dependent calls are captured in one CUDA graph;
 the time per call is the median replay time over ``--repeats`` replays divided by the calls,
@@ -68,7 +70,8 @@ def decode_mask(batch: int, queries: int, slots: int, committed: int) -> torch.T
     return (pos[None, :] <= horizon[:, None]).expand(batch, 1, queries, slots).contiguous()
 
 
-def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str) -> list[dict]:
+def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str,
+                   baselines: bool = True) -> list[dict]:
     rows = report.setdefault("attention", [])
     for batch, queries, slots in shapes:
         q = torch.randn(batch, HEADS, queries, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -77,7 +80,7 @@ def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str) -
         mask = decode_mask(batch, queries, slots, slots - 300)
         reference = dense_attention(q, k, v, mask).float()
         candidates = {"sdpa": dense_attention,
-                      "split_kv_256": partial(split_kv_attention, chunk=256)}
+                      "split_kv_256": partial(split_kv_attention, chunk=256)} if baselines else {}
         candidates["triton"] = tidar.decode_attention.decode_attention  # its own settings
         for settings in TRITON_SWEEPS[sweep]:
             name = "_".join(f"{key.lower()}{value}" for key, value in settings.items())
@@ -101,6 +104,11 @@ def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str) -
 TRITON_SWEEPS = {  # settings of tidar.decode_attention tried beside its own
     "programs": [{"TARGET_PROGRAMS": n} for n in (66, 132, 264, 528, 1056)],
     "tiles": [{"BLOCK_N": n, "NUM_WARPS": w} for n in (32, 64, 128) for w in (2, 4, 8)],
+    # the AR step's rows: slices and merge as for many rows (before session 13), then other
+    # shortest slices and merge step sizes
+    "slices": [{"FEW_ROWS_MIN_CHUNK": 256, "FEW_ROWS_MERGE_ALL": False}]
+    + [{"FEW_ROWS_MIN_CHUNK": c} for c in (128, 256)]
+    + [{"MERGE_ELEMENTS": e} for e in (2048, 16384)],
 }
 
 
@@ -150,16 +158,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 17, 272])
-    ap.add_argument("--slots", type=int, default=1536, help="cache slots (1024 context, padded)")
+    ap.add_argument("--slots", type=int, nargs="+", default=[1536],
+                    help="cache slots (1536: a 1024 context, padded)")
     ap.add_argument("--attention-only", action="store_true")
     ap.add_argument("--triton-sweep", choices=list(TRITON_SWEEPS), default="programs",
                     help="which settings of the Triton kernel to try beside its own")
+    ap.add_argument("--triton-only", action="store_true",
+                    help="time the Triton kernel's settings alone, not SDPA or split-KV matmuls")
     args = ap.parse_args()
     torch.manual_seed(0)
     raise_recompile_limit()
-    shapes = [(b, q, args.slots) for b in args.batch for q in args.queries]
+    shapes = [(b, q, s) for s in args.slots for b in args.batch for q in args.queries]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    attention_rows(shapes, args.calls, args.repeats, report, args.triton_sweep)
+    attention_rows(shapes, args.calls, args.repeats, report, args.triton_sweep,
+                   not args.triton_only)
     if not args.attention_only:
         report["projections"] = projection_rows([1, 4, 17, 272], args.calls, args.repeats)
     write_json("attention_kernels.json", report)

@@ -14,13 +14,17 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
         --inductor engine max-autotune
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 --rounds 2
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 272 \
+        --kernel-settings MERGE_LOOP=True engine --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
-``--inductor`` compiles under other inductor settings. ``--rounds 2`` compiles and times every
-variant twice, in turn: how far the same graphs time apart by their place in the process
-(session 12 saw 3-7% for the AR step). ``--compile-scope blocks`` compiles
-the blocks alone, as the engine did before it compiled the whole pass with static shapes.
+``--inductor`` compiles under other inductor settings; ``--kernel-settings`` sets
+constants of the Triton decode attention (``tidar.decode_attention``). ``--rounds 2``
+compiles and times every variant twice, in turn: how far the same graphs time apart by
+their place in the process (session 12 saw 3-7% for the AR step). ``--compile-scope
+blocks`` compiles the blocks alone, as the engine did before it compiled the whole pass
+with static shapes.
 ``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
 before it kept it symbolic (one graph for every capacity bucket). ``--short-caches old``
 gives AR caches an unused scratch slot (a 256-slot capacity then takes 512 slots) and merges
@@ -86,13 +90,28 @@ INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
             "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True}}
 
 
+def kernel_settings(spec: str) -> dict:
+    """``engine`` (the kernel's own settings) or ``NAME=VALUE,...`` for module constants of
+    ``tidar.decode_attention``, e.g. ``MIN_CHUNK=128,BLOCK_N=128``."""
+    if spec == "engine":
+        return {}
+    pairs = (item.split("=", 1) for item in spec.split(","))
+    return {name: value == "True" if value in ("True", "False") else int(value)
+            for name, value in pairs}
+
+
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
-                    short: str):
+                    short: str, kernel: str):
+    import tidar.decode_attention
     import tidar.engine
     import tidar.model
 
     stack = contextlib.ExitStack()
     stack.enter_context(attention_context(attention))
+    for name, value in kernel_settings(kernel).items():
+        stack.callback(setattr, tidar.decode_attention, name,
+                       getattr(tidar.decode_attention, name))
+        setattr(tidar.decode_attention, name, value)
     if scope == "blocks":  # as compiled before: blocks only, dynamo's automatic dynamic shapes
         own_compile = tidar.engine.compile_static
         tidar.engine.compile_static = lambda fn: (
@@ -100,8 +119,6 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
             if isinstance(fn, torch.nn.Module) else fn)
         stack.callback(setattr, tidar.engine, "compile_static", own_compile)
     if short == "old":
-        import tidar.decode_attention
-
         own_scratch = tidar.engine.scratch_slots
         tidar.engine.scratch_slots = lambda cfg: max(len(cfg.proposals), 1) * cfg.block_size
         tidar.decode_attention.MERGE_ALWAYS = True
@@ -182,6 +199,9 @@ def main() -> None:
     ap.add_argument("--short-caches", nargs="+", default=["new"], choices=["new", "old"],
                     help="old: AR caches with a scratch slot, one key slice merged by a "
                     "second kernel (the engine before), per variant")
+    ap.add_argument("--kernel-settings", nargs="+", default=["engine"],
+                    help="settings of the Triton decode attention per variant: engine, or "
+                    "NAME=VALUE,... (see kernel_settings)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="compile and time the variants this many times, in turn")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
@@ -197,16 +217,17 @@ def main() -> None:
     model = smollm2_shaped()
     b = args.block_size
     engines = {}
-    for attention, fuse, inductor, scope, slots, short in itertools.product(
+    for attention, fuse, inductor, scope, slots, short, kernel in itertools.product(
             args.attention, args.fuse, args.inductor, args.compile_scope, args.slot_shapes,
-            args.short_caches):
+            args.short_caches, args.kernel_settings):
         suffix = "" if attention == "default" else f", {attention} attention"
         suffix += "" if fuse == "on" else ", unfused projections"
         suffix += "" if inductor == "engine" else f", inductor {inductor}"
         suffix += "" if scope == "pass" else ", compiled blocks only"
         suffix += "" if slots == "symbolic" else ", static slot count"
         suffix += "" if short == "new" else ", old short caches"
-        spec = (attention, fuse, inductor, scope, slots, short)
+        suffix += "" if kernel == "engine" else f", kernel {kernel}"
+        spec = (attention, fuse, inductor, scope, slots, short, kernel)
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)

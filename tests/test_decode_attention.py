@@ -63,11 +63,12 @@ def test_strided_inputs_and_a_broadcast_mask():
 def test_plan_fills_the_gpu_with_whole_steps(batch, kv_heads, rows, slots):
     module = decode_attention_module
     block_m, chunk = module.plan(batch, kv_heads, rows, slots)
+    shortest = module.FEW_ROWS_MIN_CHUNK if rows <= module.FEW_ROWS else module.MIN_CHUNK
     assert block_m >= min(rows, 16) and chunk % module.BLOCK_N == 0
-    assert min(slots, module.MIN_CHUNK) <= chunk < slots + module.BLOCK_N
+    assert min(slots, shortest) <= chunk < slots + module.BLOCK_N
     programs = batch * kv_heads * -(-rows // block_m) * -(-slots // chunk)
     # slices shrink until the grid is full or a slice is as short as allowed
-    assert programs >= module.TARGET_PROGRAMS or chunk <= module.MIN_CHUNK
+    assert programs >= module.TARGET_PROGRAMS or chunk <= shortest
     # and no further: twice the slice would leave the grid short of the target
     if chunk < slots:
         assert programs // 2 < module.TARGET_PROGRAMS
@@ -124,12 +125,33 @@ def test_one_key_slice_skips_the_merge(monkeypatch):
     """A cache of one key slice: the slice kernel writes the output itself, exactly what the
     merge kernel would have made of that one slice."""
     gen = torch.Generator().manual_seed(11)
-    q = torch.randn(2, 6, 3, 32, generator=gen)
+    q = torch.randn(2, 6, 6, 32, generator=gen)
     k, v = (torch.randn(2, 2, 200, 32, generator=gen) for _ in range(2))
-    mask = decode_pass_mask(2, 3, 200, gen)
-    assert decode_attention_module.plan(2, 2, 9, 200)[1] >= 200  # one slice
+    mask = decode_pass_mask(2, 6, 200, gen)
+    assert decode_attention_module.plan(2, 2, 18, 200)[1] >= 200  # one slice
     direct = decode_attention_module.decode_attention(q, k, v, mask)
     monkeypatch.setattr(decode_attention_module, "MERGE_ALWAYS", True)
     merged = decode_attention_module.decode_attention(q, k, v, mask)
     assert torch.equal(direct, merged)
     torch.testing.assert_close(direct, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("merge_all", "elements", "steps"), [
+    (True, 8192, "one"), (True, 1024, "several"), (False, 8192, "one per slice")])
+def test_merge_steps_give_the_same_attention(monkeypatch, merge_all, elements, steps):
+    """The AR step's rows (one tile) over many short slices, merged all in one step, in
+    steps of a few slices with a running peak, or one slice a step: the same attention."""
+    module = decode_attention_module
+    monkeypatch.setattr(module, "FEW_ROWS_MERGE_ALL", merge_all)
+    monkeypatch.setattr(module, "MERGE_ELEMENTS", elements)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, 2, 32, generator=gen)
+    k = torch.randn(1, 2, 700, 32, generator=gen) * 3
+    v = torch.randn(1, 2, 700, 32, generator=gen)
+    mask = decode_pass_mask(1, 2, 700, gen)
+    parts = -(-700 // module.plan(1, 2, 6, 700)[1])
+    step = module.merge_plan(6, parts, 32)[1]
+    assert parts > 8 and {"one": step >= parts, "several": 1 < step < parts,
+                          "one per slice": step == 1}[steps]
+    out = module.decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)

@@ -22,8 +22,15 @@ from torch import Tensor
 BLOCK_N = 64  # keys per inner step; a key slice is a whole number of these
 NUM_WARPS = 4  # per thread block of the slice kernel
 TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
-MIN_CHUNK = 256  # the shortest key slice plan() makes
-MERGE_ROWS = 16  # rows per thread block of the merge: it has no matmul, so small tiles
+MIN_CHUNK = 256  # the shortest key slice plan() makes for rows of several tiles
+# Rows that fit one tile (the AR step: the query heads of one KV head) have a grid of only
+# batch x KV heads x slices, and each thread block waits on its loads in turn: shorter slices,
+# merged all at once, pay there (benchmarks/attention_kernels.py --triton-sweep slices).
+FEW_ROWS = 16  # the smallest row tile (tl.dot needs 16)
+FEW_ROWS_MIN_CHUNK = 64
+FEW_ROWS_MERGE_ALL = True  # False: one slice a merge step, as for many rows
+MERGE_ROWS = 16  # rows per merge thread block for many rows: no matmul, so small tiles
+MERGE_ELEMENTS = 8192  # partial outputs a merge step may hold (its slices x rows x dim)
 MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --short-caches old)
 
 
@@ -91,25 +98,33 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
 @triton.jit
 def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
                   sd_b, sd_h, sd_t, length, rows, kv_heads, group, parts,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Weight each slice's output by its share of the row's total exp-sum and add them up."""
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Weight each slice's output by its share of the row's total exp-sum and add them up,
+    ``BLOCK_P`` slices a step with a running peak. A step waits for its loads, so a few rows
+    take every slice in one step; many rows take one a step (registers)."""
     tile, seq_head = tl.program_id(0), tl.program_id(1)
     b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
     d = tl.arange(0, HEAD_DIM)
-    lse_at = Lse + b * sl_b + h * sl_h + r
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for i in range(parts):
-        peak = tl.maximum(peak, tl.load(lse_at + i * sl_s, mask=row_ok, other=float("-inf")))
-    peak = tl.where(peak == float("-inf"), 0.0, peak)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    part_at = Part + b * so_b + h * so_h + r[:, None] * so_r + d[None, :]
-    for i in range(parts):
-        w = tl.exp2(tl.load(lse_at + i * sl_s, mask=row_ok, other=float("-inf")) - peak)
-        total += w
-        acc += w[:, None] * tl.load(part_at + i * so_s, mask=row_ok[:, None], other=0.0)
+    for p0 in range(0, parts, BLOCK_P):
+        i = p0 + tl.arange(0, BLOCK_P)
+        ok = (i[:, None] < parts) & row_ok[None, :]
+        lse = tl.load(Lse + b * sl_b + h * sl_h + i[:, None] * sl_s + r[None, :], mask=ok,
+                      other=float("-inf"))
+        part = tl.load(Part + b * so_b + h * so_h + i[:, None, None] * so_s
+                       + r[None, :, None] * so_r + d[None, None, :], mask=ok[:, :, None],
+                       other=0.0)
+        new_peak = tl.maximum(peak, tl.max(lse, 0))
+        shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
+        scale = tl.exp2(peak - shift)
+        weight = tl.exp2(lse - shift[None, :])
+        total = total * scale + tl.sum(weight, 0)
+        acc = acc * scale[:, None] + tl.sum(weight[:, :, None] * part, 0)
+        peak = new_peak
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     head, t = h * group + r // length, r % length
     tl.store(Out + b * sd_b + head[:, None] * sd_h + t[:, None] * sd_t + d[None, :],
@@ -126,15 +141,24 @@ def supported(q: Tensor) -> bool:
 
 def plan(batch: int, kv_heads: int, rows: int, slots: int) -> tuple[int, int]:
     """(rows per tile, keys per slice). Slices halve while the grid has fewer than
-    ``TARGET_PROGRAMS`` thread blocks, down to ``MIN_CHUNK`` keys: on the H100/H200 more,
-    shorter slices cost more in the merge than they gain in parallelism
-    (``benchmarks/attention_kernels.py``)."""
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    ``TARGET_PROGRAMS`` thread blocks, down to ``MIN_CHUNK`` keys (``FEW_ROWS_MIN_CHUNK``
+    for one tile of rows): on the H100/H200 more, shorter slices for many rows cost more in
+    the merge than they gain in parallelism (``benchmarks/attention_kernels.py``)."""
+    block_m = FEW_ROWS if rows <= FEW_ROWS else 32 if rows <= 32 else 64
+    shortest = FEW_ROWS_MIN_CHUNK if rows <= FEW_ROWS else MIN_CHUNK
     programs = batch * kv_heads * -(-rows // block_m)
     chunk = BLOCK_N * -(-slots // BLOCK_N)
-    while chunk > MIN_CHUNK and programs * -(-slots // chunk) < TARGET_PROGRAMS:
-        chunk = max(MIN_CHUNK, BLOCK_N * -(-chunk // (2 * BLOCK_N)))
+    while chunk > shortest and programs * -(-slots // chunk) < TARGET_PROGRAMS:
+        chunk = max(shortest, BLOCK_N * -(-chunk // (2 * BLOCK_N)))
     return block_m, chunk
+
+
+def merge_plan(rows: int, parts: int, dim: int) -> tuple[int, int]:
+    """(rows per merge thread block, slices per merge step)."""
+    if rows > FEW_ROWS or not FEW_ROWS_MERGE_ALL:
+        return MERGE_ROWS, 1
+    block_m = max(2, triton.next_power_of_2(rows))
+    return block_m, min(triton.next_power_of_2(parts), max(1, MERGE_ELEMENTS // block_m // dim))
 
 
 @torch.library.custom_op("tidar::decode_attention", mutates_args=())
@@ -169,10 +193,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, num_warps=NUM_WARPS)
     if one_slice:
         return out
-    _merge_kernel[(-(-rows // MERGE_ROWS), batch * kv_heads)](
+    merge_rows, merge_step = merge_plan(rows, parts, dim)
+    _merge_kernel[(-(-rows // merge_rows), batch * kv_heads)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), length, rows, kv_heads, group, parts, HEAD_DIM=dim, BLOCK_M=MERGE_ROWS)
+        out.stride(2), length, rows, kv_heads, group, parts, HEAD_DIM=dim, BLOCK_M=merge_rows,
+        BLOCK_P=merge_step)
     return out
 
 
