@@ -48,7 +48,7 @@ def test_chat_reply_is_the_engines_greedy_text(client, decoder):
 
 
 def test_completion_with_ar_equals_lossless(client):
-    request = {"prompt": "def add(a, b):", "max_tokens": 8}
+    request = {"prompt": "def add(a, b):", "max_tokens": 8, "model": "smollm2-135m-instruct"}
     drafted = client.post("/v1/completions", json=request).json()
     plain = client.post("/v1/completions", json=request | {"sampler": "ar"}).json()
     assert plain["tidar"]["sampler"] == "ar" and plain["tidar"]["passes"] == 8
@@ -93,6 +93,7 @@ def test_stop_string_ends_the_text(client):
     ("/v1/completions", {"prompt": "x", "beta": 0.5}, 400, "mix sampler"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "must not be empty"),
     ("/v1/completions", {"prompt": "hello " * 9000}, 400, "context"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "serves 'smollm2-135m-instruct'"),
 ])
 def test_bad_requests_get_a_clear_error(client, path, request_body, status, message):
     reply = client.post(path, json=request_body)

@@ -329,8 +329,8 @@ class Engine:
         longest = max(map(len, prompts))
         if longest + cfg.max_new_tokens + 2 * cfg.block_size > limit:
             raise TidarError(
-                f"prompt ({longest} tokens) plus --max-new-tokens ({cfg.max_new_tokens}) exceeds "
-                f"the model's context of {limit} tokens"
+                f"prompt ({longest} tokens) plus {cfg.max_new_tokens} new tokens exceeds the "
+                f"model's context of {limit} tokens"
             )
         vocab = self.model.cfg.vocab_size
         if any(t < 0 or t >= vocab for p in prompts for t in p):

@@ -188,6 +188,9 @@ class Server:
 
     def prepare(self, req: _Request, prompt_ids: list[int]):
         """The request's configuration and stop strings, checked before any reply starts."""
+        if req.model is not None and req.model != self.name:
+            raise HTTPException(404, f"model {req.model!r} is not served here; this server "
+                                f"serves {self.name!r} (GET /v1/models)")
         try:
             cfg = request_config(self.decoder.cfg, req)
             self.decoder.engine.check_prompts([prompt_ids], cfg)
