@@ -109,10 +109,6 @@ TRITON_SWEEPS = {  # settings of tidar.decode_attention tried beside its own
     "slices": [{"FEW_ROWS_MIN_CHUNK": 256, "FEW_ROWS_MERGE_ALL": False}]
     + [{"FEW_ROWS_MIN_CHUNK": c} for c in (128, 256)]
     + [{"MERGE_ELEMENTS": e} for e in (2048, 16384)],
-    # rows of several tiles: shorter slices, several merged a step
-    "many-rows": [{"MIN_CHUNK": c} for c in (64, 128)]
-    + [{"MIN_CHUNK": c, "MERGE_ALL_ROWS": True} for c in (64, 128, 256)]
-    + [{"MIN_CHUNK": 64, "MERGE_ALL_ROWS": True, "MERGE_ELEMENTS": e} for e in (4096, 16384)],
 }
 
 

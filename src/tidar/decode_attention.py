@@ -29,7 +29,6 @@ MIN_CHUNK = 256  # the shortest key slice plan() makes for rows of several tiles
 FEW_ROWS = 16  # the smallest row tile (tl.dot needs 16)
 FEW_ROWS_MIN_CHUNK = 64
 FEW_ROWS_MERGE_ALL = True  # False: one slice a merge step, as for many rows
-MERGE_ALL_ROWS = False  # EXPERIMENT (session 13): many rows merge several slices a step too
 MERGE_ROWS = 16  # rows per merge thread block for many rows: no matmul, so small tiles
 MERGE_ELEMENTS = 8192  # partial outputs a merge step may hold (its slices x rows x dim)
 MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --short-caches old)
@@ -155,12 +154,11 @@ def plan(batch: int, kv_heads: int, rows: int, slots: int) -> tuple[int, int]:
 
 
 def merge_plan(rows: int, parts: int, dim: int) -> tuple[int, int]:
-    """(rows per merge thread block, slices per merge step): as many slices a step as
-    ``MERGE_ELEMENTS`` allows next to two rows, then as many rows as fit beside them."""
-    if not (FEW_ROWS_MERGE_ALL if rows <= FEW_ROWS else MERGE_ALL_ROWS):
+    """(rows per merge thread block, slices per merge step)."""
+    if rows > FEW_ROWS or not FEW_ROWS_MERGE_ALL:
         return MERGE_ROWS, 1
-    step = min(triton.next_power_of_2(parts), max(1, MERGE_ELEMENTS // (2 * dim)))
-    return max(2, min(triton.next_power_of_2(rows), MERGE_ELEMENTS // (step * dim))), step
+    block_m = max(2, triton.next_power_of_2(rows))
+    return block_m, min(triton.next_power_of_2(parts), max(1, MERGE_ELEMENTS // block_m // dim))
 
 
 @torch.library.custom_op("tidar::decode_attention", mutates_args=())
