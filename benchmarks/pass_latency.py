@@ -87,7 +87,13 @@ def attention_context(choice: str):
 INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
             "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
             # programmatic dependent launch: a Triton kernel starts while the one before ends
-            "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True}}
+            "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True},
+            # reductions (the AR step's matmuls) timed both persistent and looped, the faster
+            # kept; the AR step's down projection (1,536 inputs) is looped by default
+            "multi-kernel": {"coordinate_descent_tuning": True, "triton.multi_kernel": 1},
+            # reductions over few outputs split across thread blocks that synchronise
+            "cooperative": {"coordinate_descent_tuning": True,
+                            "triton.cooperative_reductions": True}}
 
 
 def kernel_settings(spec: str) -> dict:
