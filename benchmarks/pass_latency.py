@@ -15,7 +15,9 @@ one process, against the AR step's floors.
         --inductor engine max-autotune
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 272 \
-        --kernel-settings MERGE_LOOP=True engine --rounds 2
+        --kernel-settings FEW_ROWS_MIN_CHUNK=256,FEW_ROWS_MERGE_ALL=False engine --rounds 2
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --ar-only \
+        --inductor engine multi-kernel cooperative --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
