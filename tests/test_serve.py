@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -124,6 +125,21 @@ def test_waiting_requests_of_one_configuration_decode_as_one_batch(decoder):
     assert results[2]["token_ids"] == alone[1][:6]
 
 
+@pytest.mark.parametrize(("window", "batches"), [(1.0, {2: 1}), (0.0, {1: 2})])
+def test_an_idle_server_waits_its_window_for_more_requests(decoder, window, batches):
+    """A request 0.3 s after another joins its batch when the idle thread waits 1 s before
+    starting; with no window the first request is already decoding, and the second waits."""
+    server = Server(decoder, "m", window=window)
+    cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10))
+    ids = decoder.loaded.tokenizer.encode("The sky is")
+    first = server.submit(_Job(ids, cfg, (), None))
+    time.sleep(0.3)
+    second = server.submit(_Job(ids, cfg, (), None))
+    results = [job.done.result(timeout=120) for job in (first, second)]
+    assert results[0]["token_ids"] == results[1]["token_ids"]
+    assert dict(server.batch_sizes) == batches
+
+
 def test_health_and_models(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["block_size"] == 16
@@ -142,7 +158,8 @@ def test_a_taken_port_is_one_line(capsys):
     assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0]
 
 
-def test_a_bad_batch_limit_is_one_line(capsys):
-    code = main(["serve", "--max-batch", "0"])
+@pytest.mark.parametrize("flags", [["--max-batch", "0"], ["--batch-window", "-1"]])
+def test_a_bad_batch_setting_is_one_line(capsys, flags):
+    code = main(["serve", *flags])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--max-batch" in err[0]
+    assert code == 2 and len(err) == 1 and flags[0] in err[0]

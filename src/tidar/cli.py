@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8,
                        help="requests of one configuration decoded together, at most")
+    serve.add_argument("--batch-window", type=float, default=5.0,
+                       help="milliseconds an idle server waits for more requests before it "
+                       "starts a batch (0: start at once)")
 
     from .bench import add_bench_args
 

@@ -11,7 +11,9 @@ fields plus ``tidar`` (passes, tokens per pass, the configuration that ran).
 One thread decodes (the engine's CUDA graphs and inference mode belong to it). Requests that
 arrive while it is busy wait; it then takes the oldest with every waiting request of the same
 configuration, up to ``--max-batch``, and decodes them as one batch: a row gets the same
-tokens in a batch as alone (the engine's batch invariance). Rows do not join a running batch.
+tokens in a batch as alone (the engine's batch invariance). Rows do not join a running batch,
+so before an idle thread starts a batch it waits ``--batch-window`` milliseconds for more
+requests: clients that ask at the same moment share the first batch instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ class Server:
     """The decoding thread and the replies around it."""
 
     def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None,
-                 max_batch: int = 8, start: bool = True):
+                 max_batch: int = 8, window: float = 0.005, start: bool = True):
         self.decoder, self.name, self.tuner, self.max_batch = decoder, name, tuner, max_batch
+        self.window = window  # seconds an idle thread waits for more requests
         self.waiting: deque[_Job] = deque()
         self.wake = threading.Condition()
         self.batch_sizes: Counter[int] = Counter()
@@ -144,6 +147,10 @@ class Server:
             with self.wake:
                 while not self.waiting:
                     self.wake.wait()
+                gather_until = time.monotonic() + self.window
+                while (len(self.waiting) < self.max_batch
+                       and (left := gather_until - time.monotonic()) > 0):
+                    self.wake.wait(left)
                 first = self.waiting.popleft()
                 batch = [first] + [j for j in self.waiting if j.cfg == first.cfg
                                    ][: self.max_batch - 1]
@@ -258,7 +265,8 @@ def build_app(server: Server):
         return {"status": "ok", "model": server.name, "drafter": server.decoder.drafter,
                 "sampler": cfg.sampler, "block_size": cfg.block_size,
                 "proposals": len(cfg.proposals), "device": str(server.decoder.engine.device),
-                "max_batch": server.max_batch, "tuner": server.tuner,
+                "max_batch": server.max_batch, "batch_window_ms": server.window * 1000,
+                "tuner": server.tuner,
                 "batches_by_size": dict(sorted(server.batch_sizes.items()))}
 
     @app.get("/v1/models")
@@ -288,6 +296,8 @@ def run_serve(args) -> int:
 
     if not 1 <= args.max_batch <= 1024:
         raise TidarError(f"--max-batch must lie in 1 .. 1024, got {args.max_batch}")
+    if not 0 <= args.batch_window <= 1000:
+        raise TidarError(f"--batch-window must lie in 0 .. 1000 ms, got {args.batch_window}")
 
     from .generate import load_decoder
 
@@ -302,6 +312,7 @@ def run_serve(args) -> int:
     if tuner is not None:
         print(f"tuner: {tuner_summary(tuner)}", flush=True)
     name = args.model or "smollm2-135m-instruct"
-    server = Server(decoder, name, tuner, max_batch=args.max_batch)
+    server = Server(decoder, name, tuner, max_batch=args.max_batch,
+                    window=args.batch_window / 1000)
     uvicorn.run(build_app(server), host=args.host, port=args.port)
     return 0
