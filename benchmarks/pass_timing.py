@@ -124,6 +124,7 @@ def time_rows(engine: Engine, chat: list, args) -> list[dict]:
                 times = per_pass_after_prefill(engine, cfg, args.context)
                 row["per_pass_after_prefill_ms"] = [round(1e3 * t, 4) for t in times]
             rows.append(row)
+            write_json("pass_timing.json", {"rows": rows})  # so far: a later row may time out
             print(f"batch {batch} q {q}: single {row['single_ms']:.3f} ms, time_pass "
                   f"{row['time_pass_ms']:.3f} ms, decode {row['decode_ms']:.3f} ms/pass "
                   f"({row['decode_replays']} replays)", flush=True)

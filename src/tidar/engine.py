@@ -150,6 +150,7 @@ class _Runner:
     state: _State | None = None
     step: Callable[[], None] | None = None
     live_copies: Tensor | None = None  # [2, rows] on the host: liveness after recent passes
+    live_events: list | None = None  # CUDA: when each of those copies has landed
 
 
 CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths share graphs
@@ -267,11 +268,11 @@ class Engine:
         a pass queued and at most one pass runs after the rows finished (a look every
         ``sync_every`` passes alone ran up to ``sync_every - 1``)."""
         if runner.live_copies is None:
+            cuda = self.device.type == "cuda"
             runner.live_copies = torch.zeros(2, st.active.shape[0], dtype=torch.bool,
-                                             pin_memory=self.device.type == "cuda")
-        copies = runner.live_copies
-        events = ([torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda"
-                  else None)
+                                             pin_memory=cuda)
+            runner.live_events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        copies, events = runner.live_copies, runner.live_events
         for i in range(passes):
             slot = i % 2
             if i >= 2:

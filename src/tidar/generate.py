@@ -177,9 +177,14 @@ class Decoder:
     loaded: Any
     engine: Engine
     cfg: DecodeConfig
-    drafter: str  # its path, or what stands in for it
-    drafter_path: Path | None
+    drafter_path: Path | None  # None: the untrained drafter
     reach: list[float]  # the drafter's acceptance profile for the tuner
+
+    @property
+    def drafter(self) -> str:
+        """The drafter in words: its path, or what stands in for it."""
+        return "untrained (mean embedding)" if self.drafter_path is None else str(
+            self.drafter_path)
 
     def tune(self, args) -> dict | None:
         """The tuner's pick replaces ``cfg`` when the flags leave the proposals to it;
@@ -210,21 +215,26 @@ def load_decoder(args) -> Decoder:
     if drafter_path is None and loaded.is_default:
         drafter_path = shipped_drafter("smollm2-135m-instruct")
     block_size = DEFAULT_BLOCK_SIZE
-    drafter = "untrained (mean embedding)"
     reach: list[float] = []  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:
         info = apply_drafter(loaded.model, drafter_path, loaded.fingerprint)
-        block_size, drafter = info.block_size, str(drafter_path)
+        block_size = info.block_size
         reach = (info.extra or {}).get("acceptance_by_position", [])
     cfg = decode_config(args, block_size)
     engine = Engine(loaded.model, stop_ids(loaded), compile=args.compile)
-    return Decoder(loaded, engine, cfg, drafter, drafter_path and Path(drafter_path), reach)
+    return Decoder(loaded, engine, cfg, drafter_path and Path(drafter_path), reach)
+
+
+def nonempty_stops(stops, label: str) -> tuple[str, ...]:
+    """Stop strings, none of them empty (an empty one would stop before any text)."""
+    stops = tuple(stops)
+    if any(not s for s in stops):
+        raise TidarError(f"{label} must not be empty")
+    return stops
 
 
 def run_generate(args) -> int:
-    stops = tuple(args.stop)
-    if any(not s for s in stops):
-        raise TidarError("--stop strings must not be empty")
+    stops = nonempty_stops(args.stop, "--stop strings")
     decoder = load_decoder(args)
     loaded, engine = decoder.loaded, decoder.engine
     prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.raw)

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import DecodeConfig
 from .errors import TidarError
-from .generate import Decoder, TextStream, run_rows, tuner_summary
+from .generate import Decoder, TextStream, nonempty_stops, run_rows, tuner_summary
 from .sampling import SamplingParams
 
 
@@ -103,10 +103,8 @@ def request_config(base: DecodeConfig, req: _Request) -> DecodeConfig:
 
 
 def stop_strings(req: _Request) -> tuple[str, ...]:
-    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if any(not s for s in stops):
-        raise TidarError("stop strings must not be empty")
-    return stops
+    return nonempty_stops((req.stop,) if isinstance(req.stop, str) else req.stop or (),
+                          "stop strings")
 
 
 @dataclass
