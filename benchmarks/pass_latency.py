@@ -16,15 +16,16 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 272 \
         --kernel-settings FEW_ROWS_MIN_CHUNK=256,FEW_ROWS_MERGE_ALL=False engine --rounds 2
-    python benchmarks/pass_latency.py --batch 1 --compiled-only --ar-only \
-        --inductor engine multi-kernel cooperative --rounds 2
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 \
+        --kernel-settings MAX_ROWS=0 engine --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
 ``--inductor`` compiles under other inductor settings; ``--kernel-settings`` sets
-constants of the Triton decode attention (``tidar.decode_attention``). ``--rounds 2``
-compiles and times every variant twice, in turn: how far the same graphs time apart by
-their place in the process (session 12 saw 3-7% for the AR step). ``--compile-scope
+constants of the Triton decode kernels (``tidar.decode_attention``,
+``tidar.decode_matvec``). ``--rounds 2`` compiles and times every variant twice, in turn:
+how far the same graphs time apart by their place in the process (session 12 saw 3-7% for
+the AR step). ``--compile-scope
 blocks`` compiles the blocks alone, as the engine did before it compiled the whole pass
 with static shapes.
 ``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
@@ -89,18 +90,13 @@ def attention_context(choice: str):
 INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
             "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
             # programmatic dependent launch: a Triton kernel starts while the one before ends
-            "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True},
-            # reductions (the AR step's matmuls) timed both persistent and looped, the faster
-            # kept; the AR step's down projection (1,536 inputs) is looped by default
-            "multi-kernel": {"coordinate_descent_tuning": True, "triton.multi_kernel": 1},
-            # reductions over few outputs split across thread blocks that synchronise
-            "cooperative": {"coordinate_descent_tuning": True,
-                            "triton.cooperative_reductions": True}}
+            "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True}}
 
 
 def kernel_settings(spec: str) -> dict:
-    """``engine`` (the kernel's own settings) or ``NAME=VALUE,...`` for module constants of
-    ``tidar.decode_attention``, e.g. ``MIN_CHUNK=128,BLOCK_N=128``."""
+    """``engine`` (the kernels' own settings) or ``NAME=VALUE,...`` for module constants of
+    ``tidar.decode_attention`` or ``tidar.decode_matvec`` (the first that has the name), e.g.
+    ``MIN_CHUNK=128,BLOCK_N=128`` or ``MAX_ROWS=0`` (no fused matvecs)."""
     if spec == "engine":
         return {}
     pairs = (item.split("=", 1) for item in spec.split(","))
@@ -111,15 +107,17 @@ def kernel_settings(spec: str) -> dict:
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
                     short: str, kernel: str):
     import tidar.decode_attention
+    import tidar.decode_matvec
     import tidar.engine
     import tidar.model
 
     stack = contextlib.ExitStack()
     stack.enter_context(attention_context(attention))
     for name, value in kernel_settings(kernel).items():
-        stack.callback(setattr, tidar.decode_attention, name,
-                       getattr(tidar.decode_attention, name))
-        setattr(tidar.decode_attention, name, value)
+        module = tidar.decode_attention if hasattr(tidar.decode_attention, name) \
+            else tidar.decode_matvec
+        stack.callback(setattr, module, name, getattr(module, name))
+        setattr(module, name, value)
     if scope == "blocks":  # as compiled before: blocks only, dynamo's automatic dynamic shapes
         own_compile = tidar.engine.compile_static
         tidar.engine.compile_static = lambda fn: (
@@ -208,7 +206,7 @@ def main() -> None:
                     help="old: AR caches with a scratch slot, one key slice merged by a "
                     "second kernel (the engine before), per variant")
     ap.add_argument("--kernel-settings", nargs="+", default=["engine"],
-                    help="settings of the Triton decode attention per variant: engine, or "
+                    help="settings of the Triton decode kernels per variant: engine, or "
                     "NAME=VALUE,... (see kernel_settings)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="compile and time the variants this many times, in turn")

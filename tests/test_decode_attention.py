@@ -59,11 +59,16 @@ def test_strided_inputs_and_a_broadcast_mask():
 
 
 @pytest.mark.parametrize(("batch", "kv_heads", "rows", "slots"), [
-    (1, 3, 3, 1536), (1, 3, 816, 1536), (64, 3, 51, 1536), (64, 3, 816, 1536), (4, 8, 8, 100)])
+    (1, 3, 3, 1536), (1, 3, 816, 1536), (64, 3, 51, 1536), (64, 3, 816, 1536), (4, 8, 8, 100),
+    (1, 3, 3, 4352), (4, 3, 3, 8448)])
 def test_plan_fills_the_gpu_with_whole_steps(batch, kv_heads, rows, slots):
     module = decode_attention_module
     block_m, chunk = module.plan(batch, kv_heads, rows, slots)
-    shortest = module.FEW_ROWS_MIN_CHUNK if rows <= module.FEW_ROWS else module.MIN_CHUNK
+    shortest = module.MIN_CHUNK
+    if rows <= module.FEW_ROWS:  # one row tile: short slices, but not too many of them
+        assert -(-slots // chunk) <= module.FEW_ROWS_MAX_SLICES
+        shortest = max(module.FEW_ROWS_MIN_CHUNK,
+                       module.BLOCK_N * -(-slots // (module.BLOCK_N * module.FEW_ROWS_MAX_SLICES)))
     assert block_m >= min(rows, 16) and chunk % module.BLOCK_N == 0
     assert min(slots, shortest) <= chunk < slots + module.BLOCK_N
     programs = batch * kv_heads * -(-rows // block_m) * -(-slots // chunk)

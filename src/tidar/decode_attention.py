@@ -28,6 +28,9 @@ MIN_CHUNK = 256  # the shortest key slice plan() makes for rows of several tiles
 # merged all at once, pay there (benchmarks/attention_kernels.py --triton-sweep slices).
 FEW_ROWS = 16  # the smallest row tile (tl.dot needs 16)
 FEW_ROWS_MIN_CHUNK = 64
+# ... but not more slices than this: past it the merge costs more than the slices gain (H200,
+# 4-8k keys: 22-44 slices a row tile timed best at batch 1 and 4)
+FEW_ROWS_MAX_SLICES = 32
 FEW_ROWS_MERGE_ALL = True  # False: one slice a merge step, as for many rows
 MERGE_ROWS = 16  # rows per merge thread block for many rows: no matmul, so small tiles
 MERGE_ELEMENTS = 8192  # partial outputs a merge step may hold (its slices x rows x dim)
@@ -141,11 +144,14 @@ def supported(q: Tensor) -> bool:
 
 def plan(batch: int, kv_heads: int, rows: int, slots: int) -> tuple[int, int]:
     """(rows per tile, keys per slice). Slices halve while the grid has fewer than
-    ``TARGET_PROGRAMS`` thread blocks, down to ``MIN_CHUNK`` keys (``FEW_ROWS_MIN_CHUNK``
-    for one tile of rows): on the H100/H200 more, shorter slices for many rows cost more in
-    the merge than they gain in parallelism (``benchmarks/attention_kernels.py``)."""
+    ``TARGET_PROGRAMS`` thread blocks, down to ``MIN_CHUNK`` keys (for one tile of rows
+    ``FEW_ROWS_MIN_CHUNK``, or as many keys as ``FEW_ROWS_MAX_SLICES`` slices leave): on the
+    H100/H200 more, shorter slices cost more in the merge than they gain in parallelism
+    (``benchmarks/attention_kernels.py``)."""
     block_m = FEW_ROWS if rows <= FEW_ROWS else 32 if rows <= 32 else 64
-    shortest = FEW_ROWS_MIN_CHUNK if rows <= FEW_ROWS else MIN_CHUNK
+    shortest = MIN_CHUNK
+    if rows <= FEW_ROWS:
+        shortest = max(FEW_ROWS_MIN_CHUNK, BLOCK_N * -(-slots // (FEW_ROWS_MAX_SLICES * BLOCK_N)))
     programs = batch * kv_heads * -(-rows // block_m)
     chunk = BLOCK_N * -(-slots // BLOCK_N)
     while chunk > shortest and programs * -(-slots // chunk) < TARGET_PROGRAMS:

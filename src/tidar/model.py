@@ -24,6 +24,10 @@ try:
     from .decode_attention import supported as triton_supports
 except ImportError:  # no Triton (CPU builds of torch): SDPA everywhere
     decode_attention = None
+try:
+    from . import decode_matvec
+except ImportError:  # no Triton: plain projections everywhere
+    decode_matvec = None
 
 KV_SLOT_MULTIPLE = 256  # CUDA caches come in whole slices of this many slots
 DECODE_LINEAR_MAX_ELEMENTS = 1 << 24  # largest weight group decoding runs as one DecodeLinear
@@ -141,6 +145,36 @@ class DecodeLinear(nn.Module):
             self.weight, self.bias = weight, bias
 
 
+def matvec_weights(group: DecodeLinear, plain: nn.Module | None,
+                   x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    """The weight and bias of a fused matvec over ``x`` ``[B, T, K]`` while decoding with few
+    rows on CUDA (``decode_matvec.supported``): the group's base half (the AR step has no mask
+    rows) or the ``plain`` ``nn.Linear``'s. None where the plain layers must run."""
+    if decode_matvec is None or not group.gate.decoding:
+        return None
+    if group.active():
+        if group.stacked and group.gate.start < x.shape[-2]:
+            return None
+        out = sum(group.sizes)
+        weight, bias = group.weight[:out], None if group.bias is None else group.bias[:out]
+    elif type(plain) is nn.Linear:
+        weight, bias = plain.weight, plain.bias
+    else:
+        return None
+    return (weight, bias) if decode_matvec.supported(x.flatten(0, -2), weight) else None
+
+
+def matvec(x: Tensor, weights: tuple[Tensor, Tensor | None], norm: RMSNorm | None = None,
+           residual: Tensor | None = None, swiglu: bool = False) -> Tensor:
+    """``decode_matvec`` over ``x`` ``[B, T, K]``: the norm before, SwiGLU and residual after."""
+    weight, bias = weights
+    out = decode_matvec.decode_matvec(
+        x.flatten(0, -2), weight, None if norm is None else norm.weight, bias,
+        None if residual is None else residual.flatten(0, -2), swiglu,
+        0.0 if norm is None else norm.eps)
+    return out.view(*x.shape[:-1], -1)
+
+
 def decodable(layers: list[nn.Module]) -> bool:
     """Whether decoding runs these layers as one ``DecodeLinear``: plain (or row-adapted)
     linear layers with something to fuse or stack, small enough to be launch-bound at decode
@@ -247,6 +281,15 @@ class Attention(nn.Module):
     def decode_groups(self) -> list[tuple[DecodeLinear, list[nn.Module]]]:
         return [(self.qkv, [self.q_proj, self.k_proj, self.v_proj]), (self.out, [self.o_proj])]
 
+    def residual_step(self, x, norm, cos, sin, masks, kv, slots) -> Tensor | None:
+        """``x + self(norm(x), ...)`` with the norm fused into the q/k/v matvec and the
+        residual into the output's (the AR step on CUDA); None where that does not apply."""
+        qkv, out = matvec_weights(self.qkv, None, x), matvec_weights(self.out, self.o_proj, x)
+        if qkv is None or out is None:
+            return None
+        q, k, v = matvec(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
+        return matvec(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
+
     def forward(self, x, cos, sin, masks, kv: tuple[Tensor, Tensor] | None, slots) -> Tensor:
         """``kv``: this layer's cache buffers (written at ``slots``), or None: no cache."""
         if self.qkv.active():
@@ -336,6 +379,15 @@ class MLP(nn.Module):
     def decode_groups(self) -> list[tuple[DecodeLinear, list[nn.Module]]]:
         return [(self.gate_up, [self.gate_proj, self.up_proj]), (self.down, [self.down_proj])]
 
+    def residual_step(self, x: Tensor, norm: RMSNorm) -> Tensor | None:
+        """``x + self(norm(x))`` as two fused matvecs (the AR step on CUDA); None where that
+        does not apply."""
+        gate_up = matvec_weights(self.gate_up, None, x)
+        down = matvec_weights(self.down, self.down_proj, x)
+        if gate_up is None or down is None:
+            return None
+        return matvec(matvec(x, gate_up, norm=norm, swiglu=True), down, residual=x)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up.active():
             gate, up = self.gate_up(x)
@@ -411,6 +463,10 @@ class MoE(nn.Module):
             weight = weight / weight.sum(-1, keepdim=True)
         return expert, weight.to(x.dtype)
 
+    def residual_step(self, x: Tensor, norm: RMSNorm) -> None:
+        """Experts always run as they are (``MLP.residual_step`` fuses dense layers)."""
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -432,8 +488,12 @@ class Block(nn.Module):
                     else MLP(cfg.dim, cfg.intermediate_size, gate, cfg.mlp_bias))
 
     def forward(self, x, cos, sin, masks, kv, slots) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, kv, slots)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        after = self.self_attn.residual_step(x, self.input_layernorm, cos, sin, masks, kv, slots)
+        if after is None:
+            after = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, kv, slots)
+        x = after
+        after = self.mlp.residual_step(x, self.post_attention_layernorm)
+        return x + self.mlp(self.post_attention_layernorm(x)) if after is None else after
 
 
 class BlockInputs(NamedTuple):

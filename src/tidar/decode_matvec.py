@@ -1,0 +1,111 @@
+"""Matrix-vector products for the AR step: a Triton kernel with the RMSNorm before it, the
+SwiGLU after it and the residual add fused in (GPU only).
+
+With one row per sequence every projection of a block is a matrix-vector product, bound by
+latency, not bandwidth: on the H200 inductor's fused reductions took 2.0-6.3 us for weights
+that take 0.1-0.7 us to read (``benchmarks/gemv_kernels.py``, docs/results.md section 2).
+Here each thread block loads its whole weight tile, ``BLOCK_N`` outputs by every input, in
+one go before any arithmetic, then normalises the input itself: the norm's reduction costs
+no kernel of its own and does not hold up the weight loads. Importing this module needs
+Triton; the CPU keeps the plain layers, and the tests run the kernel in Triton's
+interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_ROWS = 4  # rows (sequences) at most: each thread block reuses its tile for every row
+MAX_INPUTS = 8192  # the whole input row is one register tile
+FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps instead of 4
+DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
+
+
+@triton.jit
+def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, stride_res,
+                   stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Outputs ``n`` of this program for every row: ``W @ f(x) (+ bias)`` with f the RMSNorm
+    (``NORM``) or nothing; with ``SWIGLU`` the weight is gate rows then up rows and the output
+    is ``silu(gate) * up``; with ``RESIDUAL`` ``Res`` is added."""
+    k = tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    tile_ok = n_ok[:, None] & k_ok[None, :]
+    w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=tile_ok, other=0.0)
+    if SWIGLU:
+        w_up = tl.load(W + (n[:, None] + N) * stride_w + k[None, :], mask=tile_ok, other=0.0)
+    if NORM:
+        norm_w = tl.load(NormW + k, mask=k_ok, other=0.0)
+    if BIAS:
+        bias = tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            bias_up = tl.load(Bias + N + n, mask=n_ok, other=0.0).to(tl.float32)
+    for row in tl.static_range(ROWS):
+        x = tl.load(X + row * stride_x + k, mask=k_ok, other=0.0)
+        if NORM:  # as model.RMSNorm: normalise in float32, round, scale in the input dtype
+            xf = x.to(tl.float32)
+            x = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)).to(x.dtype)
+            x = norm_w.to(x.dtype) * x
+        x = x.to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+        if BIAS:
+            acc += bias
+        if SWIGLU:
+            up = tl.sum(w_up.to(tl.float32) * x[None, :], 1)
+            if BIAS:
+                up += bias_up
+            acc = acc * tl.sigmoid(acc) * up
+        if RESIDUAL:
+            acc += tl.load(Res + row * stride_res + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Out + row * stride_out + n, acc.to(Out.dtype.element_ty), mask=n_ok)
+
+
+def supported(x: Tensor, weight: Tensor) -> bool:
+    """Rows of ``x`` ``[rows, K]`` the kernel takes: a few, on CUDA, with no gradient, the
+    input row small enough for one register tile."""
+    return (x.device.type in DEVICES and 0 < x.shape[0] <= MAX_ROWS and not x.requires_grad
+            and x.shape[-1] <= MAX_INPUTS and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def plan(outputs: int, inputs: int) -> tuple[int, int]:
+    """(outputs per thread block, warps), from the H200 sweep of ``gemv_kernels.py``: 4
+    outputs a block (2 past 1,024 inputs), 8 warps when there are few blocks."""
+    block_n = 4 if inputs <= 1024 else 2
+    return block_n, 8 if triton.cdiv(outputs, block_n) <= FEW_PROGRAMS else 4
+
+
+@torch.library.custom_op("tidar::decode_matvec", mutates_args=())
+def decode_matvec(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: Tensor | None,
+                  residual: Tensor | None, swiglu: bool, eps: float) -> Tensor:
+    """``x`` ``[rows, K]`` times ``weight`` ``[N, K]`` (``[2N, K]``, gate rows then up rows,
+    with ``swiglu``), after an RMSNorm with ``norm_weight`` if given, plus ``bias`` and
+    ``residual`` ``[rows, N]`` if given. An opaque custom op, as ``decode_attention``: the
+    compiled pass calls it as one external kernel."""
+    rows, inputs = x.shape
+    outputs = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    residual = None if residual is None else (
+        residual if residual.stride(-1) == 1 else residual.contiguous())
+    out = x.new_empty(rows, outputs)
+    block_n, warps = plan(outputs, inputs)
+    _matvec_kernel[(triton.cdiv(outputs, block_n),)](
+        x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
+        x if residual is None else residual, out, inputs, outputs, eps, x.stride(0),
+        weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(inputs),
+        NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
+        RESIDUAL=residual is not None, num_warps=warps)
+    return out
+
+
+@decode_matvec.register_fake
+def _(x, weight, norm_weight, bias, residual, swiglu, eps):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])

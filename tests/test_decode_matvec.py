@@ -1,0 +1,126 @@
+"""The fused matvec of the AR step (``tidar.decode_matvec``), run in Triton's CPU interpreter
+(``conftest.py``): against the plain expressions it replaces, and inside the model, where
+decoding with it must give the plain layers' logits and tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_model, with_row_lora
+
+decode_matvec = pytest.importorskip("tidar.decode_matvec")
+from tidar.engine import DecodeConfig, Engine  # noqa: E402
+from tidar.layouts import decode_layout  # noqa: E402
+from tidar.model import KVCache, RMSNorm  # noqa: E402
+from tidar.sampling import SamplingParams  # noqa: E402
+
+
+def plain(x, weight, norm, bias, residual, swiglu):
+    h = x if norm is None else norm(x)
+    y = F.linear(h, weight, bias)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("inputs", "outputs"), [(48, 10), (1100, 7)])  # 4 and 2 outputs a block
+@pytest.mark.parametrize(("use_norm", "use_bias", "swiglu", "use_residual"), [
+    (True, False, False, False),   # q/k/v
+    (True, True, False, False),    # q/k/v with biases (qwen2)
+    (True, False, True, False),    # gate/up and SwiGLU
+    (True, True, True, False),
+    (False, False, False, True),   # o and down, residual added
+    (False, True, False, True),
+])
+def test_matches_the_plain_expressions(dtype, rows, inputs, outputs, use_norm, use_bias,
+                                       swiglu, use_residual):
+    gen = torch.Generator().manual_seed(rows * 100 + inputs + outputs)
+    width = 2 * outputs if swiglu else outputs
+    x = torch.randn(rows, inputs, generator=gen).to(dtype)
+    weight = (torch.randn(width, inputs, generator=gen) / inputs**0.5).to(dtype)
+    norm = None
+    if use_norm:
+        norm = RMSNorm(inputs, 1e-5).to(dtype)
+        norm.weight.data = (torch.rand(inputs, generator=gen) + 0.5).to(dtype)
+    bias = torch.randn(width, generator=gen).to(dtype) if use_bias else None
+    residual = torch.randn(rows, outputs, generator=gen).to(dtype) if use_residual else None
+    got = decode_matvec.decode_matvec(x, weight, None if norm is None else norm.weight, bias,
+                                      residual, swiglu, 1e-5)
+    expected = plain(x.float(), weight.float(), None if norm is None else norm.float(),
+                     None if bias is None else bias.float(),
+                     None if residual is None else residual.float(), swiglu)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and got.shape == (rows, outputs)
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    """Let the model take the fused path on the CPU (the interpreter), counting its calls."""
+    calls = []
+    op = decode_matvec.decode_matvec
+    monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
+    monkeypatch.setattr(decode_matvec, "decode_matvec",
+                        lambda *args: calls.append(args[0].shape[0]) or op(*args))
+    return calls
+
+
+def ar_step_logits(model):
+    """Logits of an AR step (one token per row, no proposals) over random caches."""
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(model.cfg, 2, 16, 8, torch.float32, "cpu")
+    for buffer in cache.k + cache.v:
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    layout = decode_layout(torch.tensor([3, 5]), torch.tensor([[2], [6]]), [], 1, 16,
+                           model.cfg.mask_id)
+    with torch.inference_mode(), model.decode_weights():
+        return model(layout, cache)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmoe"])
+def test_the_ar_step_with_fused_matvecs_gives_the_plain_logits(family, fused_on_cpu,
+                                                               monkeypatch):
+    """Biases (qwen2), q/k norms (qwen3), experts (olmoe: attention fused, experts plain), and
+    mask-row adapters, whose stacked weights' base half the AR step reads."""
+    for adapters in (False, True):
+        model = tiny_model(family, vocab=8, seed=3)
+        model = with_row_lora(model) if adapters else model
+        with monkeypatch.context() as plain_only:
+            plain_only.setattr(decode_matvec, "DEVICES", ())
+            expected = ar_step_logits(model)
+        fused_on_cpu.clear()
+        torch.testing.assert_close(ar_step_logits(model), expected, atol=1e-5, rtol=1e-5)
+        dense = family != "olmoe"
+        assert len(fused_on_cpu) == model.cfg.n_layers * (4 if dense else 2)
+        assert set(fused_on_cpu) == {2}
+
+
+def test_many_rows_and_mask_rows_keep_the_plain_layers(fused_on_cpu):
+    """Past ``MAX_ROWS`` rows, and in a drafting pass (mask rows need the adapted half)."""
+    model = with_row_lora(tiny_model("llama", vocab=8, seed=4))
+    layout = decode_layout(torch.tensor([3, 5]), torch.randint(0, 8, (2, 4)), [0, 1], 4, 16,
+                           model.cfg.mask_id)
+    with torch.inference_mode(), model.decode_weights():
+        model(layout, KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu"))
+    assert not fused_on_cpu
+
+
+def test_decoding_with_fused_matvecs_gives_the_same_tokens(fused_on_cpu, monkeypatch):
+    """Greedy and sampled `ar` decode the same tokens with its steps fused (drafting passes
+    have too many rows for it)."""
+    model = with_row_lora(tiny_model("llama", vocab=16, seed=5))
+    prompts = [torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 3)]
+    for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9)):
+        cfg = DecodeConfig(sampler="ar", max_new_tokens=10, sampling=sampling)
+        fused_on_cpu.clear()
+        got, _ = Engine(model).generate(prompts, cfg)
+        assert len(fused_on_cpu) == 9 * 4 * model.cfg.n_layers  # every step after the prefill
+        with monkeypatch.context() as plain_only:
+            plain_only.setattr(decode_matvec, "DEVICES", ())
+            expected, _ = Engine(model).generate(prompts, cfg)
+        assert got == expected
