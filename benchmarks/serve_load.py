@@ -103,13 +103,16 @@ def main() -> None:
     for clients in args.clients:
         asyncio.run(load(url, clients, prompts, 8))  # warm-up: graphs of these batch sizes
         server.batch_sizes.clear()
+        joined = server.joined
         run = asyncio.run(load(url, clients, prompts, args.max_tokens))
         run["batches_by_size"] = dict(sorted(server.batch_sizes.items()))
+        run["joined_running_batches"] = server.joined - joined
         report["runs"].append(run)
         write_json("serve_load.json", report)
         print(f"{clients} clients: {run['tokens_per_second']:.1f} tokens/s, first text "
               f"{run['first_text_s']['median']:.3f} s, reply {run['reply_s']['median']:.3f} s "
-              f"(medians), batches {run['batches_by_size']}", flush=True)
+              f"(medians), batches {run['batches_by_size']}, "
+              f"{run['joined_running_batches']} joined running ones", flush=True)
     web.should_exit = True
 
 

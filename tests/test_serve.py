@@ -125,11 +125,10 @@ def test_waiting_requests_of_one_configuration_decode_as_one_batch(decoder):
     assert results[2]["token_ids"] == alone[1][:6]
 
 
-@pytest.mark.parametrize(("window", "batches"), [(1.0, {2: 1}), (0.0, {1: 2})])
-def test_an_idle_server_waits_its_window_for_more_requests(decoder, window, batches):
-    """A request 0.3 s after another joins its batch when the idle thread waits 1 s before
-    starting; with no window the first request is already decoding, and the second waits."""
-    server = Server(decoder, "m", window=window)
+def test_an_idle_server_waits_its_window_for_more_requests(decoder):
+    """A request 0.3 s after another starts in its batch when the idle thread waits 1 s
+    before starting."""
+    server = Server(decoder, "m", window=1.0)
     cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10))
     ids = decoder.loaded.tokenizer.encode("The sky is")
     first = server.submit(_Job(ids, cfg, (), None))
@@ -137,7 +136,61 @@ def test_an_idle_server_waits_its_window_for_more_requests(decoder, window, batc
     second = server.submit(_Job(ids, cfg, (), None))
     results = [job.done.result(timeout=120) for job in (first, second)]
     assert results[0]["token_ids"] == results[1]["token_ids"]
-    assert dict(server.batch_sizes) == batches
+    assert dict(server.batch_sizes) == {2: 1} and server.joined == 0
+
+
+class SubmitOnFirstText:
+    """A streamed reply's queue that, when the first text arrives, submits the jobs
+    ``make(cfg)`` gives to ``server``: they surely come while the batch runs."""
+
+    def __init__(self, make):
+        self.make, self.jobs, self.server, self.cfg = make, None, None, None
+
+    def put(self, delta) -> None:
+        if self.jobs is None:
+            self.jobs = [self.server.submit(job) for job in self.make(self.cfg)]
+
+
+def two_row_batch(decoder, later: SubmitOnFirstText):
+    """A server decoding a batch of two `ar` requests: one of 10 tokens, and one that its
+    stop string ends at its first word, whose first text calls ``later``."""
+    server = Server(decoder, "m", window=0.0, start=False)
+    cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10, sampler="ar"))
+    tokenizer = decoder.loaded.tokenizer
+    ids = tokenizer.encode("The sky is")
+    first_word = tokenizer.decode(decoder.engine.generate([ids], cfg)[0][0]).split()[0]
+    jobs = [server.submit(_Job(tokenizer.encode("def add(a, b):"), cfg, (), None)),
+            server.submit(_Job(ids, cfg, (first_word,), later))]
+    later.server, later.cfg = server, cfg
+    server.thread.start()
+    return server, cfg, jobs
+
+
+def test_a_request_joins_a_running_batch(decoder):
+    """A request that comes while a batch decodes joins it in the row a stop string freed,
+    while the other row still decodes, and gets what it gets alone."""
+    ids = decoder.loaded.tokenizer.encode("1, 2, 3,")
+    later = SubmitOnFirstText(lambda cfg: [_Job(ids, cfg, (), None)])
+    server, cfg, jobs = two_row_batch(decoder, later)
+    for job in jobs:
+        job.done.result(timeout=120)
+    result = later.jobs[0].done.result(timeout=120)
+    assert result["token_ids"] == decoder.engine.generate([ids], cfg)[0][0]
+    assert dict(server.batch_sizes) == {2: 1} and server.joined == 1
+
+
+def test_no_request_joins_past_an_older_one_of_another_configuration(decoder):
+    """The oldest waiting request cannot join (another configuration): the running batch
+    takes no later one either, so the oldest is not starved; each then runs in turn."""
+    ids = decoder.loaded.tokenizer.encode("1, 2, 3,")
+    other = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=4))
+    later = SubmitOnFirstText(lambda cfg: [_Job(ids, other, (), None), _Job(ids, cfg, (), None)])
+    server, cfg, jobs = two_row_batch(decoder, later)
+    for job in jobs:
+        job.done.result(timeout=120)
+    for job in later.jobs:
+        job.done.result(timeout=120)
+    assert dict(server.batch_sizes) == {2: 1, 1: 2} and server.joined == 0
 
 
 def test_health_and_models(client):

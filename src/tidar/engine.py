@@ -207,7 +207,7 @@ class Engine:
 
     def stream(
         self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None,
-        sync_every: int | None = None,
+        sync_every: int | None = None, more: Callable[[int], list[int] | None] | None = None,
     ) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(row, tokens)`` as tokens are committed; stats end up in ``last_stats``.
 
@@ -215,6 +215,14 @@ class Engine:
         ``cfg.seed``) and its pass count, so a row gets the same tokens in a batch as alone.
         ``sync_every``: passes between looks at the state (default: 8 replays of a CUDA graph,
         where a look stalls the device; else 1, where it costs little).
+
+        ``more(longest)`` (continuous batching): asked at a look while a row of the batch is
+        free (its sequence ended, or an idle filler of the batch-size bucket) and another
+        still decodes, for another prompt of at most ``longest`` tokens, or None. A prompt it
+        gives is prefilled alone into the free row and decodes with the rest (seed
+        ``cfg.seed``); its tokens come as row ``len(prompts) + k`` for the k-th prompt
+        ``more`` gave. Once no row decodes the stream ends: the caller's next batch may then
+        take a larger batch-size bucket.
         """
         sync_every = sync_every or (8 if self.cuda_graphs else 1)
         cfg = cfg.resolved()
@@ -231,18 +239,46 @@ class Engine:
                                           seeds + seeds[:1] * filler)
             if filler:
                 st.active[batch:] = False
-            shown = [0] * batch
+            # The longest prompt another row may bring: within the cache and the context.
+            b = cfg.block_size
+            longest = min(runner.cache.capacity - b - 1,
+                          self.model.cfg.max_position - 2 * b) - cfg.max_new_tokens
+            # The sequence in each row (None: free) and, per sequence, tokens shown and passes.
+            self._sequence_in = list(range(batch)) + [None] * filler
             self._ended = set()  # rows the caller finished
+            shown, passes = [0] * batch, [0] * batch
             while True:
-                # One copy (one sync) per look: each row's count, liveness and output.
-                host = torch.cat([st.generated[:, None], st.active[:, None], st.out], 1).cpu()
-                generated = host[:batch, 0].tolist()
-                for r in range(batch):
-                    if generated[r] > shown[r]:
-                        yield r, host[r, 2 + shown[r] : 2 + generated[r]].tolist()
-                        shown[r] = generated[r]
-                live = host[:, 1].bool()
+                # One copy (one sync) per look: each row's count, passes, liveness and output.
+                host = torch.cat([st.generated[:, None], st.passes[:, None],
+                                  st.active[:, None], st.out], 1).cpu()
+                live = host[:, 2].bool()
                 live[list(self._ended)] = False
+                for r, seq in enumerate(self._sequence_in):
+                    if seq is None:
+                        continue
+                    generated = int(host[r, 0])
+                    if generated > shown[seq]:
+                        yield seq, host[r, 3 + shown[seq] : 3 + generated].tolist()
+                        shown[seq] = generated
+                    passes[seq] = int(host[r, 1])
+                    if not live[r]:
+                        self._sequence_in[r] = None
+                for r in range(rows if more is not None and bool(live.any()) else 0):
+                    if self._sequence_in[r] is not None:
+                        continue
+                    prompt = more(longest)
+                    if prompt is None:
+                        break
+                    self.check_prompts([prompt], cfg)
+                    if len(prompt) > longest:
+                        raise TidarError(f"a prompt of {len(prompt)} tokens cannot join this "
+                                         f"batch: it takes at most {longest}")
+                    self._admit(runner, r, prompt, cfg)
+                    self._ended.discard(r)
+                    self._sequence_in[r] = len(shown)
+                    shown.append(0)
+                    passes.append(0)
+                    live[r], host[r, 0] = True, 0
                 if not bool(live.any()):
                     break
                 # A live row emits a token or more a pass: no more passes than its budget left.
@@ -250,15 +286,17 @@ class Engine:
                 self._run_passes(runner, st, min(sync_every, room))
             hist = st.hist.tolist()
             hist[0] = 0
-            self.last_stats = Stats(cfg.block_size, st.passes[:batch].tolist(), generated, hist)
+            self.last_stats = Stats(cfg.block_size, passes, shown, hist)
 
     def finish(self, row: int) -> None:
         """End ``row`` of the running stream, e.g. when its text reached a stop string.
 
         Takes effect at the next pass; the engine sees token ids, the caller decides on text.
         """
-        self._live.active[row] = False
-        self._ended.add(row)
+        if row in self._sequence_in:
+            slot = self._sequence_in.index(row)
+            self._live.active[slot] = False
+            self._ended.add(slot)
 
     # -- internals --------------------------------------------------------------------
     def _run_passes(self, runner: _Runner, st: _State, passes: int) -> None:
@@ -320,6 +358,17 @@ class Engine:
             for kept, new in zip(runner.state.tensors(), fresh.tensors(), strict=True):
                 kept.copy_(new)
         return runner.state
+
+    def _admit(self, runner: _Runner, row: int, prompt: list[int], cfg: DecodeConfig) -> None:
+        """Prefill ``prompt`` alone into ``row`` of the running batch: that row's cache and
+        state, in place (a captured pass reads them); stale keys past the prompt lie beyond
+        its horizon."""
+        st = runner.state
+        cache = runner.cache.rows(row)
+        fresh = self._prefill([prompt], cfg, cache, [cfg.seed], runner.consts)
+        for kept, new in zip(st.tensors(), fresh.tensors(), strict=True):
+            if kept is not st.hist:
+                kept[row] = new[0]
 
     def check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
         """A one-line error for prompts ``cfg`` cannot decode (empty, past the context, ids

@@ -107,15 +107,28 @@ class TextStream:
 
 
 def run_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
-             texts: list[TextStream | None], on_chunk=None) -> list[dict]:
+             texts: list[TextStream | None], on_chunk=None, more=None) -> list[dict]:
     """A batched generation; each row's result. A row whose ``texts`` reached a stop string
     ends at the next pass (the engine finishes it). ``on_chunk(row)`` runs after each chunk of
     a row's tokens, inside the engine's stream: the server streams text there, and may
-    ``engine.finish`` the row."""
+    ``engine.finish`` the row. ``more(longest)``: another prompt (at most ``longest`` tokens)
+    and its text to join the running batch, or None (``Engine.stream``); joined rows' results
+    follow the others', in the order they joined."""
     cfg = cfg.resolved()
     start = time.perf_counter()
     tokens: list[list[int]] = [[] for _ in prompts]
-    for row, new in engine.stream(prompts, cfg):
+    texts, started = list(texts), [start] * len(prompts)
+
+    def join(longest: int) -> list[int] | None:
+        offer = more(longest)
+        if offer is None:
+            return None
+        tokens.append([])
+        texts.append(offer[1])
+        started.append(time.perf_counter())
+        return offer[0]
+
+    for row, new in engine.stream(prompts, cfg, more=None if more is None else join):
         tokens[row].extend(new)
         text = texts[row]
         if text is not None:
@@ -124,12 +137,12 @@ def run_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
                 engine.finish(row)
         if on_chunk is not None:
             on_chunk(row)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     stats = engine.last_stats
     batch = stats.as_dict()
     results = []
     for row, text in enumerate(texts):
-        ids = tokens[row]
+        ids, seconds = tokens[row], end - started[row]
         if text is not None:
             text.close()
             if text.stopped:

@@ -224,6 +224,14 @@ class KVCache:
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.k[index], self.v[index]
 
+    def rows(self, row: int) -> KVCache:
+        """The cache of batch row ``row`` alone: views, written in place."""
+        view = object.__new__(KVCache)
+        view.capacity = self.capacity
+        view.k = [k[row : row + 1] for k in self.k]
+        view.v = [v[row : row + 1] for v in self.v]
+        return view
+
 
 def write_kv(buffers: tuple[Tensor, Tensor], slots: Tensor, k: Tensor, v: Tensor):
     """Store ``k, v`` ``[B, H, T, D]`` at ``slots`` ``[B, T]`` of one layer's cache buffers."""

@@ -8,12 +8,14 @@ request sets ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, and
 ``"sampler": "ar"`` (plain decoding) or another ``beta`` for ``mix``. Replies carry OpenAI's
 fields plus ``tidar`` (passes, tokens per pass, the configuration that ran).
 
-One thread decodes (the engine's CUDA graphs and inference mode belong to it). Requests that
-arrive while it is busy wait; it then takes the oldest with every waiting request of the same
-configuration, up to ``--max-batch``, and decodes them as one batch: a row gets the same
-tokens in a batch as alone (the engine's batch invariance). Rows do not join a running batch,
-so before an idle thread starts a batch it waits ``--batch-window`` milliseconds for more
-requests: clients that ask at the same moment share the first batch instead of waiting for it.
+One thread decodes (the engine's CUDA graphs and inference mode belong to it). An idle
+thread waits ``--batch-window`` milliseconds for more requests, then takes the oldest with
+every waiting request of the same configuration, up to ``--max-batch``, and decodes them as
+one batch: a row gets the same tokens in a batch as alone (the engine's batch invariance). A
+request that arrives while a batch runs joins it in a free row (one whose request ended, or
+an idle row of the batch-size bucket) if it shares the batch's configuration and its prompt
+fits the batch's cache (``Engine.stream(more=...)``). The oldest waiting request goes first:
+while it cannot join, no later one does, and the batch drains.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ class Server:
         self.window = window  # seconds an idle thread waits for more requests
         self.waiting: deque[_Job] = deque()
         self.wake = threading.Condition()
-        self.batch_sizes: Counter[int] = Counter()
+        self.batch_sizes: Counter[int] = Counter()  # batches started, by their first rows
+        self.joined = 0  # requests that joined a running batch
         self.thread = threading.Thread(target=self._work, name="tidar-decode", daemon=True)
         if start:
             self.thread.start()
@@ -157,11 +160,32 @@ class Server:
             self.batch_sizes[len(batch)] += 1
             self._decode(batch)
 
+    def _join(self, cfg: DecodeConfig, longest: int) -> _Job | None:
+        """The oldest waiting job if it can join a running batch of ``cfg`` (the same
+        configuration, a prompt of at most ``longest`` tokens). Only the oldest: one that
+        cannot join lets the batch drain, so the next batch starts with it."""
+        with self.wake:
+            if not self.waiting:
+                return None
+            job = self.waiting[0]
+            if job.cfg != cfg or len(job.prompt_ids) > longest:
+                return None
+            return self.waiting.popleft()
+
     def _decode(self, batch: list[_Job]) -> None:
         """One batch on the decoding thread: each job gets its text as it comes (streaming)
-        and its result."""
+        and its result. Jobs that arrive meanwhile join it in rows that free up."""
         engine, tokenizer = self.decoder.engine, self.decoder.loaded.tokenizer
         texts = [TextStream(tokenizer, job.out, job.stops) for job in batch]
+
+        def more(longest: int):
+            job = self._join(batch[0].cfg, longest)
+            if job is None:
+                return None
+            batch.append(job)
+            texts.append(TextStream(tokenizer, job.out, job.stops))
+            self.joined += 1
+            return job.prompt_ids, texts[-1]
 
         def streamed(row: int) -> None:
             job = batch[row]
@@ -172,7 +196,7 @@ class Server:
 
         try:
             results = run_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg, texts,
-                               streamed)
+                               streamed, more)
         except Exception as exc:
             for job in batch:
                 job.done.set_exception(exc)
@@ -265,7 +289,8 @@ def build_app(server: Server):
                 "proposals": len(cfg.proposals), "device": str(server.decoder.engine.device),
                 "max_batch": server.max_batch, "batch_window_ms": server.window * 1000,
                 "tuner": server.tuner,
-                "batches_by_size": dict(sorted(server.batch_sizes.items()))}
+                "batches_by_size": dict(sorted(server.batch_sizes.items())),
+                "joined_running_batches": server.joined}
 
     @app.get("/v1/models")
     def models():

@@ -1,0 +1,104 @@
+"""Continuous batching (``Engine.stream(more=...)``): prompts that join a running batch in a
+free row decode exactly as they would alone, token for token and pass for pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model, with_row_lora
+
+from tidar.engine import DecodeConfig, Engine
+from tidar.sampling import SamplingParams
+
+CONFIGS = [
+    DecodeConfig(sampler="ar", max_new_tokens=12),
+    DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=12),
+    DecodeConfig(block_size=4, max_new_tokens=12, seed=5,
+                 sampling=SamplingParams(temperature=0.9, top_p=0.9)),
+    DecodeConfig(sampler="mix", beta=0.5, block_size=3, max_new_tokens=12),
+]
+
+
+def prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 16, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return with_row_lora(tiny_model("llama", vocab=16, seed=11))
+
+
+def solo(model, prompt, cfg, stop_ids=()):
+    engine = Engine(model, stop_ids=stop_ids)
+    out, stats = engine.generate([prompt], cfg)
+    return out[0], stats.passes[0]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["ar", "lossless", "sampled", "mix"])
+def test_prompts_that_join_a_running_batch_decode_as_alone(model, cfg):
+    """Three prompts (a batch bucket of four: one idle row) and three that join: at once into
+    the idle row, then into rows that a stop token or the budget freed. The longest prompt
+    ``more`` may give joins too."""
+    # the cache of 256 slots (one capacity bucket) and the 256-token context bound it
+    b = cfg.resolved().block_size
+    longest = min(256 - b - 1, 256 - 2 * b) - cfg.max_new_tokens
+    first, joining = prompts([5, 3, 7], 1), prompts([4, 6, longest], 2)
+    stop = solo(model, first[1], DecodeConfig(sampler="ar", max_new_tokens=12))[0][2]
+    engine = Engine(model, stop_ids=(stop,))
+    waiting, asked = list(joining), []
+
+    def more(limit: int):
+        asked.append(limit)
+        return waiting.pop(0) if waiting else None
+
+    got: dict[int, list[int]] = {}
+    for row, tokens in engine.stream(first, cfg, more=more):
+        got.setdefault(row, []).extend(tokens)
+    everyone = first + joining
+    assert sorted(got) == list(range(len(everyone)))  # each joined as the next row number
+    assert set(asked) == {longest}
+    stats = engine.last_stats
+    for row, prompt in enumerate(everyone):
+        expected, passes = solo(model, prompt, cfg, (stop,))
+        assert got[row] == expected, row
+        assert stats.tokens[row] == len(expected) and stats.passes[row] == passes
+
+
+def test_a_joined_row_can_be_finished_by_its_number(model):
+    cfg = DecodeConfig(block_size=4, max_new_tokens=12)
+    engine = Engine(model)
+    first, waiting = prompts([3, 4, 6], 5), prompts([5], 4)
+    got: dict[int, list[int]] = {}
+    for row, tokens in engine.stream(first, cfg, sync_every=1,
+                                     more=lambda longest: waiting.pop() if waiting else None):
+        got.setdefault(row, []).extend(tokens)
+        if row == 3:
+            engine.finish(3)
+    expected = solo(model, prompts([5], 4)[0], cfg)[0]
+    assert 0 < len(got[3]) < len(expected) and expected[: len(got[3])] == got[3]
+    assert [got[r] for r in range(3)] == [solo(model, p, cfg)[0] for p in first]
+
+
+def test_nothing_joins_once_every_row_has_ended(model):
+    """A batch whose rows have all ended is over: a prompt offered then would run alone in
+    a one-row batch while the rest of the queue waits; the caller starts a new batch."""
+    cfg = DecodeConfig(sampler="ar", max_new_tokens=6)
+    engine = Engine(model)
+    asked = []
+    out, _ = engine.generate(prompts([3], 6), cfg)  # a bucket of one row: never a free row
+    for _ in engine.stream(prompts([3], 6), cfg, more=lambda longest: asked.append(1)):
+        pass
+    assert not asked and engine.last_stats.tokens == [len(out[0])]
+
+
+def test_a_prompt_longer_than_the_batch_takes_is_refused():
+    """``more`` must keep to ``longest``: the row's cache has no room past it."""
+    from tidar.errors import TidarError
+
+    cfg = DecodeConfig(sampler="ar", max_new_tokens=6)
+    engine = Engine(tiny_model("llama", vocab=16, seed=2, max_position=1024))  # cache-bound
+    with pytest.raises(TidarError, match="cannot join this batch"):
+        for _ in engine.stream(prompts([3, 4, 5], 7), cfg,
+                               more=lambda longest: [1] * (longest + 1)):
+            pass
