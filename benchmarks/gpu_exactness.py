@@ -1,6 +1,6 @@
 """Exactness of the CUDA-graphed engine on the GPU, fp32, random weights, every family.
 
-    python benchmarks/gpu_exactness.py [--runs eager|compiled|values|stops]
+    python benchmarks/gpu_exactness.py [--runs eager|compiled|values|stops|joins]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone. Every family runs with eager blocks, two of them (dense and
@@ -10,7 +10,8 @@ which kernel ran). ``--runs values``: sampling temperatures, top-p values and be
 the captured (and compiled) passes read; one engine decoding at several values must draw
 what a fresh engine draws at each. ``--runs stops``: rows that end on a stop token give the
 same tokens whether the host looks after every pass or every 8 (``Engine.stream``), and
-between looks at most one pass runs after the last row ended.
+between looks at most one pass runs after the last row ended. ``--runs joins``: prompts that
+join a running batch (continuous batching) decode as they do alone.
 """
 
 from __future__ import annotations
@@ -107,9 +108,35 @@ def check_stops() -> list[dict]:
     return rows
 
 
+def check_joins() -> list[dict]:
+    """Continuous batching under CUDA graphs, eager and compiled: three prompts that join a
+    running batch (one into its idle row, two into rows a stop token or the budget freed)
+    decode as each does alone, greedy and sampled."""
+    first, joining = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]], [[2, 4], [9, 8, 7, 6], [5] * 20]
+    rows = []
+    for compiled in (False, True):
+        model = random_model("llama", 0)
+        stop = Engine(model).generate([first[1]], DecodeConfig(sampler="ar",
+                                                               max_new_tokens=40))[0][0][3]
+        for cfg in (DecodeConfig(sampler="ar", max_new_tokens=40),
+                    DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=40, seed=3,
+                                 sampling=SamplingParams(temperature=0.8))):
+            engine = Engine(model, stop_ids=(stop,), compile=compiled)
+            waiting, got = iter(joining), {}
+            for row, tokens in engine.stream(first, cfg, more=lambda longest, queue=waiting: (
+                    next(queue, None))):
+                got.setdefault(row, []).extend(tokens)
+            alone = [engine.generate([p], cfg)[0][0] for p in first + joining]
+            rows.append({"compiled": compiled, "sampler": cfg.sampler,
+                         "joined": len(got) - len(first),
+                         "exact": [got.get(r) for r in range(len(alone))] == alone})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", choices=["all", "eager", "compiled", "values", "stops"],
+    ap.add_argument("--runs", choices=["all", "eager", "compiled", "values", "stops", "joins"],
                     default="all",
                     help="eager blocks (every family, 2 seeds), compiled (llama, qwen3_moe), "
                     "or sampling values as data (eager and compiled)")
@@ -123,6 +150,12 @@ def main() -> None:
         runs += [("llama", 0, True), ("qwen3_moe", 0, True)]
     probe = torch.zeros(1, 4, 1, 16, device=DEVICE)
     kernel = dense_attention_kernel(probe, probe)
+    if args.runs == "joins":
+        rows = check_joins()
+        write_json("gpu_exactness_joins.json", {"decode_attention": kernel, "runs": rows})
+        good = sum(r["exact"] and r["joined"] == 3 for r in rows)
+        print(f"{good}/{len(rows)} continuous-batching runs exact, every prompt joined")
+        return
     if args.runs == "stops":
         rows = check_stops()
         write_json("gpu_exactness_stops.json", {"decode_attention": kernel, "runs": rows})
