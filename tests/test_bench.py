@@ -64,6 +64,12 @@ def test_bench_end_to_end(setup, tmp_path, capsys):
     for batch in (1, 2):
         ar = rows["ar", batch]
         assert ar["tokens_per_pass"] == 1.0
+        for method in ("ar", "lossless"):  # a batch runs as long as its longest row
+            r = rows[method, batch]
+            assert r["passes"] <= r["batch_passes"] * batch
+            assert r["row_utilisation"] == r["passes"] / (r["batch_passes"] * batch) <= 1.0
+        if batch == 1:
+            assert rows["lossless", 1]["row_utilisation"] == 1.0
         assert ar["speedup"] == 1.0 and ar["speedup_end_to_end"] == 1.0
         assert ar["identical_to_ar"] == 1.0
         lossless = rows["lossless", batch]

@@ -10,9 +10,12 @@ import torch
 from tidar.engine import DecodeConfig
 from tidar.tuner import (
     auto_config,
+    batch_slowdown,
     choose,
+    expected_max_normal,
     expected_tokens_per_pass,
     measure_pass_seconds,
+    tokens_per_pass_moments,
     worth_measuring,
 )
 
@@ -34,6 +37,44 @@ def test_partial_set_never_beats_full_set():
     full = expected_tokens_per_pass(reach, 8, tuple(range(8)))
     for n in range(1, 8):
         assert expected_tokens_per_pass(reach, 8, tuple(range(n))) <= full + 1e-9
+
+
+@pytest.mark.parametrize("rows", [2, 4, 16])
+def test_batch_slowdown_matches_a_simulated_batch(rows):
+    """Rows that each commit 128 tokens, a pass's tokens drawn as the full proposal set
+    commits them (the bench's acceptance): the batch's passes (its slowest row's) over a
+    mean row's, simulated, against the model."""
+    reach = [0.38, 0.125, 0.047, 0.014, 0.002]
+    mean, variance = tokens_per_pass_moments(reach, 8, tuple(range(8)))
+    p = [1.0] + reach + [0.0] * 3
+    probs = torch.tensor([p[k] - p[k + 1] for k in range(8)], dtype=torch.float64)
+    trials, new_tokens = 4000, 128
+    gen = torch.Generator().manual_seed(rows)
+    draws = torch.multinomial(probs, trials * rows * new_tokens, replacement=True,
+                              generator=gen).view(trials, rows, new_tokens) + 1
+    passes = (draws.cumsum(-1) < new_tokens).sum(-1) + 1  # passes until a row has 128
+    simulated = passes.max(-1).values.double().mean() / passes.double().mean()
+    model = batch_slowdown(mean, variance, new_tokens, rows)
+    assert model > 1.0 and float(simulated) == pytest.approx(model, abs=0.01)
+
+
+def test_expected_max_normal():
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(2) == pytest.approx(1 / torch.pi**0.5, abs=1e-6)
+    assert expected_max_normal(4) == pytest.approx(1.0294, abs=1e-4)
+
+
+def test_the_slowest_row_of_a_batch_can_make_drafting_lose():
+    """Expected 1.11x for one row (the session-14 bench cell) clears the margin; four rows
+    of 128 tokens each wait for the slowest one, and AR wins."""
+    reach = [0.38, 0.125, 0.047, 0.014, 0.002]
+    tpp = expected_tokens_per_pass(reach, 16, (0,))
+    seconds = {1: 1.0, 32: tpp / 1.115}
+    assert choose(seconds, reach, "lossless", (16,)).sampler == "lossless"
+    slowed = choose(seconds, reach, "lossless", (16,), rows=4, new_tokens=128)
+    assert slowed.sampler == "ar"
+    ar_rows = choose({1: 1.0, 32: 0.5}, [0.0] * 5, "lossless", (16,), rows=4, new_tokens=128)
+    assert ar_rows.batch_slowdown == 1.0  # AR rows move in step
 
 
 def test_choose_ar_when_passes_are_expensive():

@@ -201,7 +201,8 @@ def run_engine(engine, prompts: list[list[int]], cfg) -> Run:
     sync(engine.device)
     seconds = time.perf_counter() - start
     stats = engine.last_stats
-    return Run(outputs, seconds, first, sum(stats.passes), list(stats.committed_hist))
+    return Run(outputs, seconds, first, passes=sum(stats.passes),
+               batch_passes=max(stats.passes), hist=list(stats.committed_hist))
 
 
 def engine_ttft(engine, prompts: list[list[int]], cfg) -> float:
@@ -274,7 +275,8 @@ def _measure_cell(methods, engine, eager, hf, groups, max_new: int, repeats: int
             ttft(m, prompts)
     rec = {m.name: {"seconds": [0.0] * repeats, "decode": [0.0] * repeats,
                     "ttft": [0.0] * repeats, "first": [0.0] * repeats,
-                    "outputs": [], "passes": 0, "hist": []} for m in methods}
+                    "outputs": [], "passes": 0, "batch_passes": 0, "hist": []}
+           for m in methods}
     for r in range(repeats):
         if len(groups) * len(methods) > 8:
             _log(f"  repeat {r + 1}/{repeats}")
@@ -291,6 +293,7 @@ def _measure_cell(methods, engine, eager, hf, groups, max_new: int, repeats: int
                 if r == 0:
                     cell["outputs"] += run.outputs
                     cell["passes"] += run.passes
+                    cell["batch_passes"] += run.batch_passes
                     if run.hist:
                         cell["hist"] = [a + b for a, b in zip(
                             cell["hist"] or [0] * len(run.hist), run.hist, strict=True)]
@@ -333,6 +336,10 @@ def _summarise(methods, rec, batch_size: int, max_new: int, n_groups: int) -> li
                 "proposals": len(cfg.proposals),
                 "tokens_per_pass": tokens / max(1, cell["passes"]),
                 "passes": cell["passes"],
+                # Rows that end before the batch's longest (a stop token, more tokens a
+                # pass) idle while it runs: the share of row-passes that decoded.
+                "batch_passes": cell["batch_passes"],
+                "row_utilisation": cell["passes"] / max(1, cell["batch_passes"] * batch_size),
                 "first_yield_ms": 1000 * _median(cell["first"]) / n_groups,
                 "committed_per_pass_histogram": hist,
                 "acceptance_by_position": [sum(hist[j:]) / decode_passes

@@ -52,15 +52,15 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("method", "len", "batch", "tok/s", "e2e tok/s", "speedup", "tok/pass", "TTFT ms",
-            "same as ar")
+    head = ("method", "len", "batch", "tok/s", "e2e tok/s", "speedup", "tok/pass",
+            "rows busy", "TTFT ms", "same as ar")
     rows = [head]
     for r in results:
         rows.append((r["method"], str(r["max_new_tokens"]), str(r["batch_size"]),
                      _fmt(r["decode_tokens_per_second"], ".1f"),
                      _fmt(r["tokens_per_second"], ".1f"), _fmt(r["speedup"], ".2f"),
-                     _fmt(r["tokens_per_pass"], ".2f"), _fmt(r["ttft_ms"], ".1f"),
-                     _fmt(r["identical_to_ar"], ".2f")))
+                     _fmt(r["tokens_per_pass"], ".2f"), _fmt(r.get("row_utilisation"), ".2f"),
+                     _fmt(r["ttft_ms"], ".1f"), _fmt(r["identical_to_ar"], ".2f")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths, strict=True)))

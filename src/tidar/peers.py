@@ -21,6 +21,7 @@ class Run:
     seconds: float  # the whole call
     first_seconds: float | None = None  # until the first token was on the host
     passes: int = 0  # per-row passes, summed (engine); forward calls (transformers)
+    batch_passes: int = 0  # engine: passes the batch ran, its longest row's
     hist: list[int] = field(default_factory=list)  # engine: decode passes by tokens committed
 
 

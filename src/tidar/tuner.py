@@ -3,8 +3,10 @@
 Speed of a setting = E[tokens per pass] / t(queries per pass) (DESIGN.md section 4). With a
 partial proposal set ``S`` the next pass may carry fewer real drafts, so the expected tokens
 per pass come from the stationary distribution of a Markov chain over "real drafts carried".
-Plain AR (one query per pass, one token) is always a candidate: the tuner never picks a
-setting slower than AR by its own model.
+A batch runs until its slowest row is done: drafting spreads the rows' pass counts, so at
+batch B the speed is divided by the expected passes of the slowest of B rows over a mean
+row's (``batch_slowdown``); AR rows move in step. Plain AR (one query per pass, one token) is
+always a candidate: the tuner never picks a setting slower than AR by its own model.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ class Choice:
     sampler: str  # "ar" or the requested drafting sampler
     block_size: int
     proposals: tuple[int, ...]
-    tokens_per_pass: float
+    tokens_per_pass: float  # a row's, on average
     seconds_per_pass: float
+    batch_slowdown: float = 1.0  # the batch's passes over a mean row's (>= 1)
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens_per_pass / self.seconds_per_pass
+        return self.tokens_per_pass / self.seconds_per_pass / self.batch_slowdown
 
 
 def expected_tokens_per_pass(reach: list[float], block_size: int, proposals: tuple[int, ...]):
@@ -46,22 +49,51 @@ def expected_tokens_per_pass(reach: list[float], block_size: int, proposals: tup
     ``reach[j-1] = P(k >= j)`` for draft positions ``j = 1 ..``: the chance that the first
     ``j`` drafts of a pass are all accepted, given they are real.
     """
+    return tokens_per_pass_moments(reach, block_size, proposals)[0]
+
+
+def tokens_per_pass_moments(reach: list[float], block_size: int,
+                            proposals: tuple[int, ...]) -> tuple[float, float]:
+    """Mean and variance of the tokens a pass commits, in steady state (as
+    ``expected_tokens_per_pass``)."""
     b = block_size
     p_reach = [1.0] + [reach[j - 1] if j - 1 < len(reach) else 0.0 for j in range(1, b)]
     floor = [max(j for j in proposals if j <= k) for k in range(b)]
     # State n = real drafts carried into the pass (0 .. b-1).
     transition = torch.zeros(b, b, dtype=torch.float64)
     tokens = torch.zeros(b, dtype=torch.float64)
+    squares = torch.zeros(b, dtype=torch.float64)
     for n in range(b):
         for k in range(n + 1):  # P(exactly k accepted | n real drafts)
             stop = 1.0 if k == n else 1.0 - p_reach[k + 1] / max(p_reach[k], 1e-12)
             prob = p_reach[k] * stop
             tokens[n] += prob * (k + 1)
+            squares[n] += prob * (k + 1) ** 2
             transition[n, b - 1 - (k - floor[k])] += prob
     dist = torch.full((b,), 1.0 / b, dtype=torch.float64)
     for _ in range(500):
         dist = dist @ transition
-    return float(dist @ tokens)
+    mean = float(dist @ tokens)
+    return mean, max(0.0, float(dist @ squares) - mean**2)
+
+
+def expected_max_normal(count: int) -> float:
+    """E[max of ``count`` independent standard normals] (0 for one), by quadrature."""
+    if count <= 1:
+        return 0.0
+    x = torch.linspace(-8.0, 8.0, 16001, dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    density = count * normal.log_prob(x).exp() * normal.cdf(x) ** (count - 1)
+    return float(torch.trapezoid(x * density, x))
+
+
+def batch_slowdown(mean: float, variance: float, new_tokens: int, rows: int) -> float:
+    """Expected passes of the slowest of ``rows`` rows over a mean row's, each row committing
+    ``new_tokens`` at ``mean`` tokens a pass with this per-pass ``variance``: a row's pass
+    count is about normal, mean ``N / m``, variance ``N v / m^3`` (renewal theory)."""
+    if rows <= 1 or variance <= 0.0 or new_tokens <= 0:
+        return 1.0
+    return 1.0 + expected_max_normal(rows) * (variance / (new_tokens * mean)) ** 0.5
 
 
 def choose(
@@ -69,8 +101,11 @@ def choose(
     reach: list[float],
     sampler: str,
     block_sizes: tuple[int, ...] = (4, 8, 16),
+    rows: int = 1,
+    new_tokens: int = 0,
 ) -> Choice:
-    """The fastest of AR and every ``(b, S = {0 .. n-1})`` whose query count was measured."""
+    """The fastest of AR and every ``(b, S = {0 .. n-1})`` whose query count was measured,
+    for batches of ``rows`` rows of ``new_tokens`` each (0: no batch term)."""
     ar = best = Choice("ar", 1, (), 1.0, pass_seconds[1])
     for b in block_sizes:
         for n in range(1, b + 1):
@@ -78,10 +113,11 @@ def choose(
             if queries not in pass_seconds:
                 continue
             proposals = tuple(range(n))
-            tpp = expected_tokens_per_pass(reach, b, proposals)
+            tpp, variance = tokens_per_pass_moments(reach, b, proposals)
             if tpp <= 1.0:  # no more tokens than an AR step: faster only by timing noise
                 continue
-            cand = Choice(sampler, b, proposals, tpp, pass_seconds[queries])
+            cand = Choice(sampler, b, proposals, tpp, pass_seconds[queries],
+                          batch_slowdown(tpp, variance, new_tokens, rows))
             if cand.tokens_per_second > best.tokens_per_second:
                 best = cand
     # Timings are noisy: drafting must beat AR by a margin, not by a rounding error.
@@ -101,7 +137,8 @@ def pass_shapes(block_size: int) -> dict:
 
 def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = TUNER_CONTEXT,
                          repeats: int = 5, reach: list[float] | None = None,
-                         known: dict[int, float] | None = None) -> dict[int, float]:
+                         known: dict[int, float] | None = None,
+                         new_tokens: int = 0) -> dict[int, float]:
     """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for the shapes
     of ``pass_shapes``, in order of query count, kept with the ``known`` ones. Given the
     drafter's ``reach``, only the shapes ``worth_measuring`` (each costs a compile with
@@ -115,7 +152,8 @@ def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int =
     bar = None
     for q, cfg in pass_shapes(block_size).items():
         if q in seconds or (reach is not None
-                            and not worth_measuring(q, seconds, reach, block_size)):
+                            and not worth_measuring(q, seconds, reach, block_size, batch,
+                                                    new_tokens)):
             continue
         if bar is None:
             bar = tqdm(desc=f"pass costs, batch {batch}", unit="shape", file=sys.stderr)
@@ -130,7 +168,7 @@ def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int =
 
 
 def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
-                    block_size: int) -> bool:
+                    block_size: int, rows: int = 1, new_tokens: int = 0) -> bool:
     """Whether a pass of ``queries`` could still be the tuner's pick, given the costs
     ``seconds`` measured for fewer queries. A pass costs at least what a smaller one does
     (up to ``COST_NOISE``), so its speed is at most its expected tokens over the largest
@@ -138,10 +176,11 @@ def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
     if 1 not in seconds:
         return True
     n = queries // block_size - 1
-    tokens = expected_tokens_per_pass(reach, block_size, tuple(range(n)))
+    tokens, variance = tokens_per_pass_moments(reach, block_size, tuple(range(n)))
     if tokens <= 1.0:  # as in choose: never a pick
         return False
-    best = choose(seconds, reach, "lossless", block_sizes=(block_size,))
+    tokens /= batch_slowdown(tokens, variance, new_tokens, rows)
+    best = choose(seconds, reach, "lossless", (block_size,), rows, new_tokens)
     bar = max(best.tokens_per_second, (1 + MARGIN) / seconds[1])
     floor = max(t for q, t in seconds.items() if q < queries)
     return tokens / (floor * (1 - COST_NOISE)) > bar
@@ -150,10 +189,11 @@ def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
 def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
     """``--proposals auto``: the tuner's pick for ``cfg``'s sampler and block size from this
     device's measured pass costs (cached per model, device, dtype, threads, block size and
-    batch bucket) and the drafter's acceptance profile ``reach``; plain ``ar`` when no drafting
-    setting is expected to be faster. Only the shapes that could be picked are measured
-    (each costs a compile with ``--compile``); a later drafter that could use more shapes
-    adds them to the cache. Returns the configuration and a summary."""
+    batch bucket), the drafter's acceptance profile ``reach`` and ``batch`` rows of
+    ``cfg.max_new_tokens``; plain ``ar`` when no drafting setting is expected to be faster.
+    Only the shapes that could be picked are measured (each costs a compile with
+    ``--compile``); a later drafter that could use more shapes adds them to the cache.
+    Returns the configuration and a summary."""
     from dataclasses import replace
 
     from .engine import DecodeConfig, batch_bucket
@@ -168,12 +208,14 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     path = profile_dir() / f"{key}.json"
     seconds = cached_pass_seconds(path)
     repeats = 9 if device.type == "cuda" else 2
-    seconds = measure_pass_seconds(engine, b, batch, repeats=repeats, reach=reach, known=seconds)
-    choice = choose(seconds, reach, cfg.sampler, block_sizes=(b,))
+    seconds = measure_pass_seconds(engine, b, batch, repeats=repeats, reach=reach, known=seconds,
+                                   new_tokens=cfg.max_new_tokens)
+    choice = choose(seconds, reach, cfg.sampler, (b,), batch, cfg.max_new_tokens)
     save_profile(path, seconds, choice)
     info = {"choice": choice.sampler, "block_size": choice.block_size,
             "proposals": len(choice.proposals),
             "expected_tokens_per_pass": round(choice.tokens_per_pass, 3),
+            "expected_batch_slowdown": round(choice.batch_slowdown, 3),
             "expected_speedup": round(choice.tokens_per_second * seconds[1], 3),
             "shapes_measured": sorted(seconds)}
     if choice.sampler == "ar":
