@@ -151,10 +151,10 @@ class SubmitOnFirstText:
             self.jobs = [self.server.submit(job) for job in self.make(self.cfg)]
 
 
-def two_row_batch(decoder, later: SubmitOnFirstText):
+def two_row_batch(decoder, later: SubmitOnFirstText, join: bool = True):
     """A server decoding a batch of two `ar` requests: one of 10 tokens, and one that its
     stop string ends at its first word, whose first text calls ``later``."""
-    server = Server(decoder, "m", window=0.0, start=False)
+    server = Server(decoder, "m", window=0.0, join=join, start=False)
     cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10, sampler="ar"))
     tokenizer = decoder.loaded.tokenizer
     ids = tokenizer.encode("The sky is")
@@ -166,17 +166,20 @@ def two_row_batch(decoder, later: SubmitOnFirstText):
     return server, cfg, jobs
 
 
-def test_a_request_joins_a_running_batch(decoder):
+@pytest.mark.parametrize("join", [True, False])
+def test_a_request_joins_a_running_batch(decoder, join):
     """A request that comes while a batch decodes joins it in the row a stop string freed,
-    while the other row still decodes, and gets what it gets alone."""
+    while the other row still decodes, and gets what it gets alone; with ``--no-join`` it
+    waits for the next batch."""
     ids = decoder.loaded.tokenizer.encode("1, 2, 3,")
     later = SubmitOnFirstText(lambda cfg: [_Job(ids, cfg, (), None)])
-    server, cfg, jobs = two_row_batch(decoder, later)
+    server, cfg, jobs = two_row_batch(decoder, later, join)
     for job in jobs:
         job.done.result(timeout=120)
     result = later.jobs[0].done.result(timeout=120)
     assert result["token_ids"] == decoder.engine.generate([ids], cfg)[0][0]
-    assert dict(server.batch_sizes) == {2: 1} and server.joined == 1
+    assert server.joined == join
+    assert dict(server.batch_sizes) == ({2: 1} if join else {2: 1, 1: 1})
 
 
 def test_no_request_joins_past_an_older_one_of_another_configuration(decoder):

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-window", type=float, default=5.0,
                        help="milliseconds an idle server waits for more requests before it "
                        "starts a batch (0: start at once)")
+    serve.add_argument("--join", action=argparse.BooleanOptionalAction, default=True,
+                       help="let requests join a running batch in rows that free up "
+                       "(continuous batching; --no-join: they wait for the next batch)")
 
     from .bench import add_bench_args
 

@@ -14,8 +14,8 @@ every waiting request of the same configuration, up to ``--max-batch``, and deco
 one batch: a row gets the same tokens in a batch as alone (the engine's batch invariance). A
 request that arrives while a batch runs joins it in a free row (one whose request ended, or
 an idle row of the batch-size bucket) if it shares the batch's configuration and its prompt
-fits the batch's cache (``Engine.stream(more=...)``). The oldest waiting request goes first:
-while it cannot join, no later one does, and the batch drains.
+fits the batch's cache (``Engine.stream(more=...)``; ``--no-join`` turns it off). The oldest
+waiting request goes first: while it cannot join, no later one does, and the batch drains.
 """
 
 from __future__ import annotations
@@ -126,9 +126,11 @@ class Server:
     """The decoding thread and the replies around it."""
 
     def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None,
-                 max_batch: int = 8, window: float = 0.005, start: bool = True):
+                 max_batch: int = 8, window: float = 0.005, join: bool = True,
+                 start: bool = True):
         self.decoder, self.name, self.tuner, self.max_batch = decoder, name, tuner, max_batch
         self.window = window  # seconds an idle thread waits for more requests
+        self.join = join  # requests may join a running batch
         self.waiting: deque[_Job] = deque()
         self.wake = threading.Condition()
         self.batch_sizes: Counter[int] = Counter()  # batches started, by their first rows
@@ -196,7 +198,7 @@ class Server:
 
         try:
             results = run_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg, texts,
-                               streamed, more)
+                               streamed, more if self.join else None)
         except Exception as exc:
             for job in batch:
                 job.done.set_exception(exc)
@@ -288,6 +290,7 @@ def build_app(server: Server):
                 "sampler": cfg.sampler, "block_size": cfg.block_size,
                 "proposals": len(cfg.proposals), "device": str(server.decoder.engine.device),
                 "max_batch": server.max_batch, "batch_window_ms": server.window * 1000,
+                "join": server.join,
                 "tuner": server.tuner,
                 "batches_by_size": dict(sorted(server.batch_sizes.items())),
                 "joined_running_batches": server.joined}
@@ -336,6 +339,6 @@ def run_serve(args) -> int:
         print(f"tuner: {tuner_summary(tuner)}", flush=True)
     name = args.model or "smollm2-135m-instruct"
     server = Server(decoder, name, tuner, max_batch=args.max_batch,
-                    window=args.batch_window / 1000)
+                    window=args.batch_window / 1000, join=args.join)
     uvicorn.run(build_app(server), host=args.host, port=args.port)
     return 0
