@@ -99,6 +99,20 @@ def test_the_ar_step_with_fused_matvecs_gives_the_plain_logits(family, fused_on_
         assert set(fused_on_cpu) == {2}
 
 
+def test_inputs_too_wide_for_one_tile_keep_the_plain_layers(fused_on_cpu, monkeypatch):
+    """The down projection reads the MLP's hidden width, wider than the block's input: with
+    ``MAX_INPUTS`` between the two, attention takes the matvecs and the MLP does not."""
+    model = tiny_model("llama", vocab=8, seed=3)
+    dim, hidden = model.cfg.dim, model.cfg.intermediate_size
+    assert dim < hidden
+    with monkeypatch.context() as plain_only:
+        plain_only.setattr(decode_matvec, "DEVICES", ())
+        expected = ar_step_logits(model)
+    monkeypatch.setattr(decode_matvec, "MAX_INPUTS", dim)
+    torch.testing.assert_close(ar_step_logits(model), expected, atol=1e-5, rtol=1e-5)
+    assert len(fused_on_cpu) == 2 * model.cfg.n_layers  # q/k/v and o only
+
+
 def test_many_rows_and_mask_rows_keep_the_plain_layers(fused_on_cpu):
     """Past ``MAX_ROWS`` rows, and in a drafting pass (mask rows need the adapted half)."""
     model = with_row_lora(tiny_model("llama", vocab=8, seed=4))

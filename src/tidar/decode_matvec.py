@@ -67,10 +67,10 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
 
 
 def supported(x: Tensor, weight: Tensor) -> bool:
-    """Rows of ``x`` ``[rows, K]`` the kernel takes: a few, on CUDA, with no gradient, the
-    input row small enough for one register tile."""
+    """Rows of ``x`` ``[rows, ...]`` the kernel takes against ``weight`` ``[N, K]``: a few,
+    on CUDA, with no gradient, an input row of ``K`` small enough for one register tile."""
     return (x.device.type in DEVICES and 0 < x.shape[0] <= MAX_ROWS and not x.requires_grad
-            and x.shape[-1] <= MAX_INPUTS and x.dtype == weight.dtype
+            and weight.shape[-1] <= MAX_INPUTS and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 

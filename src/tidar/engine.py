@@ -101,6 +101,9 @@ class Stats:
     def tokens_per_pass(self) -> float:
         return sum(self.tokens) / max(1, sum(self.passes))
 
+    def row_tokens_per_pass(self, row: int) -> float:
+        return self.tokens[row] / max(1, self.passes[row])
+
     @property
     def acceptance(self) -> list[float]:
         """``P(k >= j)`` for draft positions ``j = 1 .. b-1`` over decode passes."""
@@ -263,9 +266,10 @@ class Engine:
                     passes[seq] = int(host[r, 1])
                     if not live[r]:
                         self._sequence_in[r] = None
-                for r in range(rows if more is not None and bool(live.any()) else 0):
-                    if self._sequence_in[r] is not None:
-                        continue
+                # Free rows take more prompts while the batch still runs (not after: the
+                # caller's next batch may take a larger bucket).
+                free = [r for r, seq in enumerate(self._sequence_in) if seq is None]
+                for r in free if more is not None and bool(live.any()) else []:
                     prompt = more(longest)
                     if prompt is None:
                         break

@@ -147,9 +147,10 @@ class DecodeLinear(nn.Module):
 
 def matvec_weights(group: DecodeLinear, plain: nn.Module | None,
                    x: Tensor) -> tuple[Tensor, Tensor | None] | None:
-    """The weight and bias of a fused matvec over ``x`` ``[B, T, K]`` while decoding with few
-    rows on CUDA (``decode_matvec.supported``): the group's base half (the AR step has no mask
-    rows) or the ``plain`` ``nn.Linear``'s. None where the plain layers must run."""
+    """The weight and bias of a fused matvec over the rows of ``x`` ``[B, T, ...]`` (the
+    block's input: the matvec's own input may be wider) while decoding with few rows on CUDA
+    (``decode_matvec.supported``): the group's base half (the AR step has no mask rows) or
+    the ``plain`` ``nn.Linear``'s. None where the plain layers must run."""
     if decode_matvec is None or not group.gate.decoding:
         return None
     if group.active():
