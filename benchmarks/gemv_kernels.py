@@ -11,7 +11,9 @@ weights come from memory, not L2; the time is per call. ``decode_matvec`` comput
 ``BLOCK_N`` outputs per thread block with the whole reduction in one load, and fuses what
 inductor fuses around it: the RMSNorm before q/k/v and gate/up, SwiGLU after gate/up, the
 residual after o and down. The sweep sets its tile (outputs per block, warps) in place of
-``decode_matvec.plan``; ``engine`` is the plan's own pick.
+``decode_matvec.plan``; ``engine`` is the plan's own pick, timed also without programmatic
+dependent launch (``tidar.pdl``: with it, each call loads its weights while the call
+before it still runs).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from common import graph_seconds, write_json
 
-from tidar import decode_matvec
+from tidar import decode_matvec, pdl
 from tidar.engine import COMPILE_OPTIONS
 
 DIM, HIDDEN, QKV, LAYERS, EPS = 576, 1536, 960, 30, 1e-5
@@ -53,20 +55,21 @@ SHAPES = {"qkv (norm)": (QKV, DIM), "gate/up (norm, SwiGLU)": (2 * HIDDEN, DIM),
           "o (+ residual)": (DIM, DIM), "down (+ residual)": (DIM, HIDDEN)}
 
 
-def triton_op(name: str, tile: tuple[int, int] | None):
+def triton_op(name: str, tile: tuple[int, int] | None, overlap: bool = True):
     """``decode_matvec`` for the op ``name``, at ``tile`` (outputs per block, warps) or, with
-    None, the engine's plan."""
+    None, the engine's plan; ``overlap`` False launches it without PDL."""
     norm, residual, swiglu = "norm" in name, "residual" in name, "SwiGLU" in name
 
     def run(x, w, g, r):
-        own_plan = decode_matvec.plan
+        own_plan, own_pdl = decode_matvec.plan, pdl.PDL
         if tile is not None:
             decode_matvec.plan = lambda outputs, inputs: tile
+        pdl.PDL = overlap and own_pdl
         try:
             return decode_matvec.decode_matvec(x[None], w, g if norm else None, None,
                                                r[None] if residual else None, swiglu, EPS)[0]
         finally:
-            decode_matvec.plan = own_plan
+            decode_matvec.plan, pdl.PDL = own_plan, own_pdl
     return run
 
 
@@ -92,7 +95,8 @@ def main() -> None:
         residual = torch.randn(out_n, device=dev, dtype=dt)
         reference = torch.compile(reference_ops()[name], dynamic=False, options=COMPILE_OPTIONS)
         expected = reference(x, weights[0], norm_weight, residual).float()
-        candidates = {"inductor": reference, "triton engine": triton_op(name, None)}
+        candidates = {"inductor": reference, "triton engine": triton_op(name, None),
+                      "triton engine, no PDL": triton_op(name, None, overlap=False)}
         for block_n, warps in itertools.product(args.block_n, args.warps):
             candidates[f"triton n{block_n} w{warps}"] = triton_op(name, (block_n, warps))
         row = {"weight_mb": n * k * 2 / 1e6}

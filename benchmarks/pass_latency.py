@@ -87,16 +87,20 @@ def attention_context(choice: str):
     return stack
 
 
-INDUCTOR = {"engine": None, "untuned": {"coordinate_descent_tuning": False},
-            "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
-            # programmatic dependent launch: a Triton kernel starts while the one before ends
-            "pdl": {"coordinate_descent_tuning": True, "triton.enable_pdl": True}}
+# compile options (None: the engine's) and whether the AR step's inductor kernels launch
+# with programmatic dependent launch, a kernel starting while the one before ends (None: the
+# engine's choice, yes)
+INDUCTOR = {"engine": (None, None), "no-pdl": (None, False),
+            "untuned": ({"coordinate_descent_tuning": False}, None),
+            "max-autotune": ({"max_autotune": True, "coordinate_descent_tuning": True}, None),
+            "pdl": ({"coordinate_descent_tuning": True, "triton.enable_pdl": True}, None)}
 
 
 def kernel_settings(spec: str) -> dict:
     """``engine`` (the kernels' own settings) or ``NAME=VALUE,...`` for module constants of
-    ``tidar.decode_attention`` or ``tidar.decode_matvec`` (the first that has the name), e.g.
-    ``MIN_CHUNK=128,BLOCK_N=128`` or ``MAX_ROWS=0`` (no fused matvecs)."""
+    ``tidar.decode_attention``, ``tidar.decode_matvec`` and ``tidar.pdl`` (each that has the
+    name), e.g. ``MIN_CHUNK=128,BLOCK_N=128``, ``MAX_ROWS=0`` (no fused matvecs) or
+    ``PDL=False`` (no programmatic dependent launch)."""
     if spec == "engine":
         return {}
     pairs = (item.split("=", 1) for item in spec.split(","))
@@ -110,18 +114,22 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
     import tidar.decode_matvec
     import tidar.engine
     import tidar.model
+    import tidar.pdl
 
     stack = contextlib.ExitStack()
     stack.enter_context(attention_context(attention))
     for name, value in kernel_settings(kernel).items():
-        module = tidar.decode_attention if hasattr(tidar.decode_attention, name) \
-            else tidar.decode_matvec
-        stack.callback(setattr, module, name, getattr(module, name))
-        setattr(module, name, value)
+        modules = [module for module in (tidar.decode_attention, tidar.decode_matvec, tidar.pdl)
+                   if hasattr(module, name)]
+        if not modules:
+            raise SystemExit(f"--kernel-settings: no decode kernel module has {name}")
+        for module in modules:
+            stack.callback(setattr, module, name, getattr(module, name))
+            setattr(module, name, value)
     if scope == "blocks":  # as compiled before: blocks only, dynamo's automatic dynamic shapes
         own_compile = tidar.engine.compile_static
-        tidar.engine.compile_static = lambda fn: (
-            torch.compile(fn, options=tidar.engine.COMPILE_OPTIONS)
+        tidar.engine.compile_static = lambda fn, options=None: (
+            torch.compile(fn, options=options or tidar.engine.COMPILE_OPTIONS)
             if isinstance(fn, torch.nn.Module) else fn)
         stack.callback(setattr, tidar.engine, "compile_static", own_compile)
     if short == "old":
@@ -134,10 +142,13 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
         own_share = tidar.engine._share_across_capacities
         tidar.engine._share_across_capacities = lambda st, cache: None
         stack.callback(setattr, tidar.engine, "_share_across_capacities", own_share)
-    if INDUCTOR[inductor] is not None:
-        own_options = tidar.engine.COMPILE_OPTIONS
-        tidar.engine.COMPILE_OPTIONS = INDUCTOR[inductor]
-        stack.callback(setattr, tidar.engine, "COMPILE_OPTIONS", own_options)
+    options, ar_step_pdl = INDUCTOR[inductor]
+    if options is not None:
+        stack.callback(setattr, tidar.engine, "COMPILE_OPTIONS", tidar.engine.COMPILE_OPTIONS)
+        tidar.engine.COMPILE_OPTIONS = options
+    if ar_step_pdl is not None:
+        stack.callback(setattr, tidar.engine, "AR_STEP_PDL", tidar.engine.AR_STEP_PDL)
+        tidar.engine.AR_STEP_PDL = ar_step_pdl
     if fuse == "off":
         own = tidar.model.DECODE_LINEAR_MAX_ELEMENTS
         tidar.model.DECODE_LINEAR_MAX_ELEMENTS = 0
@@ -195,7 +206,8 @@ def main() -> None:
     ap.add_argument("--fuse", nargs="+", default=["on"], choices=["on", "off"],
                     help="fused q/k/v and gate/up projections when decoding, per variant")
     ap.add_argument("--inductor", nargs="+", default=["engine"], choices=list(INDUCTOR),
-                    help="compile options: the engine's, without tile tuning, or autotuned")
+                    help="compile options: the engine's, without PDL in the AR step, without "
+                    "tile tuning, autotuned, or with PDL in every pass")
     ap.add_argument("--compile-scope", nargs="+", default=["pass"], choices=["pass", "blocks"],
                     help="the engine's compiled pass (static graphs), or its blocks alone with "
                     "dynamo's automatic dynamic shapes (the engine before), per variant")

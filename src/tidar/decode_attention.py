@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 BLOCK_N = 64  # keys per inner step; a key slice is a whole number of these
 NUM_WARPS = 4  # per thread block of the slice kernel
 TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
@@ -44,11 +46,12 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
                   length, slots, rows, kv_heads, group, chunk,
                   qk_scale: tl.constexpr,  # 1/sqrt(HEAD_DIM) in log2 units: one per head size
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr):
+                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr, PDL: tl.constexpr):
     """One (row tile, key slice, sequence x KV head): normalised partial output and its
     log2-sum-exp over the slice's visible keys (-inf where a row sees none of them). With
     ``ONE_SLICE`` the slice is the whole cache: the output goes straight to ``Final``, in
-    its dtype and layout, and no merge follows."""
+    its dtype and layout, and no merge follows. With ``PDL`` it starts while the kernel
+    before it finishes, and waits for it before reading (``tidar.pdl``)."""
     tile, part, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64: a large batch of long caches passes 2^31 elements
     b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
@@ -56,6 +59,9 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
     row_ok = r < rows
     head, t = h * group + r // length, r % length
     d = tl.arange(0, HEAD_DIM)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     q = tl.load(Q + b * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
                 mask=row_ok[:, None], other=0.0)
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -101,7 +107,8 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
 @triton.jit
 def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
                   sd_b, sd_h, sd_t, length, rows, kv_heads, group, parts,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PDL: tl.constexpr):
     """Weight each slice's output by its share of the row's total exp-sum and add them up,
     ``BLOCK_P`` slices a step with a running peak. A step waits for its loads, so a few rows
     take every slice in one step; many rows take one a step (registers)."""
@@ -110,6 +117,9 @@ def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
     d = tl.arange(0, HEAD_DIM)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -188,6 +198,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
     tiles = -(-rows // block_m)
     one_slice = parts == 1 and not MERGE_ALWAYS
+    overlap = pdl.enabled(q)
     _slice_kernel[(tiles, parts, batch * kv_heads)](
         q, k, v, mask, part, lse, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -196,7 +207,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
         out.stride(2), length, slots, rows, kv_heads, group, chunk,
         dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, num_warps=NUM_WARPS)
+        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap, num_warps=NUM_WARPS,
+        launch_pdl=overlap)
     if one_slice:
         return out
     merge_rows, merge_step = merge_plan(rows, parts, dim)
@@ -204,7 +216,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
         out.stride(2), length, rows, kv_heads, group, parts, HEAD_DIM=dim, BLOCK_M=merge_rows,
-        BLOCK_P=merge_step)
+        BLOCK_P=merge_step, PDL=overlap, launch_pdl=overlap)
     return out
 
 

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 MAX_ROWS = 4  # rows (sequences) at most: each thread block reuses its tile for every row
 MAX_INPUTS = 8192  # the whole input row is one register tile
 FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps instead of 4
@@ -28,10 +30,11 @@ DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, stride_res,
                    stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
+                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """Outputs ``n`` of this program for every row: ``W @ f(x) (+ bias)`` with f the RMSNorm
     (``NORM``) or nothing; with ``SWIGLU`` the weight is gate rows then up rows and the output
-    is ``silu(gate) * up``; with ``RESIDUAL`` ``Res`` is added."""
+    is ``silu(gate) * up``; with ``RESIDUAL`` ``Res`` is added. With ``PDL`` (``tidar.pdl``)
+    the parameters load while the kernel before still runs."""
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,6 +49,9 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
         bias = tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)
         if SWIGLU:
             bias_up = tl.load(Bias + N + n, mask=n_ok, other=0.0).to(tl.float32)
+    if PDL:  # the input and residual are earlier kernels' outputs
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for row in tl.static_range(ROWS):
         x = tl.load(X + row * stride_x + k, mask=k_ok, other=0.0)
         if NORM:  # as model.RMSNorm: normalise in float32, round, scale in the input dtype
@@ -96,13 +102,14 @@ def decode_matvec(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
         residual if residual.stride(-1) == 1 else residual.contiguous())
     out = x.new_empty(rows, outputs)
     block_n, warps = plan(outputs, inputs)
+    overlap = pdl.enabled(x)
     _matvec_kernel[(triton.cdiv(outputs, block_n),)](
         x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
         x if residual is None else residual, out, inputs, outputs, eps, x.stride(0),
         weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(inputs),
         NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
-        RESIDUAL=residual is not None, num_warps=warps)
+        RESIDUAL=residual is not None, PDL=overlap, num_warps=warps, launch_pdl=overlap)
     return out
 
 

@@ -160,12 +160,24 @@ CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths sha
 MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
 # Inductor tunes the fused kernels' tile sizes: the AR step 1.83 -> 1.61 ms on the H100.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# The AR step's graphs also launch inductor's kernels with programmatic dependent launch
+# (``tidar.pdl``; Hopper and later, ignored elsewhere): on the H200 it made the AR step 8%
+# faster and the drafting passes 2-6% slower (docs/results.md section 2), so only the AR
+# step takes it.
+AR_STEP_PDL = True
 
 
-def compile_static(fn: Callable) -> Callable:
+def compile_options(ar_step: bool) -> dict:
+    """Inductor options for the graphs of the AR step (``ar_step``) or of drafting passes."""
+    return {**COMPILE_OPTIONS, "triton.enable_pdl": True} if ar_step and AR_STEP_PDL \
+        else COMPILE_OPTIONS
+
+
+def compile_static(fn: Callable, options: dict | None = None) -> Callable:
     """``fn`` under torch.compile, one static graph per pass shape (dynamo would otherwise
     make a second shape's sizes symbolic and serve every later shape from that graph)."""
-    return torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
+    return torch.compile(fn, dynamic=False,
+                         options=COMPILE_OPTIONS if options is None else options)
 
 
 class Engine:
@@ -186,14 +198,18 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._blocks = None
-        self._enter, self._leave = self._enter_pass, self._leave_pass
+        # a pass's three parts (inputs, blocks, head and bookkeeping), by whether it is the
+        # AR step: compiled, the AR step's graphs take other inductor options
+        self._parts = dict.fromkeys((False, True), (self._enter_pass, None, self._leave_pass))
         self.compiled = compile
         if compile:
             raise_recompile_limit()
-            self._blocks = [compile_static(block) for block in model.layers]
-            self._enter = compile_static(self._enter_pass)
-            self._leave = compile_static(self._leave_pass)
+            for ar_step in (False, True):
+                options = compile_options(ar_step)
+                self._parts[ar_step] = (
+                    compile_static(self._enter_pass, options),
+                    [compile_static(block, options) for block in model.layers],
+                    compile_static(self._leave_pass, options))
         self.last_stats: Stats | None = None
         self._live: _State | None = None  # the running stream's state, for finish()
         self._ended: set[int] = set()  # and the rows finish() ended
@@ -483,10 +499,11 @@ class Engine:
             st.draft_probs.copy_(probs)
 
     def _pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict) -> None:
-        inputs, clean = self._enter(st, cfg, cache, consts)
+        enter, blocks, leave = self._parts[st.drafts.shape[1] == 0]
+        inputs, clean = enter(st, cfg, cache, consts)
         self.model.row_gate.start = clean
-        hidden = self.model.run_blocks(inputs, cache, self._blocks)
-        self._leave(st, cfg, hidden, consts)
+        hidden = self.model.run_blocks(inputs, cache, blocks)
+        leave(st, cfg, hidden, consts)
 
     def _enter_pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
         """The pass's layout, from the state by position arithmetic, as block inputs."""

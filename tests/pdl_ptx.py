@@ -1,0 +1,63 @@
+"""Compile the decode kernels for an H100 (sm_90) without a GPU and count, in their PTX, the
+global loads before and after their grid-dependency wait. Run as a script in a process
+without Triton's interpreter (the tests set it, and the interpreter's library functions
+cannot be compiled): ``python tests/pdl_ptx.py`` prints a JSON object, case -> counts."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tidar import decode_attention, decode_matvec
+
+WAIT = "griddepcontrol.wait"
+MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")
+SLICE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "Out": "*fp32",
+         "Lse": "*fp32", "Final": "*bf16"}
+MERGE = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"}
+
+
+def ptx_lines(kernel, pointers: dict[str, str], constexprs: dict) -> list[str]:
+    """``kernel``'s PTX for sm_90, ``pointers`` typed as given and the other arguments that
+    are not constexprs as 32-bit integers (``eps`` as float)."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {name: "constexpr" if name in constexprs else pointers.get(
+        name, "fp32" if name == "eps" else "i32") for name in names}
+    source = ASTSource(kernel, signature,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    return [line.strip() for line in compiled.asm["ptx"].splitlines()]
+
+
+def count(lines: list[str]) -> dict:
+    """Waits, and global loads before the first wait and after it."""
+    waits = [i for i, line in enumerate(lines) if line.startswith(WAIT)]
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+    first = waits[0] if waits else len(lines)
+    return {"waits": len(waits), "loads_before": sum(i < first for i in loads),
+            "loads_after": sum(i > first for i in loads)}
+
+
+def cases() -> dict:
+    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True)
+    attention = dict(qk_scale=0.18, HEAD_DIM=64, BLOCK_M=16, BLOCK_N=64, FP32=False)
+    out = {}
+    for pdl in (True, False):
+        for swiglu in (False, True):
+            out[f"matvec swiglu={swiglu} pdl={pdl}"] = count(ptx_lines(
+                decode_matvec._matvec_kernel, MATVEC, {**matvec, "SWIGLU": swiglu, "PDL": pdl}))
+    for one_slice in (False, True):
+        out[f"slice one_slice={one_slice}"] = count(ptx_lines(
+            decode_attention._slice_kernel, SLICE,
+            {**attention, "ONE_SLICE": one_slice, "PDL": True}))
+    out["merge"] = count(ptx_lines(decode_attention._merge_kernel, MERGE,
+                                   dict(HEAD_DIM=64, BLOCK_M=16, BLOCK_P=1, PDL=True)))
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(cases()))

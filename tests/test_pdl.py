@@ -1,0 +1,49 @@
+"""Programmatic dependent launch (``tidar.pdl``): off where it cannot run; where it runs, the
+decode kernels wait for the kernel before them before they read its results. The kernels are
+compiled for an H100 here, without a GPU, and their PTX is read (``pdl_ptx.py``): a
+matvec's weights load before its wait and its input after; the attention kernels load
+nothing before theirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from tidar import pdl  # noqa: E402
+
+
+def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
+    assert not pdl.enabled(torch.zeros(1))
+    monkeypatch.setattr(pdl, "PDL", False)
+    assert not pdl.enabled(torch.zeros(1))
+
+
+@pytest.fixture(scope="module")
+def ptx_counts() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("pdl_ptx.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts, swiglu):
+    with_pdl = ptx_counts[f"matvec swiglu={swiglu} pdl=True"]
+    assert with_pdl["waits"] == 1
+    assert with_pdl["loads_before"] > 0 and with_pdl["loads_after"] > 0
+    assert ptx_counts[f"matvec swiglu={swiglu} pdl=False"]["waits"] == 0
+
+
+@pytest.mark.parametrize("kernel", ["slice one_slice=False", "slice one_slice=True", "merge"])
+def test_attention_kernels_wait_before_any_load(ptx_counts, kernel):
+    counts = ptx_counts[kernel]
+    assert counts["waits"] == 1
+    assert counts["loads_before"] == 0 and counts["loads_after"] > 0
