@@ -3,7 +3,9 @@
 The server (the embedded default and its shipped drafter, or the flags given) runs under
 uvicorn on a free local port. For each client count, that many clients each send
 ``--requests`` of the bench's chat prompts in turn as streamed chat completions, after a
-warm-up at that count (with ``--compile`` each new batch size compiles its graphs).
+warm-up at that count (with ``--compile`` each new batch size compiles its graphs). The
+clients start together, or ``--stagger-ms`` apart, so that requests arrive while a batch
+runs (what continuous batching serves; compare with ``-- --no-join``).
 Reported per count: completion tokens per second over the run, the median and 90th
 percentile of the time to the first streamed text and to the whole reply, and the batch
 sizes the server ran.
@@ -69,9 +71,11 @@ async def one_reply(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> 
             "tokens": usage["completion_tokens"]}
 
 
-async def load(url: str, clients: int, prompts: list[str], max_tokens: int) -> dict:
+async def load(url: str, clients: int, prompts: list[str], max_tokens: int,
+               stagger_s: float = 0.0) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
         async def one_client(offset: int) -> list[dict]:
+            await asyncio.sleep(offset * stagger_s)
             return [await one_reply(client, prompts[(offset + i) % len(prompts)], max_tokens)
                     for i in range(len(prompts))]
 
@@ -93,18 +97,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=8, help="replies per client")
+    ap.add_argument("--stagger-ms", type=float, default=0.0,
+                    help="client k sends its first request k times this late")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: tidar serve flags")
     args = ap.parse_args()
     serve_args = [a for a in args.serve_args if a != "--"]
     url, server, web = start_server(serve_args)
     prompts = (prompt_texts("chat", raw=False) * args.requests)[: args.requests]
     report = {"serve_args": serve_args, "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "runs": []}
+              "requests_per_client": args.requests, "stagger_ms": args.stagger_ms, "runs": []}
     for clients in args.clients:
         asyncio.run(load(url, clients, prompts, 8))  # warm-up: graphs of these batch sizes
         server.batch_sizes.clear()
         joined = server.joined
-        run = asyncio.run(load(url, clients, prompts, args.max_tokens))
+        run = asyncio.run(load(url, clients, prompts, args.max_tokens, args.stagger_ms / 1000))
         run["batches_by_size"] = dict(sorted(server.batch_sizes.items()))
         run["joined_running_batches"] = server.joined - joined
         report["runs"].append(run)

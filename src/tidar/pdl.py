@@ -11,6 +11,8 @@ that another kernel writes, so completion stays ordered along the stream.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -20,4 +22,9 @@ PDL = True  # benchmarks turn it off: pass_latency.py --kernel-settings PDL=Fals
 def enabled(x: Tensor) -> bool:
     """Whether kernels on ``x``'s device launch with PDL: a CUDA device of compute
     capability 9 or more (Triton's interpreter and older GPUs run without it)."""
-    return PDL and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return PDL and x.device.type == "cuda" and _hopper_or_later(x.device.index)
+
+
+@cache
+def _hopper_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
