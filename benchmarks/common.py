@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,30 @@ def smollm2_shaped(device=DEVICE, dtype=torch.bfloat16, seed=0) -> Transformer:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def kernel_settings(spec: str) -> contextlib.ExitStack:
+    """A context that sets module constants of the decode kernels: ``engine`` (their own
+    settings) or ``NAME=VALUE,...`` on each of ``tidar.decode_attention``,
+    ``tidar.decode_matvec``, ``tidar.decode_matmul`` and ``tidar.pdl`` that has the name,
+    e.g. ``MIN_CHUNK=128``, ``MAX_ROWS=0`` (no fused matvecs), ``PDL=False`` (no
+    programmatic dependent launch) or ``MAX_PASS_ROWS=4096`` (fused drafting matmuls)."""
+    from tidar import decode_attention, decode_matmul, decode_matvec, pdl
+
+    stack = contextlib.ExitStack()
+    if spec == "engine":
+        return stack
+    for item in spec.split(","):
+        name, value = item.split("=", 1)
+        value = value == "True" if value in ("True", "False") else int(value)
+        modules = [m for m in (decode_attention, decode_matvec, decode_matmul, pdl)
+                   if hasattr(m, name)]
+        if not modules:
+            raise SystemExit(f"kernel settings: no decode kernel module has {name}")
+        for module in modules:
+            stack.callback(setattr, module, name, getattr(module, name))
+            setattr(module, name, value)
+    return stack
 
 
 def out_dir() -> Path:

@@ -20,7 +20,7 @@ import argparse
 
 import torch
 import transformers as tf
-from common import DEVICE, write_json
+from common import DEVICE, kernel_settings, write_json
 
 from tidar.config import from_hf_config
 from tidar.engine import DecodeConfig, Engine
@@ -140,7 +140,16 @@ def main() -> None:
                     default="all",
                     help="eager blocks (every family, 2 seeds), compiled (llama, qwen3_moe), "
                     "or sampling values as data (eager and compiled)")
+    ap.add_argument("--kernel-settings", default="engine",
+                    help="NAME=VALUE,... for the decode kernels (common.kernel_settings), "
+                    "e.g. MAX_PASS_ROWS=4096: drafting passes through decode_matmul")
     args = ap.parse_args()
+    with kernel_settings(args.kernel_settings):
+        check(args)
+
+
+def check(args) -> None:
+    """The runs ``args.runs`` names, under the kernel settings ``main`` applied."""
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]]
     rows, failures = [], 0
     runs = []

@@ -18,16 +18,18 @@ one process, against the AR step's floors.
         --kernel-settings FEW_ROWS_MIN_CHUNK=256,FEW_ROWS_MERGE_ALL=False engine --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 \
         --kernel-settings MAX_ROWS=0 engine --rounds 2
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
+        --inductor no-pdl engine
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 272 \
+        --kernel-settings engine MAX_PASS_ROWS=4096 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
 ``--inductor`` compiles under other inductor settings; ``--kernel-settings`` sets
-constants of the Triton decode kernels (``tidar.decode_attention``,
-``tidar.decode_matvec``). ``--rounds 2`` compiles and times every variant twice, in turn:
-how far the same graphs time apart by their place in the process (session 12 saw 3-7% for
-the AR step). ``--compile-scope
-blocks`` compiles the blocks alone, as the engine did before it compiled the whole pass
-with static shapes.
+constants of the Triton decode kernels (``common.kernel_settings``). ``--rounds 2`` compiles
+and times every variant twice, in turn: how far the same graphs time apart by their place
+in the process (session 12 saw 3-7% for the AR step). ``--compile-scope blocks`` compiles
+the blocks alone, as the engine did before it compiled the whole pass with static shapes.
 ``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
 before it kept it symbolic (one graph for every capacity bucket). ``--short-caches old``
 gives AR caches an unused scratch slot (a 256-slot capacity then takes 512 slots) and merges
@@ -47,7 +49,7 @@ import time
 from functools import partial
 
 import torch
-from common import SMOLLM2, graph_seconds, smollm2_shaped, write_json
+from common import SMOLLM2, graph_seconds, kernel_settings, smollm2_shaped, write_json
 from profile_pass import kernel_table
 
 from tidar.engine import DecodeConfig, Engine
@@ -96,36 +98,15 @@ INDUCTOR = {"engine": (None, None), "no-pdl": (None, False),
             "pdl": ({"coordinate_descent_tuning": True, "triton.enable_pdl": True}, None)}
 
 
-def kernel_settings(spec: str) -> dict:
-    """``engine`` (the kernels' own settings) or ``NAME=VALUE,...`` for module constants of
-    ``tidar.decode_attention``, ``tidar.decode_matvec`` and ``tidar.pdl`` (each that has the
-    name), e.g. ``MIN_CHUNK=128,BLOCK_N=128``, ``MAX_ROWS=0`` (no fused matvecs) or
-    ``PDL=False`` (no programmatic dependent launch)."""
-    if spec == "engine":
-        return {}
-    pairs = (item.split("=", 1) for item in spec.split(","))
-    return {name: value == "True" if value in ("True", "False") else int(value)
-            for name, value in pairs}
-
-
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
                     short: str, kernel: str):
     import tidar.decode_attention
-    import tidar.decode_matvec
     import tidar.engine
     import tidar.model
-    import tidar.pdl
 
     stack = contextlib.ExitStack()
     stack.enter_context(attention_context(attention))
-    for name, value in kernel_settings(kernel).items():
-        modules = [module for module in (tidar.decode_attention, tidar.decode_matvec, tidar.pdl)
-                   if hasattr(module, name)]
-        if not modules:
-            raise SystemExit(f"--kernel-settings: no decode kernel module has {name}")
-        for module in modules:
-            stack.callback(setattr, module, name, getattr(module, name))
-            setattr(module, name, value)
+    stack.enter_context(kernel_settings(kernel))
     if scope == "blocks":  # as compiled before: blocks only, dynamo's automatic dynamic shapes
         own_compile = tidar.engine.compile_static
         tidar.engine.compile_static = lambda fn, options=None: (
@@ -219,7 +200,7 @@ def main() -> None:
                     "second kernel (the engine before), per variant")
     ap.add_argument("--kernel-settings", nargs="+", default=["engine"],
                     help="settings of the Triton decode kernels per variant: engine, or "
-                    "NAME=VALUE,... (see kernel_settings)")
+                    "NAME=VALUE,... (see common.kernel_settings)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="compile and time the variants this many times, in turn")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")

@@ -131,6 +131,23 @@ def with_row_lora(model: Transformer, rank: int = 4) -> Transformer:
     return model
 
 
+def check_fused_logits(kernels, logits, family: str, calls: list, monkeypatch,
+                       tol: float) -> None:
+    """``logits(model)`` with the fused kernels of the module ``kernels`` (let onto the CPU,
+    ``calls`` counting them) equals it with the plain layers, for a tiny ``family`` model
+    with and without mask-row adapters; the fused path ran for every dense projection."""
+    for adapters in (False, True):
+        model = tiny_model(family, vocab=8, seed=3)
+        model = with_row_lora(model) if adapters else model
+        with monkeypatch.context() as plain_only:
+            plain_only.setattr(kernels, "DEVICES", ())
+            expected = logits(model)
+        calls.clear()
+        torch.testing.assert_close(logits(model), expected, atol=tol, rtol=tol)
+        dense = family != "olmoe"
+        assert len(calls) == model.cfg.n_layers * (4 if dense else 2)
+
+
 def ar_distribution(model: Transformer, context: list[int]) -> Tensor:
     """The model's AR logits for the token after ``context`` (a full causal forward)."""
     with torch.inference_mode():

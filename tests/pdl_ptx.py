@@ -12,10 +12,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tidar import decode_attention, decode_matvec
+from tidar import decode_attention, decode_matmul, decode_matvec
 
 WAIT = "griddepcontrol.wait"
-MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")
+MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")  # and matmul
 SLICE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "Out": "*fp32",
          "Lse": "*fp32", "Final": "*bf16"}
 MERGE = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"}
@@ -50,6 +50,12 @@ def cases() -> dict:
         for swiglu in (False, True):
             out[f"matvec swiglu={swiglu} pdl={pdl}"] = count(ptx_lines(
                 decode_matvec._matvec_kernel, MATVEC, {**matvec, "SWIGLU": swiglu, "PDL": pdl}))
+    for swiglu in (False, True):
+        out[f"matmul swiglu={swiglu}"] = count(ptx_lines(
+            decode_matmul._matmul_kernel, MATVEC,
+            dict(BLOCK_M=decode_matmul.ROWS_PER_BLOCK, BLOCK_N=decode_matmul.OUTPUTS_PER_BLOCK,
+                 BLOCK_K=512, BLOCK_R=64, NORM=True, SWIGLU=swiglu, BIAS=True, RESIDUAL=True,
+                 FP32=False, PDL=True)))
     for one_slice in (False, True):
         out[f"slice one_slice={one_slice}"] = count(ptx_lines(
             decode_attention._slice_kernel, SLICE,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model, with_row_lora
+from helpers import check_fused_logits, tiny_model, with_row_lora
 
 decode_matvec = pytest.importorskip("tidar.decode_matvec")
 from tidar.engine import DecodeConfig, Engine  # noqa: E402
@@ -86,17 +86,9 @@ def test_the_ar_step_with_fused_matvecs_gives_the_plain_logits(family, fused_on_
                                                                monkeypatch):
     """Biases (qwen2), q/k norms (qwen3), experts (olmoe: attention fused, experts plain), and
     mask-row adapters, whose stacked weights' base half the AR step reads."""
-    for adapters in (False, True):
-        model = tiny_model(family, vocab=8, seed=3)
-        model = with_row_lora(model) if adapters else model
-        with monkeypatch.context() as plain_only:
-            plain_only.setattr(decode_matvec, "DEVICES", ())
-            expected = ar_step_logits(model)
-        fused_on_cpu.clear()
-        torch.testing.assert_close(ar_step_logits(model), expected, atol=1e-5, rtol=1e-5)
-        dense = family != "olmoe"
-        assert len(fused_on_cpu) == model.cfg.n_layers * (4 if dense else 2)
-        assert set(fused_on_cpu) == {2}
+    check_fused_logits(decode_matvec, ar_step_logits, family, fused_on_cpu, monkeypatch,
+                       tol=1e-5)
+    assert set(fused_on_cpu) == {2}
 
 
 def test_inputs_too_wide_for_one_tile_keep_the_plain_layers(fused_on_cpu, monkeypatch):

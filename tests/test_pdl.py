@@ -1,8 +1,8 @@
 """Programmatic dependent launch (``tidar.pdl``): off where it cannot run; where it runs, the
 decode kernels wait for the kernel before them before they read its results. The kernels are
-compiled for an H100 here, without a GPU, and their PTX is read (``pdl_ptx.py``): a
-matvec's weights load before its wait and its input after; the attention kernels load
-nothing before theirs."""
+compiled for an H100 here, without a GPU, and their PTX is read (``pdl_ptx.py``): the
+matvec's and the matmul's weights load before their wait and their input after; the
+attention kernels load nothing before theirs."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts
     assert with_pdl["waits"] == 1
     assert with_pdl["loads_before"] > 0 and with_pdl["loads_after"] > 0
     assert ptx_counts[f"matvec swiglu={swiglu} pdl=False"]["waits"] == 0
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_matmul_loads_its_weights_before_the_wait_and_its_rows_after(ptx_counts, swiglu):
+    counts = ptx_counts[f"matmul swiglu={swiglu}"]
+    assert counts["waits"] == 1
+    assert counts["loads_before"] > 0 and counts["loads_after"] > 0
 
 
 @pytest.mark.parametrize("kernel", ["slice one_slice=False", "slice one_slice=True", "merge"])

@@ -25,9 +25,9 @@ try:
 except ImportError:  # no Triton (CPU builds of torch): SDPA everywhere
     decode_attention = None
 try:
-    from . import decode_matvec
+    from . import decode_matmul, decode_matvec
 except ImportError:  # no Triton: plain projections everywhere
-    decode_matvec = None
+    decode_matmul = decode_matvec = None
 
 KV_SLOT_MULTIPLE = 256  # CUDA caches come in whole slices of this many slots
 DECODE_LINEAR_MAX_ELEMENTS = 1 << 24  # largest weight group decoding runs as one DecodeLinear
@@ -145,34 +145,56 @@ class DecodeLinear(nn.Module):
             self.weight, self.bias = weight, bias
 
 
-def matvec_weights(group: DecodeLinear, plain: nn.Module | None,
-                   x: Tensor) -> tuple[Tensor, Tensor | None] | None:
-    """The weight and bias of a fused matvec over the rows of ``x`` ``[B, T, ...]`` (the
-    block's input: the matvec's own input may be wider) while decoding with few rows on CUDA
-    (``decode_matvec.supported``): the group's base half (the AR step has no mask rows) or
-    the ``plain`` ``nn.Linear``'s. None where the plain layers must run."""
+class FusedWeights(NamedTuple):
+    """What a fused projection reads: ``weight`` and ``bias``, the stacked ``[W; W']`` of a
+    drafter's adapters where mask rows (from ``start`` in each sequence) read ``W'`` from
+    weight row ``adapted`` on; without mask rows the base half alone and ``adapted`` 0."""
+
+    weight: Tensor
+    bias: Tensor | None
+    start: int
+    adapted: int
+
+
+def fused_weights(group: DecodeLinear, plain: nn.Module | None,
+                  x: Tensor) -> FusedWeights | None:
+    """The weights of a fused projection over the rows of ``x`` ``[B, T, ...]`` (the block's
+    input: the projection's own input may be wider) while decoding on CUDA: the AR step's
+    few rows as ``decode_matvec``, more rows (or mask rows) as ``decode_matmul`` where that
+    is on. The group's weights, or the ``plain`` ``nn.Linear``'s. None where the plain layers
+    must run."""
     if decode_matvec is None or not group.gate.decoding:
         return None
+    length = x.shape[-2]
     if group.active():
-        if group.stacked and group.gate.start < x.shape[-2]:
-            return None
         out = sum(group.sizes)
-        weight, bias = group.weight[:out], None if group.bias is None else group.bias[:out]
+        if group.stacked and group.gate.start < length:
+            fused = FusedWeights(group.weight, group.bias, group.gate.start, out)
+        else:
+            fused = FusedWeights(group.weight[:out],
+                                 None if group.bias is None else group.bias[:out], length, 0)
     elif type(plain) is nn.Linear:
-        weight, bias = plain.weight, plain.bias
+        fused = FusedWeights(plain.weight, plain.bias, length, 0)
     else:
         return None
-    return (weight, bias) if decode_matvec.supported(x.flatten(0, -2), weight) else None
+    rows = x.flatten(0, -2)
+    if fused.adapted == 0 and decode_matvec.supported(rows, fused.weight):
+        return fused
+    return fused if decode_matmul.supported(rows, fused.weight) else None
 
 
-def matvec(x: Tensor, weights: tuple[Tensor, Tensor | None], norm: RMSNorm | None = None,
-           residual: Tensor | None = None, swiglu: bool = False) -> Tensor:
-    """``decode_matvec`` over ``x`` ``[B, T, K]``: the norm before, SwiGLU and residual after."""
-    weight, bias = weights
-    out = decode_matvec.decode_matvec(
-        x.flatten(0, -2), weight, None if norm is None else norm.weight, bias,
-        None if residual is None else residual.flatten(0, -2), swiglu,
-        0.0 if norm is None else norm.eps)
+def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
+          residual: Tensor | None = None, swiglu: bool = False) -> Tensor:
+    """The fused projection of ``x`` ``[B, T, K]``: the norm before, SwiGLU and residual
+    after; ``decode_matvec`` for the AR step's few rows, else ``decode_matmul``."""
+    rows = x.flatten(0, -2)
+    args = (rows, weights.weight, None if norm is None else norm.weight, weights.bias,
+            None if residual is None else residual.flatten(0, -2), swiglu,
+            0.0 if norm is None else norm.eps)
+    if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
+        out = decode_matvec.decode_matvec(*args)
+    else:
+        out = decode_matmul.decode_matmul(*args, x.shape[-2], weights.start, weights.adapted)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -291,13 +313,14 @@ class Attention(nn.Module):
         return [(self.qkv, [self.q_proj, self.k_proj, self.v_proj]), (self.out, [self.o_proj])]
 
     def residual_step(self, x, norm, cos, sin, masks, kv, slots) -> Tensor | None:
-        """``x + self(norm(x), ...)`` with the norm fused into the q/k/v matvec and the
-        residual into the output's (the AR step on CUDA); None where that does not apply."""
-        qkv, out = matvec_weights(self.qkv, None, x), matvec_weights(self.out, self.o_proj, x)
+        """``x + self(norm(x), ...)`` with the norm fused into the q/k/v projection and the
+        residual into the output's (``fused_weights``: the AR step on CUDA, and drafting
+        passes where ``decode_matmul`` is on); None where that does not apply."""
+        qkv, out = fused_weights(self.qkv, None, x), fused_weights(self.out, self.o_proj, x)
         if qkv is None or out is None:
             return None
-        q, k, v = matvec(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
-        return matvec(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
+        q, k, v = fused(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
+        return fused(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
 
     def forward(self, x, cos, sin, masks, kv: tuple[Tensor, Tensor] | None, slots) -> Tensor:
         """``kv``: this layer's cache buffers (written at ``slots``), or None: no cache."""
@@ -389,13 +412,13 @@ class MLP(nn.Module):
         return [(self.gate_up, [self.gate_proj, self.up_proj]), (self.down, [self.down_proj])]
 
     def residual_step(self, x: Tensor, norm: RMSNorm) -> Tensor | None:
-        """``x + self(norm(x))`` as two fused matvecs (the AR step on CUDA); None where that
+        """``x + self(norm(x))`` as two fused projections (``fused_weights``); None where that
         does not apply."""
-        gate_up = matvec_weights(self.gate_up, None, x)
-        down = matvec_weights(self.down, self.down_proj, x)
+        gate_up = fused_weights(self.gate_up, None, x)
+        down = fused_weights(self.down, self.down_proj, x)
         if gate_up is None or down is None:
             return None
-        return matvec(matvec(x, gate_up, norm=norm, swiglu=True), down, residual=x)
+        return fused(fused(x, gate_up, norm=norm, swiglu=True), down, residual=x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up.active():

@@ -1,0 +1,187 @@
+"""Matmuls for drafting passes: ``decode_matvec``'s fusions for tens to hundreds of rows, as a
+Triton kernel on tensor cores (GPU only). Off until it is timed (``MAX_PASS_ROWS``).
+
+A drafting pass at small batch has 32-272 rows a sequence, still far too few for a GEMM to be
+compute-bound: its projections ran as cuBLAS GEMMs of 3-4 us with the RMSNorm, the mask rows'
+half of the stacked adapter weights, SwiGLU and the residual add as kernels of their own
+(docs/results.md section 2). Here a thread block takes ``OUTPUTS_PER_BLOCK`` outputs by the
+whole input width for one tile of rows of one sequence, all clean or all mask rows, so that
+it reads the base or the adapted weights, not both. It loads that weight tile before it
+waits for the kernel before it (``tidar.pdl``), then normalises its rows and multiplies with
+``tl.dot``, and fuses what ``decode_matvec`` fuses. Importing this module needs Triton; the
+tests run the kernel in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import pdl
+
+# rows a pass (all sequences) at most; 0: off until a GPU A/B adopts it (pass_latency.py
+# --kernel-settings MAX_PASS_ROWS=4096 engine)
+MAX_PASS_ROWS = 0
+MAX_WIDTH = 4096  # inputs at most: the whole input row is one tile
+# A thread block's tile: with 576 inputs (512 + 64) and 4 warps, 16 x 32 compiles for sm_90
+# without register spills (ptxas), 32 x 32 and 16 x 16 with gate/up do not.
+ROWS_PER_BLOCK = 16  # tl.dot needs 16
+OUTPUTS_PER_BLOCK = 32
+WARPS = 4
+DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
+
+
+@triton.jit
+def _weights(W, first, n, n_ok, stride_w, k0, K, BLOCK: tl.constexpr):
+    """Weight rows ``first + n`` by inputs ``k0`` to ``k0 + BLOCK`` (zero past ``K``)."""
+    k = k0 + tl.arange(0, BLOCK)
+    return tl.load(W + (first + n[:, None]) * stride_w + k[None, :],
+                   mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _inputs(X, rows, row_ok, stride_x, k0, K, BLOCK: tl.constexpr):
+    k = k0 + tl.arange(0, BLOCK)
+    return tl.load(X + rows[:, None] * stride_x + k[None, :],
+                   mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _normed(x, norm_w, scale):
+    """As model.RMSNorm: normalise in float32, round, scale in the input dtype."""
+    x = (x.to(tl.float32) * scale[:, None]).to(x.dtype)
+    return norm_w.to(x.dtype)[None, :] * x
+
+
+@triton.jit
+def _dot(x, w, FP32: tl.constexpr):
+    if FP32:
+        return tl.dot(x, tl.trans(w), input_precision="ieee")
+    return tl.dot(x, tl.trans(w))
+
+
+@triton.jit
+def _matmul_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, length, start, adapted,
+                   stride_x, stride_w, stride_res, stride_out,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FP32: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Outputs ``n`` of this program for one tile of rows: ``W @ f(x) (+ bias)`` as
+    ``decode_matvec``'s kernel. Rows are ``length`` a sequence; those from ``start`` on
+    (mask rows) read the weight rows from ``adapted`` on (the stacked adapted half). The
+    inputs come as two tiles, ``BLOCK_K`` then ``BLOCK_R`` wide (0: none), so that a width
+    such as 576 pads to 512 + 64, not to 1024 (registers)."""
+    clean_tiles = tl.cdiv(start, BLOCK_M)
+    tiles = clean_tiles + tl.cdiv(length - start, BLOCK_M)
+    seq, tile = tl.program_id(1) // tiles, tl.program_id(1) % tiles
+    masked = tile >= clean_tiles
+    first = tl.where(masked, start + (tile - clean_tiles) * BLOCK_M, tile * BLOCK_M)
+    t = first + tl.arange(0, BLOCK_M)
+    row_ok = t < tl.where(masked, length, start)
+    rows = (seq * length + t).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    offset = tl.where(masked, adapted, 0)  # first weight row of this tile's half
+    w = _weights(W, offset, n, n_ok, stride_w, 0, K, BLOCK_K)
+    if BLOCK_R:
+        w_rest = _weights(W, offset, n, n_ok, stride_w, BLOCK_K, K, BLOCK_R)
+    if SWIGLU:
+        w_up = _weights(W, offset + N, n, n_ok, stride_w, 0, K, BLOCK_K)
+        if BLOCK_R:
+            w_up_rest = _weights(W, offset + N, n, n_ok, stride_w, BLOCK_K, K, BLOCK_R)
+    if NORM:
+        norm_w = tl.load(NormW + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < K)
+        if BLOCK_R:
+            k_rest = BLOCK_K + tl.arange(0, BLOCK_R)
+            norm_w_rest = tl.load(NormW + k_rest, mask=k_rest < K)
+    if BIAS:
+        bias = tl.load(Bias + offset + n, mask=n_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            bias_up = tl.load(Bias + offset + N + n, mask=n_ok, other=0.0).to(tl.float32)
+    if PDL:  # the input and residual are earlier kernels' outputs
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = _inputs(X, rows, row_ok, stride_x, 0, K, BLOCK_K)
+    if BLOCK_R:
+        x_rest = _inputs(X, rows, row_ok, stride_x, BLOCK_K, K, BLOCK_R)
+    if NORM:
+        squares = tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
+        if BLOCK_R:
+            squares += tl.sum(x_rest.to(tl.float32) * x_rest.to(tl.float32), 1)
+        scale = tl.rsqrt(squares / K + eps)
+        x = _normed(x, norm_w, scale)
+        if BLOCK_R:
+            x_rest = _normed(x_rest, norm_w_rest, scale)
+    acc = _dot(x, w, FP32)
+    if BLOCK_R:
+        acc += _dot(x_rest, w_rest, FP32)
+    if BIAS:
+        acc += bias[None, :]
+    if SWIGLU:
+        up = _dot(x, w_up, FP32)
+        if BLOCK_R:
+            up += _dot(x_rest, w_up_rest, FP32)
+        if BIAS:
+            up += bias_up[None, :]
+        acc = acc * tl.sigmoid(acc) * up
+    out_ok = row_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(Res + rows[:, None] * stride_res + n[None, :], mask=out_ok,
+                       other=0.0).to(tl.float32)
+    tl.store(Out + rows[:, None] * stride_out + n[None, :], acc.to(Out.dtype.element_ty),
+             mask=out_ok)
+
+
+def widths(inputs: int) -> tuple[int, int]:
+    """The two input tiles: the largest power of two within ``inputs``, then the rest
+    padded to a power of two (at least 16, for ``tl.dot``), or 0."""
+    main = max(16, 1 << (inputs.bit_length() - 1))
+    rest = inputs - main
+    return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+
+
+def supported(x: Tensor, weight: Tensor) -> bool:
+    """Rows of ``x`` ``[rows, ...]`` the kernel takes against ``weight`` ``[N, K]``: at most
+    ``MAX_PASS_ROWS``, on CUDA, with no gradient, an input row of at most ``MAX_WIDTH``."""
+    return (x.device.type in DEVICES and 0 < x.shape[0] <= MAX_PASS_ROWS
+            and not x.requires_grad and weight.shape[-1] <= MAX_WIDTH and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+@torch.library.custom_op("tidar::decode_matmul", mutates_args=())
+def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: Tensor | None,
+                  residual: Tensor | None, swiglu: bool, eps: float, length: int, start: int,
+                  adapted: int) -> Tensor:
+    """``x`` ``[rows, K]``, sequences of ``length`` rows, times ``weight`` as
+    ``decode_matvec`` does, except that rows from ``start`` on in each sequence read the
+    weight (and bias) rows from ``adapted`` on. Without mask rows ``start`` is ``length``
+    (``adapted`` then goes unread). An opaque custom op, as ``decode_matvec``."""
+    rows, inputs = x.shape
+    outputs = (adapted or weight.shape[0]) // (2 if swiglu else 1)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    residual = None if residual is None else (
+        residual if residual.stride(-1) == 1 else residual.contiguous())
+    out = x.new_empty(rows, outputs)
+    main, rest = widths(inputs)
+    tiles = -(-start // ROWS_PER_BLOCK) + -(-(length - start) // ROWS_PER_BLOCK)
+    overlap = pdl.enabled(x)
+    _matmul_kernel[(triton.cdiv(outputs, OUTPUTS_PER_BLOCK), rows // length * tiles)](
+        x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
+        x if residual is None else residual, out, inputs, outputs, eps, length, start, adapted,
+        x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
+        out.stride(0), BLOCK_M=ROWS_PER_BLOCK, BLOCK_N=OUTPUTS_PER_BLOCK, BLOCK_K=main,
+        BLOCK_R=rest,
+        NORM=norm_weight is not None,
+        SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
+        FP32=x.dtype == torch.float32, PDL=overlap, num_warps=WARPS, launch_pdl=overlap)
+    return out
+
+
+@decode_matmul.register_fake
+def _(x, weight, norm_weight, bias, residual, swiglu, eps, length, start, adapted):
+    outputs = (adapted or weight.shape[0]) // (2 if swiglu else 1)
+    return x.new_empty(x.shape[0], outputs)

@@ -1,0 +1,126 @@
+"""The fused matmul of drafting passes (``tidar.decode_matmul``), run in Triton's CPU
+interpreter (``conftest.py``): against the plain expressions it replaces, mask rows reading the
+adapted half of stacked weights, and inside the model and the engine, where drafting with it
+must give the plain layers' logits and tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_fused_logits, tiny_model, with_row_lora
+
+decode_matmul = pytest.importorskip("tidar.decode_matmul")
+from tidar.engine import DecodeConfig, Engine  # noqa: E402
+from tidar.layouts import decode_layout  # noqa: E402
+from tidar.model import KVCache  # noqa: E402
+
+
+def plain(x, weight, norm_weight, bias, residual, swiglu, length, start, adapted):
+    """The expressions the kernel fuses, in float32: clean rows against the base rows of the
+    weight, mask rows (from ``start`` in each sequence) against the rows from ``adapted``."""
+    width = adapted or weight.shape[0]
+    if norm_weight is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+        x = norm_weight * x
+    x = x.float()
+
+    def half(first):
+        return F.linear(x, weight[first:first + width].float(),
+                        None if bias is None else bias[first:first + width].float())
+
+    y = half(0)
+    if adapted:
+        masked = torch.arange(x.shape[0]) % length >= start
+        y = torch.where(masked[:, None], half(adapted), y)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual.float() + y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("sequences", "length", "start"), [
+    (1, 32, 16),   # one proposal block, block size 16: 16 clean rows, 16 mask rows
+    (2, 7, 3),     # tiles cut short on both sides
+    (1, 90, 10),   # mask rows in two tiles of 64
+    (3, 5, 5),     # no mask rows: the base half alone
+])
+@pytest.mark.parametrize(("use_norm", "use_bias", "swiglu", "use_residual"), [
+    (True, False, False, False),   # q/k/v
+    (True, True, True, False),     # gate/up with biases and SwiGLU
+    (False, True, False, True),    # o and down, residual added
+])
+def test_matches_the_plain_expressions(dtype, sequences, length, start, use_norm, use_bias,
+                                       swiglu, use_residual):
+    gen = torch.Generator().manual_seed(sequences * 100 + length + start)
+    inputs, outputs = 40, 24
+    width = 2 * outputs if swiglu else outputs
+    stacked = start < length
+    rows = sequences * length
+    x = torch.randn(rows, inputs, generator=gen).to(dtype)
+    weight = (torch.randn(2 * width if stacked else width, inputs, generator=gen)
+              / inputs**0.5).to(dtype)
+    norm_weight = (torch.rand(inputs, generator=gen) + 0.5).to(dtype) if use_norm else None
+    bias = torch.randn(weight.shape[0], generator=gen).to(dtype) if use_bias else None
+    residual = torch.randn(rows, outputs, generator=gen).to(dtype) if use_residual else None
+    adapted = width if stacked else 0
+    args = (x, weight, norm_weight, bias, residual, swiglu)
+    got = decode_matmul.decode_matmul(*args, 1e-5, length, start, adapted)
+    expected = plain(*args, length, start, adapted)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and got.shape == (rows, outputs)
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def matmuls_on_cpu(monkeypatch):
+    """Let drafting passes take the fused path on the CPU (the interpreter), counting its
+    calls by rows."""
+    calls = []
+    op = decode_matmul.decode_matmul
+    monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
+    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 4096)
+    monkeypatch.setattr(decode_matmul, "decode_matmul",
+                        lambda *args: calls.append(args[0].shape[0]) or op(*args))
+    return calls
+
+
+def drafting_pass_logits(model):
+    """Logits of a drafting pass (block size 4, proposals for 0 and 1 accepted drafts) over
+    random caches, for two sequences."""
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")
+    for buffer in cache.k + cache.v:
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    layout = decode_layout(torch.tensor([3, 5]), torch.randint(0, 8, (2, 4), generator=gen),
+                           [0, 1], 4, 16, model.cfg.mask_id)
+    with torch.inference_mode(), model.decode_weights():
+        return model(layout, cache)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "olmoe"])
+def test_a_drafting_pass_with_fused_matmuls_gives_the_plain_logits(family, matmuls_on_cpu,
+                                                                   monkeypatch):
+    """Biases (qwen2), experts (olmoe: attention fused, experts plain), with and without
+    mask-row adapters (stacked weights, the mask rows reading the adapted half)."""
+    check_fused_logits(decode_matmul, drafting_pass_logits, family, matmuls_on_cpu,
+                       monkeypatch, tol=1e-4)
+
+
+def test_drafting_with_fused_matmuls_gives_the_same_tokens(matmuls_on_cpu, monkeypatch):
+    """Greedy `lossless` with mask-row adapters decodes the same tokens, pass for pass, with
+    its drafting passes fused; the plain layers decode as before when it is off."""
+    model = with_row_lora(tiny_model("llama", vocab=16, seed=5))
+    prompts = [torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 3)]
+    cfg = DecodeConfig(sampler="lossless", block_size=4, proposals=(0, 1, 2),
+                       max_new_tokens=12)
+    got, stats = Engine(model).generate(prompts, cfg)
+    assert matmuls_on_cpu
+    with monkeypatch.context() as plain_only:
+        plain_only.setattr(decode_matmul, "DEVICES", ())
+        expected, expected_stats = Engine(model).generate(prompts, cfg)
+    assert got == expected
+    assert stats.passes == expected_stats.passes
