@@ -78,6 +78,20 @@ def run_layers(fn, inputs) -> None:
         fn(*args)
 
 
+def time_candidates(candidates: dict, inputs: list, expected, repeats: int) -> dict:
+    """Per candidate ``fn``: microseconds per call over the layers' ``inputs`` in one CUDA
+    graph, and the largest difference from ``expected`` on the first; or its error."""
+    row = {}
+    for label, fn in candidates.items():
+        try:
+            err = (fn(*inputs[0]).float() - expected).abs().max()
+            us = graph_seconds(partial(run_layers, fn, inputs), 1, repeats)
+            row[label] = {"us": round(us * 1e6 / len(inputs), 2), "max_abs_err": err.item()}
+        except Exception as exc:  # one failing setting must not end the sweep
+            row[label] = {"error": repr(exc)[:300]}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=50)
@@ -99,16 +113,9 @@ def main() -> None:
                       "triton engine, no PDL": triton_op(name, None, overlap=False)}
         for block_n, warps in itertools.product(args.block_n, args.warps):
             candidates[f"triton n{block_n} w{warps}"] = triton_op(name, (block_n, warps))
-        row = {"weight_mb": n * k * 2 / 1e6}
-        for label, fn in candidates.items():
-            inputs = [(x, w, norm_weight, residual) for w in weights]
-            try:
-                err = (fn(*inputs[0]).float() - expected).abs().max()
-                us = graph_seconds(partial(run_layers, fn, inputs), 1, args.repeats)
-                us *= 1e6 / LAYERS
-                row[label] = {"us": round(us, 2), "max_abs_err": err.item()}
-            except Exception as exc:  # one failing setting must not end the sweep
-                row[label] = {"error": repr(exc)[:300]}
+        inputs = [(x, w, norm_weight, residual) for w in weights]
+        row = {"weight_mb": n * k * 2 / 1e6,
+               **time_candidates(candidates, inputs, expected, args.repeats)}
         timed = {k: v["us"] for k, v in row.items() if isinstance(v, dict) and "us" in v}
         best = min((k for k in timed if k.startswith("triton")), key=timed.get, default=None)
         row["best_triton"] = best
