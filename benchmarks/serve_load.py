@@ -45,7 +45,8 @@ def start_server(serve_args: list[str]) -> tuple[str, Server, uvicorn.Server]:
     decoder = load_decoder(args)
     tuner = decoder.tune(args)
     server = Server(decoder, "bench", tuner, max_batch=args.max_batch,
-                    window=args.batch_window / 1000, join=args.join)
+                    window=args.batch_window / 1000, join=args.join,
+                    batch_rows=args.batch_rows)
     web = uvicorn.Server(uvicorn.Config(build_app(server), port=port, log_level="warning"))
     threading.Thread(target=web.run, daemon=True).start()
     while not web.started:

@@ -102,3 +102,21 @@ def test_a_prompt_longer_than_the_batch_takes_is_refused():
         for _ in engine.stream(prompts([3, 4, 5], 7), cfg,
                                more=lambda longest: [1] * (longest + 1)):
             pass
+
+
+def test_spare_rows_let_prompts_join_a_batch_started_by_one(model):
+    """``min_rows``: a batch of one prompt decodes four rows, so two prompts join it at once,
+    each decoding as alone; without it the batch has no free row while its prompt runs."""
+    cfg = DecodeConfig(block_size=4, proposals=(0, 1), max_new_tokens=12)
+    first, joining = prompts([5], 7), prompts([3, 6], 8)
+    for min_rows, joined in ((4, 2), (1, 0)):
+        waiting = list(joining)
+        engine = Engine(model)
+        got: dict[int, list[int]] = {}
+        for row, tokens in engine.stream(first, cfg, min_rows=min_rows,
+                                         more=lambda longest, queue=waiting: (
+                                             queue.pop(0) if queue else None)):
+            got.setdefault(row, []).extend(tokens)
+        assert len(got) == 1 + joined
+        for row, prompt in enumerate((first + joining)[: 1 + joined]):
+            assert got[row] == solo(model, prompt, cfg)[0], row

@@ -182,6 +182,25 @@ def test_a_request_joins_a_running_batch(decoder, join):
     assert dict(server.batch_sizes) == ({2: 1} if join else {2: 1, 1: 1})
 
 
+@pytest.mark.parametrize("batch_rows", [1, 2])
+def test_spare_rows_let_a_request_join_a_batch_started_by_one(decoder, batch_rows):
+    """A batch of one request has no free row while it runs: a later request waits for the
+    next batch, unless ``--batch-rows 2`` gave the batch a spare row to join."""
+    server = Server(decoder, "m", window=0.0, batch_rows=batch_rows, start=False)
+    cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10, sampler="ar"))
+    ids = decoder.loaded.tokenizer.encode("1, 2, 3,")
+    later = SubmitOnFirstText(lambda cfg: [_Job(ids, cfg, (), None)])
+    later.server, later.cfg = server, cfg
+    first = server.submit(_Job(decoder.loaded.tokenizer.encode("The sky is"), cfg, (), later))
+    server.thread.start()
+    first.done.result(timeout=120)
+    result = later.jobs[0].done.result(timeout=120)
+    assert result["token_ids"] == decoder.engine.generate([ids], cfg)[0][0]
+    joined = batch_rows > 1
+    assert server.joined == joined
+    assert dict(server.batch_sizes) == ({1: 1} if joined else {1: 2})
+
+
 def test_no_request_joins_past_an_older_one_of_another_configuration(decoder):
     """The oldest waiting request cannot join (another configuration): the running batch
     takes no later one either, so the oldest is not starved; each then runs in turn."""
@@ -214,7 +233,8 @@ def test_a_taken_port_is_one_line(capsys):
     assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0]
 
 
-@pytest.mark.parametrize("flags", [["--max-batch", "0"], ["--batch-window", "-1"]])
+@pytest.mark.parametrize("flags", [["--max-batch", "0"], ["--batch-window", "-1"],
+                                   ["--batch-rows", "0"], ["--batch-rows", "9"]])
 def test_a_bad_batch_setting_is_one_line(capsys, flags):
     code = main(["serve", *flags])
     err = capsys.readouterr().err.strip().splitlines()

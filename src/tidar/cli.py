@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--join", action=argparse.BooleanOptionalAction, default=True,
                        help="let requests join a running batch in rows that free up "
                        "(continuous batching; --no-join: they wait for the next batch)")
+    serve.add_argument("--batch-rows", type=int, default=1,
+                       help="rows a batch decodes at least, so that requests arriving while "
+                       "it runs can join at once; every pass pays for the idle ones")
 
     from .bench import add_bench_args
 

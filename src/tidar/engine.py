@@ -227,6 +227,7 @@ class Engine:
     def stream(
         self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None,
         sync_every: int | None = None, more: Callable[[int], list[int] | None] | None = None,
+        min_rows: int = 1,
     ) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(row, tokens)`` as tokens are committed; stats end up in ``last_stats``.
 
@@ -241,7 +242,9 @@ class Engine:
         gives is prefilled alone into the free row and decodes with the rest (seed
         ``cfg.seed``); its tokens come as row ``len(prompts) + k`` for the k-th prompt
         ``more`` gave. Once no row decodes the stream ends: the caller's next batch may then
-        take a larger batch-size bucket.
+        take a larger batch-size bucket. ``min_rows``: decode at least this many rows (idle
+        ones wait for ``more``'s prompts), so that a batch started by one prompt has room
+        for others; every pass pays for them.
         """
         sync_every = sync_every or (8 if self.cuda_graphs else 1)
         cfg = cfg.resolved()
@@ -250,7 +253,7 @@ class Engine:
         seeds = seeds if seeds is not None else [cfg.seed] * batch
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
-        rows = batch_bucket(batch)
+        rows = batch_bucket(max(batch, min_rows))
         with torch.inference_mode(), self.model.decode_weights():
             runner = self._runner(rows, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
             filler = rows - batch  # rows past the batch: copies of its first prompt, idle

@@ -16,6 +16,8 @@ request that arrives while a batch runs joins it in a free row (one whose reques
 an idle row of the batch-size bucket) if it shares the batch's configuration and its prompt
 fits the batch's cache (``Engine.stream(more=...)``; ``--no-join`` turns it off). The oldest
 waiting request goes first: while it cannot join, no later one does, and the batch drains.
+A batch started by one request has one row, so nothing can join it; ``--batch-rows N`` makes
+every batch decode at least N rows (the idle ones cost every pass).
 """
 
 from __future__ import annotations
@@ -127,10 +129,11 @@ class Server:
 
     def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None,
                  max_batch: int = 8, window: float = 0.005, join: bool = True,
-                 start: bool = True):
+                 batch_rows: int = 1, start: bool = True):
         self.decoder, self.name, self.tuner, self.max_batch = decoder, name, tuner, max_batch
         self.window = window  # seconds an idle thread waits for more requests
         self.join = join  # requests may join a running batch
+        self.batch_rows = batch_rows  # rows a batch decodes at least: room to join
         self.waiting: deque[_Job] = deque()
         self.wake = threading.Condition()
         self.batch_sizes: Counter[int] = Counter()  # batches started, by their first rows
@@ -198,7 +201,8 @@ class Server:
 
         try:
             results = run_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg, texts,
-                               streamed, more if self.join else None)
+                               streamed, more if self.join else None,
+                               self.batch_rows if self.join else 1)
         except Exception as exc:
             for job in batch:
                 job.done.set_exception(exc)
@@ -290,7 +294,7 @@ def build_app(server: Server):
                 "sampler": cfg.sampler, "block_size": cfg.block_size,
                 "proposals": len(cfg.proposals), "device": str(server.decoder.engine.device),
                 "max_batch": server.max_batch, "batch_window_ms": server.window * 1000,
-                "join": server.join,
+                "join": server.join, "batch_rows": server.batch_rows,
                 "tuner": server.tuner,
                 "batches_by_size": dict(sorted(server.batch_sizes.items())),
                 "joined_running_batches": server.joined}
@@ -324,6 +328,9 @@ def run_serve(args) -> int:
         raise TidarError(f"--max-batch must lie in 1 .. 1024, got {args.max_batch}")
     if not 0 <= args.batch_window <= 1000:
         raise TidarError(f"--batch-window must lie in 0 .. 1000 ms, got {args.batch_window}")
+    if not 1 <= args.batch_rows <= args.max_batch:
+        raise TidarError(f"--batch-rows must lie in 1 .. --max-batch ({args.max_batch}), got "
+                         f"{args.batch_rows}")
 
     from .generate import load_decoder
 
@@ -339,6 +346,7 @@ def run_serve(args) -> int:
         print(f"tuner: {tuner_summary(tuner)}", flush=True)
     name = args.model or "smollm2-135m-instruct"
     server = Server(decoder, name, tuner, max_batch=args.max_batch,
-                    window=args.batch_window / 1000, join=args.join)
+                    window=args.batch_window / 1000, join=args.join,
+                    batch_rows=args.batch_rows)
     uvicorn.run(build_app(server), host=args.host, port=args.port)
     return 0
