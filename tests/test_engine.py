@@ -716,6 +716,31 @@ def test_compiled_pass_matches_eager_without_graph_breaks():
     assert not counters["graph_break"]
 
 
+def test_the_ar_step_compiles_with_programmatic_dependent_launch(monkeypatch):
+    """The AR step's graphs take inductor's PDL option (``compile_options``); drafting
+    passes' graphs do not (PDL made them slower on the H200)."""
+    import tidar.engine
+
+    ran = []
+
+    def recording(fn, options=None):
+        pdl = bool(options and options.get("triton.enable_pdl"))
+        return lambda *args: ran.append(pdl) or fn(*args)
+
+    monkeypatch.setattr(tidar.engine, "compile_static", recording)
+    model = tiny_model("llama", vocab=32, seed=3)
+    prompts = _prompts(32, [5, 3], 4)
+    for cfg, pdl in ((DecodeConfig(sampler="ar", max_new_tokens=6), True),
+                     (DecodeConfig(block_size=4, max_new_tokens=6), False)):
+        ran.clear()
+        Engine(model, compile=True).generate(prompts, cfg)
+        assert ran and set(ran) == {pdl}
+    monkeypatch.setattr(tidar.engine, "AR_STEP_PDL", False)
+    ran.clear()
+    Engine(model, compile=True).generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=6))
+    assert ran and set(ran) == {False}
+
+
 def test_compiled_pass_compiles_once_per_pass_shape():
     """Longer prompts land in larger cache-capacity buckets, and ``mix`` runs at several
     betas: the compiled pass keeps the cache's slot count symbolic and reads beta as data, so
