@@ -93,10 +93,11 @@ def _matmul_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, length, start, adapte
         if BLOCK_R:
             w_up_rest = _weights(W, offset + N, n, n_ok, stride_w, BLOCK_K, K, BLOCK_R)
     if NORM:
-        norm_w = tl.load(NormW + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < K)
+        k_main = tl.arange(0, BLOCK_K)
+        norm_w = tl.load(NormW + k_main, mask=k_main < K, other=0.0)
         if BLOCK_R:
             k_rest = BLOCK_K + tl.arange(0, BLOCK_R)
-            norm_w_rest = tl.load(NormW + k_rest, mask=k_rest < K)
+            norm_w_rest = tl.load(NormW + k_rest, mask=k_rest < K, other=0.0)
     if BIAS:
         bias = tl.load(Bias + offset + n, mask=n_ok, other=0.0).to(tl.float32)
         if SWIGLU:
@@ -174,10 +175,9 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
         x if residual is None else residual, out, inputs, outputs, eps, length, start, adapted,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
         out.stride(0), BLOCK_M=ROWS_PER_BLOCK, BLOCK_N=OUTPUTS_PER_BLOCK, BLOCK_K=main,
-        BLOCK_R=rest,
-        NORM=norm_weight is not None,
-        SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
-        FP32=x.dtype == torch.float32, PDL=overlap, num_warps=WARPS, launch_pdl=overlap)
+        BLOCK_R=rest, NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
+        RESIDUAL=residual is not None, FP32=x.dtype == torch.float32, PDL=overlap,
+        num_warps=WARPS, launch_pdl=overlap)
     return out
 
 
