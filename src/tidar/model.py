@@ -169,18 +169,18 @@ def fused_weights(group: DecodeLinear, plain: nn.Module | None,
     if group.active():
         out = sum(group.sizes)
         if group.stacked and group.gate.start < length:
-            fused = FusedWeights(group.weight, group.bias, group.gate.start, out)
+            weights = FusedWeights(group.weight, group.bias, group.gate.start, out)
         else:
-            fused = FusedWeights(group.weight[:out],
-                                 None if group.bias is None else group.bias[:out], length, 0)
+            weights = FusedWeights(group.weight[:out],
+                                   None if group.bias is None else group.bias[:out], length, 0)
     elif type(plain) is nn.Linear:
-        fused = FusedWeights(plain.weight, plain.bias, length, 0)
+        weights = FusedWeights(plain.weight, plain.bias, length, 0)
     else:
         return None
     rows = x.flatten(0, -2)
-    if fused.adapted == 0 and decode_matvec.supported(rows, fused.weight):
-        return fused
-    return fused if decode_matmul.supported(rows, fused.weight) else None
+    if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
+        return weights
+    return weights if decode_matmul.supported(rows, weights.weight) else None
 
 
 def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
