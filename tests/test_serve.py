@@ -234,7 +234,8 @@ def test_a_taken_port_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("flags", [["--max-batch", "0"], ["--batch-window", "-1"],
-                                   ["--batch-rows", "0"], ["--batch-rows", "9"]])
+                                   ["--batch-rows", "0"], ["--batch-rows", "9"],
+                                   ["--batch-rows", "2", "--no-join"]])
 def test_a_bad_batch_setting_is_one_line(capsys, flags):
     code = main(["serve", *flags])
     err = capsys.readouterr().err.strip().splitlines()

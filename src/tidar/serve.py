@@ -331,6 +331,9 @@ def run_serve(args) -> int:
     if not 1 <= args.batch_rows <= args.max_batch:
         raise TidarError(f"--batch-rows must lie in 1 .. --max-batch ({args.max_batch}), got "
                          f"{args.batch_rows}")
+    if args.batch_rows > 1 and not args.join:
+        raise TidarError("--batch-rows leaves rows for requests to join: it needs joins "
+                         "(drop --no-join)")
 
     from .generate import load_decoder
 
