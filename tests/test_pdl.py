@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,10 +20,17 @@ pytest.importorskip("triton")
 from tidar import pdl  # noqa: E402
 
 
-def test_off_on_the_cpu_and_when_switched_off(monkeypatch):
-    assert not pdl.enabled(torch.zeros(1))
+def test_on_for_hopper_and_later_only_and_when_switched_on(monkeypatch):
+    """A CUDA tensor on sm_90 or later launches with PDL, unless ``PDL`` is off; the CPU
+    (Triton's interpreter) and older GPUs never do."""
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(pdl, "_hopper_or_later", lambda index: True)
+    assert pdl.enabled(on_cuda) and not pdl.enabled(torch.zeros(1))
     monkeypatch.setattr(pdl, "PDL", False)
-    assert not pdl.enabled(torch.zeros(1))
+    assert not pdl.enabled(on_cuda)
+    monkeypatch.setattr(pdl, "PDL", True)
+    monkeypatch.setattr(pdl, "_hopper_or_later", lambda index: False)
+    assert not pdl.enabled(on_cuda)
 
 
 @pytest.fixture(scope="module")
