@@ -29,17 +29,25 @@ TENSORS = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")
 DIM, HIDDEN = 576, 1536  # SmolLM2-135M
 
 
-def resources(kernel, constexprs: dict, warps: int) -> dict:
-    """ptxas's report for ``kernel`` compiled with ``constexprs`` and ``warps``."""
+def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str] = TENSORS,
+                 warps: int = 4):
+    """``kernel`` compiled for sm_90 with ``constexprs``: ``pointers`` typed as given, the
+    other arguments as 32-bit integers (``eps`` as float); pointers, strides and sizes
+    16-divisible, as Triton specialises them at run time."""
     names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: "constexpr" if n in constexprs else TENSORS.get(
+    signature = {n: "constexpr" if n in constexprs else pointers.get(
         n, "fp32" if n == "eps" else "i32") for n in names}
-    divisible = [n for n in names if n in TENSORS or n.startswith("stride") or n in ("K", "N")]
+    divisible = [n for n in names if n in pointers or n.startswith("stride") or n in ("K", "N")]
     source = ASTSource(kernel, signature,
                        constexprs={(names.index(n),): v for n, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+
+def resources(kernel, constexprs: dict, warps: int) -> dict:
+    """ptxas's report for ``kernel`` compiled with ``constexprs`` and ``warps``."""
+    compiled = compile_sm90(kernel, constexprs, warps=warps)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next(os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas")
                  if os.path.exists(os.path.join(bin_dir, name)))

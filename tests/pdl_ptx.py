@@ -1,18 +1,19 @@
-"""Compile the decode kernels for an H100 (sm_90) without a GPU and count, in their PTX, the
-global loads before and after their grid-dependency wait. Run as a script in a process
-without Triton's interpreter (the tests set it, and the interpreter's library functions
-cannot be compiled): ``python tests/pdl_ptx.py`` prints a JSON object, case -> counts."""
+"""Compile the decode kernels for an H100 (sm_90) without a GPU (as
+``benchmarks/kernel_resources.py`` does) and count, in their PTX, the global loads before and
+after their grid-dependency wait. Run as a script in a process without Triton's interpreter
+(the tests set it, and the interpreter's library functions cannot be compiled): ``python
+tests/pdl_ptx.py`` prints a JSON object, case -> counts."""
 
 from __future__ import annotations
 
-import inspect
 import json
+import sys
+from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kernel_resources import compile_sm90  # noqa: E402
 
-from tidar import decode_attention, decode_matmul, decode_matvec
+from tidar import decode_attention, decode_matmul, decode_matvec  # noqa: E402
 
 WAIT = "griddepcontrol.wait"
 MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")  # and matmul
@@ -22,14 +23,8 @@ MERGE = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"}
 
 
 def ptx_lines(kernel, pointers: dict[str, str], constexprs: dict) -> list[str]:
-    """``kernel``'s PTX for sm_90, ``pointers`` typed as given and the other arguments that
-    are not constexprs as 32-bit integers (``eps`` as float)."""
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {name: "constexpr" if name in constexprs else pointers.get(
-        name, "fp32" if name == "eps" else "i32") for name in names}
-    source = ASTSource(kernel, signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    """``kernel``'s PTX for sm_90, its ``pointers`` typed as given."""
+    compiled = compile_sm90(kernel, constexprs, pointers)
     return [line.strip() for line in compiled.asm["ptx"].splitlines()]
 
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl
+from .decode_matvec import new_output, unit_stride
 
 # rows a pass (all sequences) at most; 0: off until a GPU A/B adopts it (pass_latency.py
 # --kernel-settings MAX_PASS_ROWS=4096 engine)
@@ -162,12 +163,9 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     weight (and bias) rows from ``adapted`` on. Without mask rows ``start`` is ``length``
     (``adapted`` then goes unread). An opaque custom op, as ``decode_matvec``."""
     rows, inputs = x.shape
-    outputs = (adapted or weight.shape[0]) // (2 if swiglu else 1)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    residual = None if residual is None else (
-        residual if residual.stride(-1) == 1 else residual.contiguous())
-    out = x.new_empty(rows, outputs)
+    x, weight, residual = unit_stride(x, weight, residual)
+    out = new_output(x, weight, swiglu, adapted)
+    outputs = out.shape[1]
     main, rest = widths(inputs)
     tiles = -(-start // ROWS_PER_BLOCK) + -(-(length - start) // ROWS_PER_BLOCK)
     overlap = pdl.enabled(x)
@@ -184,5 +182,4 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
 
 @decode_matmul.register_fake
 def _(x, weight, norm_weight, bias, residual, swiglu, eps, length, start, adapted):
-    outputs = (adapted or weight.shape[0]) // (2 if swiglu else 1)
-    return x.new_empty(x.shape[0], outputs)
+    return new_output(x, weight, swiglu, adapted)

@@ -72,6 +72,17 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
         tl.store(Out + row * stride_out + n, acc.to(Out.dtype.element_ty), mask=n_ok)
 
 
+def unit_stride(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors with their last dimension contiguous (copied where it is not)."""
+    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def new_output(x: Tensor, weight: Tensor, swiglu: bool, adapted: int = 0) -> Tensor:
+    """A fused projection's output, uninitialised: ``x``'s rows by the weight's outputs (its
+    base half's, from row ``adapted`` on the adapted half), halved by SwiGLU."""
+    return x.new_empty(x.shape[0], (adapted or weight.shape[0]) // (2 if swiglu else 1))
+
+
 def supported(x: Tensor, weight: Tensor) -> bool:
     """Rows of ``x`` ``[rows, ...]`` the kernel takes against ``weight`` ``[N, K]``: a few,
     on CUDA, with no gradient, an input row of ``K`` small enough for one register tile."""
@@ -95,12 +106,9 @@ def decode_matvec(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     ``residual`` ``[rows, N]`` if given. An opaque custom op, as ``decode_attention``: the
     compiled pass calls it as one external kernel."""
     rows, inputs = x.shape
-    outputs = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    residual = None if residual is None else (
-        residual if residual.stride(-1) == 1 else residual.contiguous())
-    out = x.new_empty(rows, outputs)
+    x, weight, residual = unit_stride(x, weight, residual)
+    out = new_output(x, weight, swiglu)
+    outputs = out.shape[1]
     block_n, warps = plan(outputs, inputs)
     overlap = pdl.enabled(x)
     _matvec_kernel[(triton.cdiv(outputs, block_n),)](
@@ -115,4 +123,4 @@ def decode_matvec(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
 
 @decode_matvec.register_fake
 def _(x, weight, norm_weight, bias, residual, swiglu, eps):
-    return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
+    return new_output(x, weight, swiglu)

@@ -148,12 +148,14 @@ class DecodeLinear(nn.Module):
 class FusedWeights(NamedTuple):
     """What a fused projection reads: ``weight`` and ``bias``, the stacked ``[W; W']`` of a
     drafter's adapters where mask rows (from ``start`` in each sequence) read ``W'`` from
-    weight row ``adapted`` on; without mask rows the base half alone and ``adapted`` 0."""
+    weight row ``adapted`` on; without mask rows the base half alone and ``adapted`` 0.
+    ``matvec``: ``decode_matvec`` takes it (the AR step's few rows), else ``decode_matmul``."""
 
     weight: Tensor
     bias: Tensor | None
     start: int
     adapted: int
+    matvec: bool = False
 
 
 def fused_weights(group: DecodeLinear, plain: nn.Module | None,
@@ -179,7 +181,7 @@ def fused_weights(group: DecodeLinear, plain: nn.Module | None,
         return None
     rows = x.flatten(0, -2)
     if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
-        return weights
+        return weights._replace(matvec=True)
     return weights if decode_matmul.supported(rows, weights.weight) else None
 
 
@@ -191,7 +193,7 @@ def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
     args = (rows, weights.weight, None if norm is None else norm.weight, weights.bias,
             None if residual is None else residual.flatten(0, -2), swiglu,
             0.0 if norm is None else norm.eps)
-    if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
+    if weights.matvec:
         out = decode_matvec.decode_matvec(*args)
     else:
         out = decode_matmul.decode_matmul(*args, x.shape[-2], weights.start, weights.adapted)
