@@ -89,13 +89,11 @@ def attention_context(choice: str):
     return stack
 
 
-# compile options (None: the engine's) and whether the AR step's inductor kernels launch
-# with programmatic dependent launch, a kernel starting while the one before ends (None: the
-# engine's choice, yes)
-INDUCTOR = {"engine": (None, None), "no-pdl": (None, False),
-            "untuned": ({"coordinate_descent_tuning": False}, None),
-            "max-autotune": ({"max_autotune": True, "coordinate_descent_tuning": True}, None),
-            "pdl": ({"coordinate_descent_tuning": True, "triton.enable_pdl": True}, None)}
+# compile options (None: the engine's) and engine constants, by --inductor variant
+INDUCTOR = {"engine": (None, {}), "no-pdl": (None, {"INDUCTOR_PDL": False}),
+            "untuned": ({"coordinate_descent_tuning": False}, {}),
+            "max-autotune": ({"max_autotune": True, "coordinate_descent_tuning": True}, {}),
+            "pdl": (None, {"PDL_DRAFT_ROWS": 1 << 30})}
 
 
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
@@ -123,13 +121,12 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
         own_share = tidar.engine._share_across_capacities
         tidar.engine._share_across_capacities = lambda st, cache: None
         stack.callback(setattr, tidar.engine, "_share_across_capacities", own_share)
-    options, ar_step_pdl = INDUCTOR[inductor]
+    options, constants = INDUCTOR[inductor]
     if options is not None:
-        stack.callback(setattr, tidar.engine, "COMPILE_OPTIONS", tidar.engine.COMPILE_OPTIONS)
-        tidar.engine.COMPILE_OPTIONS = options
-    if ar_step_pdl is not None:
-        stack.callback(setattr, tidar.engine, "AR_STEP_PDL", tidar.engine.AR_STEP_PDL)
-        tidar.engine.AR_STEP_PDL = ar_step_pdl
+        constants = {**constants, "COMPILE_OPTIONS": options}
+    for name, value in constants.items():
+        stack.callback(setattr, tidar.engine, name, getattr(tidar.engine, name))
+        setattr(tidar.engine, name, value)
     if fuse == "off":
         own = tidar.model.DECODE_LINEAR_MAX_ELEMENTS
         tidar.model.DECODE_LINEAR_MAX_ELEMENTS = 0
@@ -187,8 +184,8 @@ def main() -> None:
     ap.add_argument("--fuse", nargs="+", default=["on"], choices=["on", "off"],
                     help="fused q/k/v and gate/up projections when decoding, per variant")
     ap.add_argument("--inductor", nargs="+", default=["engine"], choices=list(INDUCTOR),
-                    help="compile options: the engine's, without PDL in the AR step, without "
-                    "tile tuning, autotuned, or with PDL in every pass")
+                    help="compile options: the engine's, without PDL, without tile tuning, "
+                    "autotuned, or with PDL in every pass")
     ap.add_argument("--compile-scope", nargs="+", default=["pass"], choices=["pass", "blocks"],
                     help="the engine's compiled pass (static graphs), or its blocks alone with "
                     "dynamo's automatic dynamic shapes (the engine before), per variant")

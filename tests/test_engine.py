@@ -716,9 +716,10 @@ def test_compiled_pass_matches_eager_without_graph_breaks():
     assert not counters["graph_break"]
 
 
-def test_the_ar_step_compiles_with_programmatic_dependent_launch(monkeypatch):
-    """The AR step's graphs take inductor's PDL option (``compile_options``); drafting
-    passes' graphs do not (PDL made them slower on the H200)."""
+def test_small_passes_compile_with_programmatic_dependent_launch(monkeypatch):
+    """The AR step's graphs, and a drafting pass's of at most ``PDL_DRAFT_ROWS`` rows over
+    all sequences, take inductor's PDL option (``compile_options``); larger drafting passes'
+    graphs do not (PDL made them slower on the H200)."""
     import tidar.engine
 
     ran = []
@@ -728,16 +729,21 @@ def test_the_ar_step_compiles_with_programmatic_dependent_launch(monkeypatch):
         return lambda *args: ran.append(pdl) or fn(*args)
 
     monkeypatch.setattr(tidar.engine, "compile_static", recording)
+    monkeypatch.setattr(tidar.engine, "PDL_DRAFT_ROWS", 16)
     model = tiny_model("llama", vocab=32, seed=3)
-    prompts = _prompts(32, [5, 3], 4)
-    for cfg, pdl in ((DecodeConfig(sampler="ar", max_new_tokens=6), True),
-                     (DecodeConfig(block_size=4, max_new_tokens=6), False)):
+    ar = DecodeConfig(sampler="ar", max_new_tokens=6)
+    one_block = DecodeConfig(block_size=4, proposals=(0,), max_new_tokens=6)  # 8 rows a sequence
+    for prompts, cfg, pdl in ((_prompts(32, [5, 3, 4], 4), ar, True),
+                              (_prompts(32, [5, 3], 4), one_block, True),  # batch 2: 16 rows
+                              (_prompts(32, [5, 3, 4], 4), one_block, False),  # bucket 4: 32
+                              (_prompts(32, [5], 4), DecodeConfig(block_size=4, max_new_tokens=6),
+                               False)):  # 4 proposal blocks: 20 rows
         ran.clear()
         Engine(model, compile=True).generate(prompts, cfg)
         assert ran and set(ran) == {pdl}
-    monkeypatch.setattr(tidar.engine, "AR_STEP_PDL", False)
+    monkeypatch.setattr(tidar.engine, "INDUCTOR_PDL", False)
     ran.clear()
-    Engine(model, compile=True).generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=6))
+    Engine(model, compile=True).generate(_prompts(32, [5, 3], 4), ar)
     assert ran and set(ran) == {False}
 
 

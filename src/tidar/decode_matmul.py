@@ -1,5 +1,5 @@
 """Matmuls for drafting passes: ``decode_matvec``'s fusions for tens to hundreds of rows, as a
-Triton kernel on tensor cores (GPU only). Off until it is timed (``MAX_PASS_ROWS``).
+Triton kernel on tensor cores (GPU only), for passes of at most ``MAX_PASS_ROWS`` rows.
 
 A drafting pass at small batch has 32-272 rows a sequence, still far too few for a GEMM to be
 compute-bound: its projections ran as cuBLAS GEMMs of 3-4 us with the RMSNorm, the mask rows'
@@ -22,9 +22,10 @@ from torch import Tensor
 from . import pdl
 from .decode_matvec import new_output, unit_stride
 
-# rows a pass (all sequences) at most; 0: off until a GPU A/B adopts it (pass_latency.py
-# --kernel-settings MAX_PASS_ROWS=4096 engine)
-MAX_PASS_ROWS = 0
+# Rows a pass (all sequences) at most. On the H200 a pass of 32 rows took 0.91 ms against
+# 1.19 on the plain path, one of 80 rows 1.02 against 1.26; 128 rows (batch 4) timed the
+# same, 272 rows 1.97 against 1.42 (docs/results.md section 2).
+MAX_PASS_ROWS = 96
 MAX_WIDTH = 4096  # inputs at most: the whole input row is one tile
 # A thread block's tile: 16 rows x 32 outputs with 4 warps (8 past 1,024 inputs) compiles
 # for sm_90 without register spills at SmolLM2's shapes; 32 x 32, and 16 x 16 for gate/up,

@@ -160,17 +160,25 @@ CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths sha
 MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
 # Inductor tunes the fused kernels' tile sizes: the AR step 1.83 -> 1.61 ms on the H100.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-# The AR step's graphs also launch inductor's kernels with programmatic dependent launch
-# (``tidar.pdl``; Hopper and later, ignored elsewhere): on the H200 it made the AR step 8%
-# faster and the drafting passes 2-6% slower (docs/results.md section 2), so only the AR
-# step takes it.
-AR_STEP_PDL = True
+# Inductor's kernels launch with programmatic dependent launch (``tidar.pdl``; Hopper and
+# later, ignored elsewhere) in the AR step and in drafting passes of at most PDL_DRAFT_ROWS
+# rows, all sequences together. On the H200 it made the AR step 8% faster and, with the fused
+# drafting matmuls, a batch-1 pass of one proposal block (32 rows) 10% faster; a pass of 80
+# rows gained nothing and larger ones got 2-18% slower (docs/results.md section 2).
+INDUCTOR_PDL = True
+PDL_DRAFT_ROWS = 32
 
 
-def compile_options(ar_step: bool) -> dict:
-    """Inductor options for the graphs of the AR step (``ar_step``) or of drafting passes."""
-    return {**COMPILE_OPTIONS, "triton.enable_pdl": True} if ar_step and AR_STEP_PDL \
+def compile_options(pdl: bool) -> dict:
+    """Inductor options for the graphs of passes with (``pdl``) or without PDL."""
+    return {**COMPILE_OPTIONS, "triton.enable_pdl": True} if pdl and INDUCTOR_PDL \
         else COMPILE_OPTIONS
+
+
+def takes_pdl(batch: int, cfg: DecodeConfig) -> bool:
+    """Whether a pass over ``batch`` sequences (the bucket) under ``cfg`` runs the graphs
+    compiled with PDL."""
+    return not cfg.proposals or batch * (cfg.block_size + scratch_slots(cfg)) <= PDL_DRAFT_ROWS
 
 
 def compile_static(fn: Callable, options: dict | None = None) -> Callable:
@@ -198,15 +206,15 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        # a pass's three parts (inputs, blocks, head and bookkeeping), by whether it is the
-        # AR step: compiled, the AR step's graphs take other inductor options
+        # a pass's three parts (inputs, blocks, head and bookkeeping), by whether it takes
+        # PDL (``takes_pdl``): compiled, those graphs take other inductor options
         self._parts = dict.fromkeys((False, True), (self._enter_pass, None, self._leave_pass))
         self.compiled = compile
         if compile:
             raise_recompile_limit()
-            for ar_step in (False, True):
-                options = compile_options(ar_step)
-                self._parts[ar_step] = (
+            for pdl in (False, True):
+                options = compile_options(pdl)
+                self._parts[pdl] = (
                     compile_static(self._enter_pass, options),
                     [compile_static(block, options) for block in model.layers],
                     compile_static(self._leave_pass, options))
@@ -502,7 +510,7 @@ class Engine:
             st.draft_probs.copy_(probs)
 
     def _pass(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict) -> None:
-        enter, blocks, leave = self._parts[st.drafts.shape[1] == 0]
+        enter, blocks, leave = self._parts[takes_pdl(st.next_token.shape[0], cfg)]
         inputs, clean = enter(st, cfg, cache, consts)
         self.model.row_gate.start = clean
         hidden = self.model.run_blocks(inputs, cache, blocks)
