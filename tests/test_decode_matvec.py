@@ -58,6 +58,24 @@ def test_matches_the_plain_expressions(dtype, rows, inputs, outputs, use_norm, u
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
+def test_the_plan_follows_its_settings_and_every_tile_gives_the_same_result(monkeypatch):
+    """``plan``: 4 outputs a block up to 1,024 inputs, 2 past it, 8 warps for a small grid,
+    unless the module's settings say otherwise (the GPU A/B's candidate: 8 outputs, 4 warps);
+    the kernel computes the same under either."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, generator=gen)
+    weight = torch.randn(24, 64, generator=gen) / 8
+    norm = torch.rand(64, generator=gen) + 0.5
+    assert decode_matvec.plan(960, 576) == (4, 8) and decode_matvec.plan(576, 1536) == (2, 8)
+    assert decode_matvec.plan(4000, 576) == (4, 4)  # 1,000 thread blocks
+    before = decode_matvec.decode_matvec(x, weight, norm, None, None, True, 1e-5)
+    monkeypatch.setattr(decode_matvec, "NARROW_OUTPUTS", 8)
+    monkeypatch.setattr(decode_matvec, "NARROW_WARPS", 4)
+    assert decode_matvec.plan(960, 576) == (8, 4) and decode_matvec.plan(576, 1536) == (2, 8)
+    after = decode_matvec.decode_matvec(x, weight, norm, None, None, True, 1e-5)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
     """Let the model take the fused path on the CPU (the interpreter), counting its calls."""

@@ -23,6 +23,12 @@ from . import pdl
 MAX_ROWS = 4  # rows (sequences) at most: each thread block reuses its tile for every row
 MAX_INPUTS = 8192  # the whole input row is one register tile
 FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps instead of 4
+# Outputs a thread block, and warps (0: by FEW_PROGRAMS), up to 1,024 inputs and past it.
+# Under PDL the H200 sweep favoured 8 outputs with 4 warps up to 1,024 inputs, by 0.1-0.2 us
+# a call (docs/results.md section 2); kept until a pass A/B (pass_latency.py
+# --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4).
+NARROW_OUTPUTS, NARROW_WARPS = 4, 0
+WIDE_OUTPUTS, WIDE_WARPS = 2, 0
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
@@ -92,10 +98,12 @@ def supported(x: Tensor, weight: Tensor) -> bool:
 
 
 def plan(outputs: int, inputs: int) -> tuple[int, int]:
-    """(outputs per thread block, warps), from the H200 sweep of ``gemv_kernels.py``: 4
+    """(outputs per thread block, warps), from the H200 sweeps of ``gemv_kernels.py``: 4
     outputs a block (2 past 1,024 inputs), 8 warps when there are few blocks."""
-    block_n = 4 if inputs <= 1024 else 2
-    return block_n, 8 if triton.cdiv(outputs, block_n) <= FEW_PROGRAMS else 4
+    narrow = inputs <= 1024
+    block_n = NARROW_OUTPUTS if narrow else WIDE_OUTPUTS
+    warps = NARROW_WARPS if narrow else WIDE_WARPS
+    return block_n, warps or (8 if triton.cdiv(outputs, block_n) <= FEW_PROGRAMS else 4)
 
 
 @torch.library.custom_op("tidar::decode_matvec", mutates_args=())

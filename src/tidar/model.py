@@ -352,16 +352,18 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
-        out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window],
+                     slots if kv is not None else None)
         return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 _compiled_flex = None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, written: Tensor | None = None) -> Tensor:
     """Attention with a dense boolean mask (the kernel ``dense_attention_kernel`` picks),
-    causal over the first keys, or flex_attention with a BlockMask (compiled once)."""
+    causal over the first keys, or flex_attention with a BlockMask (compiled once).
+    ``written``: the cache slots ``[B, T]`` this pass wrote, if ``k, v`` are the cache."""
     if isinstance(mask, CausalMask):
         t = q.shape[2]
         return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True,
@@ -369,7 +371,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     if isinstance(mask, Tensor):
         kernel = dense_attention_kernel(q, k)
         if kernel == "triton":
-            return decode_attention(q, k, v, mask)
+            return decode_attention(q, k, v, mask, written)
         return dense_attention(q, k, v, mask)
     global _compiled_flex
     if _compiled_flex is None:
