@@ -233,10 +233,11 @@ def test_a_taken_port_is_one_line(capsys):
     assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0]
 
 
-@pytest.mark.parametrize("flags", [["--max-batch", "0"], ["--batch-window", "-1"],
+@pytest.mark.parametrize("flags", [["--port", "-1"], ["--port", "70000"],
+                                   ["--max-batch", "0"], ["--batch-window", "-1"],
                                    ["--batch-rows", "0"], ["--batch-rows", "9"],
                                    ["--batch-rows", "2", "--no-join"]])
-def test_a_bad_batch_setting_is_one_line(capsys, flags):
+def test_a_bad_port_or_batch_setting_is_one_line(capsys, flags):
     code = main(["serve", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and flags[0] in err[0]

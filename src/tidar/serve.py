@@ -324,6 +324,8 @@ def build_app(server: Server):
 def run_serve(args) -> int:
     import uvicorn
 
+    if not 0 <= args.port <= 65535:
+        raise TidarError(f"--port must lie in 0 .. 65535, got {args.port}")
     if not 1 <= args.max_batch <= 1024:
         raise TidarError(f"--max-batch must lie in 1 .. 1024, got {args.max_batch}")
     if not 0 <= args.batch_window <= 1000:
