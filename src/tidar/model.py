@@ -352,8 +352,11 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
+        # The cache itself, not a cast copy, may be read before the pass's writes land
+        # (decode_attention.PREFETCH): it takes the slots written.
+        cache_itself = kv is not None and k.dtype == v.dtype == q.dtype
         out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window],
-                     slots if kv is not None else None)
+                     slots if cache_itself else None)
         return out.transpose(1, 2).reshape(batch, length, -1)
 
 
