@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl
-from .decode_matvec import new_output, unit_stride
+from .decode_matvec import fits, new_output, unit_stride
 
 # Rows a pass (all sequences) at most. On the H200 a pass of 32 rows took 0.91 ms against
 # 1.19 on the plain path, one of 80 rows 1.02 against 1.26; 128 rows (batch 4) timed the
@@ -148,11 +148,9 @@ def widths(inputs: int) -> tuple[int, int]:
 
 
 def supported(x: Tensor, weight: Tensor) -> bool:
-    """Rows of ``x`` ``[rows, ...]`` the kernel takes against ``weight`` ``[N, K]``: at most
-    ``MAX_PASS_ROWS``, on CUDA, with no gradient, an input row of at most ``MAX_WIDTH``."""
-    return (x.device.type in DEVICES and 0 < x.shape[0] <= MAX_PASS_ROWS
-            and not x.requires_grad and weight.shape[-1] <= MAX_WIDTH and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows and ``MAX_WIDTH`` inputs, on
+    CUDA (``decode_matvec.fits``)."""
+    return fits(x, weight, DEVICES, MAX_PASS_ROWS, MAX_WIDTH)
 
 
 @torch.library.custom_op("tidar::decode_matmul", mutates_args=())

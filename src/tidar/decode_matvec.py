@@ -89,12 +89,19 @@ def new_output(x: Tensor, weight: Tensor, swiglu: bool, adapted: int = 0) -> Ten
     return x.new_empty(x.shape[0], (adapted or weight.shape[0]) // (2 if swiglu else 1))
 
 
-def supported(x: Tensor, weight: Tensor) -> bool:
-    """Rows of ``x`` ``[rows, ...]`` the kernel takes against ``weight`` ``[N, K]``: a few,
-    on CUDA, with no gradient, an input row of ``K`` small enough for one register tile."""
-    return (x.device.type in DEVICES and 0 < x.shape[0] <= MAX_ROWS and not x.requires_grad
-            and weight.shape[-1] <= MAX_INPUTS and x.dtype == weight.dtype
+def fits(x: Tensor, weight: Tensor, devices: tuple[str, ...], max_rows: int,
+         max_inputs: int) -> bool:
+    """Whether a fused projection kernel takes the rows of ``x`` ``[rows, ...]`` against
+    ``weight`` ``[N, K]``: on one of ``devices``, 1 to ``max_rows`` rows, no gradient, at most
+    ``max_inputs`` inputs (one register tile), a float dtype shared with the weight."""
+    return (x.device.type in devices and 0 < x.shape[0] <= max_rows and not x.requires_grad
+            and weight.shape[-1] <= max_inputs and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def supported(x: Tensor, weight: Tensor) -> bool:
+    """The matvec takes a few rows (``MAX_ROWS``), on CUDA (``fits``)."""
+    return fits(x, weight, DEVICES, MAX_ROWS, MAX_INPUTS)
 
 
 def plan(outputs: int, inputs: int) -> tuple[int, int]:
