@@ -119,7 +119,7 @@ def triton_attention(settings: dict, q, k, v, mask):
     for name, value in settings.items():
         setattr(module, name, value)
     try:
-        return module.decode_attention(q, k, v, mask, None)
+        return module.decode_attention(q, k, v, mask)
     finally:
         for name, value in own.items():
             setattr(module, name, value)

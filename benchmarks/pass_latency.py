@@ -22,10 +22,8 @@ one process, against the AR step's floors.
         --inductor no-pdl engine
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 272 \
         --kernel-settings engine MAX_PASS_ROWS=4096 --rounds 2
-    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --ar-only \
-        --kernel-settings engine PREFETCH=True NARROW_OUTPUTS=8,NARROW_WARPS=4 \
-        ARGMAX_CHUNK=1024 PREFETCH=True,NARROW_OUTPUTS=8,NARROW_WARPS=4,ARGMAX_CHUNK=1024 \
-        --rounds 2
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --ar-only \
+        --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;

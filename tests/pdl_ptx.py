@@ -17,8 +17,8 @@ from tidar import decode_attention, decode_matmul, decode_matvec  # noqa: E402
 
 WAIT = "griddepcontrol.wait"
 MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")  # and matmul
-SLICE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "Written": "*i64",
-         "Out": "*fp32", "Lse": "*fp32", "Final": "*bf16"}
+SLICE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "Out": "*fp32",
+         "Lse": "*fp32", "Final": "*bf16"}
 MERGE = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"}
 
 
@@ -52,10 +52,9 @@ def cases() -> dict:
                  BLOCK_K=512, BLOCK_R=64, NORM=True, SWIGLU=swiglu, BIAS=True, RESIDUAL=True,
                  FP32=False, PDL=True)))
     for one_slice in (False, True):
-        for prefetch in (False, True):
-            out[f"slice one_slice={one_slice} prefetch={prefetch}"] = count(ptx_lines(
-                decode_attention._slice_kernel, SLICE,
-                {**attention, "ONE_SLICE": one_slice, "PDL": True, "PREFETCH": prefetch}))
+        out[f"slice one_slice={one_slice}"] = count(ptx_lines(
+            decode_attention._slice_kernel, SLICE,
+            {**attention, "ONE_SLICE": one_slice, "PDL": True}))
     out["merge"] = count(ptx_lines(decode_attention._merge_kernel, MERGE,
                                    dict(HEAD_DIM=64, BLOCK_M=16, BLOCK_P=1, PDL=True)))
     return out

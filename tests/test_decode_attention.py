@@ -36,7 +36,7 @@ def test_matches_sdpa(dtype, batch, heads, kv_heads, queries, slots):
     k = (torch.randn(batch, kv_heads, slots, 32, generator=gen) * 3).to(dtype)
     v = torch.randn(batch, kv_heads, slots, 32, generator=gen).to(dtype)
     mask = decode_pass_mask(batch, queries, slots, gen)
-    out = decode_attention_module.decode_attention(q, k, v, mask, None)
+    out = decode_attention_module.decode_attention(q, k, v, mask)
     expected = dense_attention(q.float(), k.float(), v.float(), mask)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
@@ -54,7 +54,7 @@ def test_strided_inputs_and_a_broadcast_mask():
     k, v = cache[:, 0, ..., :16], cache[:, 1, ..., ::2]
     mask = (torch.arange(96) <= torch.tensor([40, 41, 90])[:, None])[None, None]
     mask = mask.expand(2, 1, 3, 96)
-    out = decode_attention_module.decode_attention(q, k, v, mask, None)
+    out = decode_attention_module.decode_attention(q, k, v, mask)
     torch.testing.assert_close(out, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
@@ -88,18 +88,16 @@ def test_compiles_as_one_opaque_op():
     mask = torch.ones(1, 1, 2, 70, dtype=torch.bool)
 
     def merged(q, k, v, mask):
-        return decode_attention_module.decode_attention(q, k, v, mask, None).transpose(1, 2).view(
+        return decode_attention_module.decode_attention(q, k, v, mask).transpose(1, 2).view(
             1, 2, 64)
 
     compiled = torch.compile(merged, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, mask), merged(q, k, v, mask))
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_engine_decodes_through_the_kernel_exactly(monkeypatch, prefetch):
+def test_engine_decodes_through_the_kernel_exactly(monkeypatch):
     """The engine's own masks (prefill, verify/propose, partial proposal sets) through the
-    kernel, as on CUDA: greedy ``lossless`` equals ``ar``, and both equal the SDPA path;
-    with ``PREFETCH`` the AR steps pass the slots they wrote."""
+    kernel, as on CUDA: greedy ``lossless`` equals ``ar``, and both equal the SDPA path."""
     from helpers import tiny_model
 
     import tidar.model
@@ -115,17 +113,15 @@ def test_engine_decodes_through_the_kernel_exactly(monkeypatch, prefetch):
     calls = []
 
     def counted(*args):
-        calls.append((args[0].shape, args[4] is not None))
+        calls.append(args[0].shape)
         return decode_attention_module.decode_attention(*args)
 
-    monkeypatch.setattr(decode_attention_module, "PREFETCH", prefetch)
     monkeypatch.setattr(tidar.model, "dense_attention_kernel", lambda q, k: "triton")
     monkeypatch.setattr(tidar.model, "decode_attention", counted)
     with torch.inference_mode():
         kernel = [Engine(model).generate(prompts, cfg)[0] for cfg in configs]
     # query counts: AR steps, the prefill with its mask block, partial and full passes
-    assert {shape[2] for shape, _ in calls} >= {1, 9, 12, 20}
-    assert all(written for _, written in calls)  # the engine's passes all write the cache
+    assert {shape[2] for shape in calls} >= {1, 9, 12, 20}
     assert kernel == sdpa
     assert kernel[1] == kernel[0] and kernel[2] == kernel[0]
 
@@ -138,9 +134,9 @@ def test_one_key_slice_skips_the_merge(monkeypatch):
     k, v = (torch.randn(2, 2, 200, 32, generator=gen) for _ in range(2))
     mask = decode_pass_mask(2, 6, 200, gen)
     assert decode_attention_module.plan(2, 2, 18, 200)[1] >= 200  # one slice
-    direct = decode_attention_module.decode_attention(q, k, v, mask, None)
+    direct = decode_attention_module.decode_attention(q, k, v, mask)
     monkeypatch.setattr(decode_attention_module, "MERGE_ALWAYS", True)
-    merged = decode_attention_module.decode_attention(q, k, v, mask, None)
+    merged = decode_attention_module.decode_attention(q, k, v, mask)
     assert torch.equal(direct, merged)
     torch.testing.assert_close(direct, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
@@ -162,27 +158,5 @@ def test_merge_steps_give_the_same_attention(monkeypatch, merge_all, elements, s
     step = module.merge_plan(6, parts, 32)[1]
     assert parts > 8 and {"one": step >= parts, "several": 1 < step < parts,
                           "one per slice": step == 1}[steps]
-    out = module.decode_attention(q, k, v, mask, None)
-    torch.testing.assert_close(out, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize(("slots", "written"), [(1100, [7, 1099]), (4100, [2000, 130])])
-def test_the_ar_step_with_its_written_slots_gives_the_same_attention(monkeypatch, slots,
-                                                                     written):
-    """One query a sequence and the slots the pass wrote (``PREFETCH``): each key slice
-    takes its first block before the PDL wait and reloads the written slot after it. At
-    4,100 keys a slice has three blocks, so the loop runs after that first one too."""
-    module = decode_attention_module
-    monkeypatch.setattr(module, "PREFETCH", True)
-    gen = torch.Generator().manual_seed(slots)
-    q = torch.randn(2, 9, 1, 32, generator=gen)
-    k = torch.randn(2, 3, slots, 32, generator=gen) * 3
-    v = torch.randn(2, 3, slots, 32, generator=gen)
-    mask = decode_pass_mask(2, 1, slots, gen)
-    written = torch.tensor(written)[:, None]
-    mask[torch.arange(2), 0, 0, written[:, 0]] = True
-    chunk = module.plan(2, 3, 3, slots)[1]  # rows: 3 query heads a KV head, 1 query
-    assert (chunk > module.BLOCK_N) == (slots > 2048)
-    out = module.decode_attention(q, k, v, mask, written)
-    assert torch.equal(out, module.decode_attention(q, k, v, mask, None))
+    out = module.decode_attention(q, k, v, mask)
     torch.testing.assert_close(out, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@
 decode kernels wait for the kernel before them before they read its results. The kernels are
 compiled for an H100 here, without a GPU, and their PTX is read (``pdl_ptx.py``): the
 matvec's and the matmul's weights load before their wait and their input after; the
-attention kernels load nothing before theirs, but for the AR step's first key block."""
+attention kernels load nothing before theirs."""
 
 from __future__ import annotations
 
@@ -57,21 +57,8 @@ def test_matmul_loads_its_weights_before_the_wait_and_its_rows_after(ptx_counts,
     assert counts["loads_before"] > 0 and counts["loads_after"] > 0
 
 
-@pytest.mark.parametrize("kernel", ["slice one_slice=False prefetch=False",
-                                    "slice one_slice=True prefetch=False", "merge"])
+@pytest.mark.parametrize("kernel", ["slice one_slice=False", "slice one_slice=True", "merge"])
 def test_attention_kernels_wait_before_any_load(ptx_counts, kernel):
     counts = ptx_counts[kernel]
     assert counts["waits"] == 1
     assert counts["loads_before"] == 0 and counts["loads_after"] > 0
-
-
-@pytest.mark.parametrize("one_slice", [False, True])
-def test_the_ar_steps_attention_loads_its_first_key_block_before_the_wait(ptx_counts,
-                                                                          one_slice):
-    """With ``PREFETCH`` the keys, values and mask of the first block load before the wait;
-    the query, the written slot and that slot's key and value after it."""
-    counts = ptx_counts[f"slice one_slice={one_slice} prefetch=True"]
-    plain = ptx_counts[f"slice one_slice={one_slice} prefetch=False"]
-    assert counts["waits"] == 1
-    assert counts["loads_before"] > 0 and counts["loads_after"] > 0
-    assert counts["loads_before"] + counts["loads_after"] > plain["loads_after"]

@@ -11,11 +11,9 @@ import pytest
 import torch
 from helpers import always_accept, chi2_pvalue, one_thread, residual_from_p  # noqa: F401
 
-import tidar.sampling
 from tidar.sampling import (
     SamplingParams,
     accepted_prefix,
-    argmax,
     hash_uniforms,
     mix_logits,
     one_hot,
@@ -30,26 +28,6 @@ ALPHA = 1e-3
 
 def _logits(probs) -> torch.Tensor:
     return torch.tensor(probs, dtype=torch.float).log()
-
-
-# -- argmax -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [4096, 4000, 700, 64])  # whole chunks, a partial one, one
-def test_chunked_argmax_is_torchs_first_maximum(monkeypatch, dtype, vocab):
-    """In chunks of 256 logits, then over the chunks' maxima: the same index as
-    ``torch.argmax``, also for ties within a chunk and across chunks (the first wins), a
-    maximum in the padded last chunk, and a row of -inf."""
-    monkeypatch.setattr(tidar.sampling, "ARGMAX_CHUNK", 256)
-    gen = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(3, 5, vocab, generator=gen).round().to(dtype)  # many ties
-    logits[0, 0, [vocab // 3, vocab - 1]] = 9.0  # a tie across chunks
-    logits[0, 1, vocab - 1] = 9.0  # in the last (partial) chunk
-    logits[0, 2] = float("-inf")
-    expected = logits.argmax(-1)
-    assert torch.equal(argmax(logits), expected) and expected[0, 0] == vocab // 3
-    assert torch.equal(torch.compile(argmax, fullgraph=True)(logits), expected)
 
 
 # -- probabilities --------------------------------------------------------------------------

@@ -37,73 +37,21 @@ FEW_ROWS_MERGE_ALL = True  # False: one slice a merge step, as for many rows
 MERGE_ROWS = 16  # rows per merge thread block for many rows: no matmul, so small tiles
 MERGE_ELEMENTS = 8192  # partial outputs a merge step may hold (its slices x rows x dim)
 MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --short-caches old)
-# One query a sequence (the AR step) and the cache slot it wrote known: each slice loads its
-# first key block and mask block before its PDL wait. Only the kernel just before a PDL kernel
-# can still run when it starts (each kernel here and in inductor lets its dependents start
-# after its own wait); the mask comes from the pass's first kernels, and of the cache the
-# pass writes only those slots, which the slice reloads after the wait. Off until a GPU A/B
-# (pass_latency.py --kernel-settings engine PREFETCH=True) and exactness run adopt it.
-PREFETCH = False
 
 
 @triton.jit
-def _keys(K, b, h, n, n_ok, d, sk_b, sk_h, sk_s):
-    return tl.load(K + b * sk_b + h * sk_h + n[None, :] * sk_s + d[:, None],
-                   mask=n_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _values(V, b, h, n, n_ok, d, sv_b, sv_h, sv_s):
-    return tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_s + d[None, :],
-                   mask=n_ok[:, None], other=0.0)
-
-
-@triton.jit
-def _seen(Mask, b, t, row_ok, n, n_ok, sm_b, sm_t, sm_s):
-    return tl.load(Mask + b * sm_b + t[:, None] * sm_t + n[None, :] * sm_s,
-                   mask=row_ok[:, None] & n_ok[None, :], other=0) != 0
-
-
-@triton.jit
-def _scores(q, k, seen, qk_scale: tl.constexpr, FP32: tl.constexpr):
-    if FP32:
-        scores = tl.dot(q, k, input_precision="ieee")
-    else:
-        scores = tl.dot(q, k)
-    return tl.where(seen, scores * qk_scale, float("-inf"))
-
-
-@triton.jit
-def _accumulate(scores, v, peak, total, acc, FP32: tl.constexpr):
-    """One key block into the running (peak, exp-sum, output) of online softmax."""
-    new_peak = tl.maximum(peak, tl.max(scores, 1))
-    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
-    p = tl.exp2(scores - shift[:, None])
-    scale = tl.exp2(peak - shift)
-    total = total * scale + tl.sum(p, 1)
-    if FP32:
-        acc = acc * scale[:, None] + tl.dot(p, v, input_precision="ieee")
-    else:
-        acc = acc * scale[:, None] + tl.dot(p.to(v.dtype), v)
-    return new_peak, total, acc
-
-
-@triton.jit
-def _slice_kernel(Q, K, V, Mask, Written, Out, Lse, Final,
+def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
-                  so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s, sd_b, sd_h, sd_t, sw_b,
+                  so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s, sd_b, sd_h, sd_t,
                   length, slots, rows, kv_heads, group, chunk,
                   qk_scale: tl.constexpr,  # 1/sqrt(HEAD_DIM) in log2 units: one per head size
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr, PDL: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr, PDL: tl.constexpr):
     """One (row tile, key slice, sequence x KV head): normalised partial output and its
     log2-sum-exp over the slice's visible keys (-inf where a row sees none of them). With
     ``ONE_SLICE`` the slice is the whole cache: the output goes straight to ``Final``, in
     its dtype and layout, and no merge follows. With ``PDL`` it starts while the kernel
-    before it finishes, and waits for it before reading (``tidar.pdl``). With ``PREFETCH``
-    (one query a sequence) it loads the slice's first key block before that wait: this pass
-    writes only the key and value at the sequence's slot ``Written``, reloaded after it."""
+    before it finishes, and waits for it before reading (``tidar.pdl``)."""
     tile, part, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64: a large batch of long caches passes 2^31 elements
     b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
@@ -111,14 +59,6 @@ def _slice_kernel(Q, K, V, Mask, Written, Out, Lse, Final,
     row_ok = r < rows
     head, t = h * group + r // length, r % length
     d = tl.arange(0, HEAD_DIM)
-    start = part * chunk
-    end = tl.minimum(start + chunk, slots)
-    if PREFETCH:
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < slots
-        k = _keys(K, b, h, n, n_ok, d, sk_b, sk_h, sk_s)
-        v = _values(V, b, h, n, n_ok, d, sv_b, sv_h, sv_s)
-        seen = _seen(Mask, b, t, row_ok, n, n_ok, sm_b, sm_t, sm_s)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -127,24 +67,31 @@ def _slice_kernel(Q, K, V, Mask, Written, Out, Lse, Final,
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if PREFETCH:
-        slot = tl.load(Written + b * sw_b)  # a slot of the cache, in this block or not
-        fresh = n == slot
-        k = tl.where(fresh[None, :], tl.load(K + b * sk_b + h * sk_h + slot * sk_s + d)[:, None],
-                     k)
-        v = tl.where(fresh[:, None], tl.load(V + b * sv_b + h * sv_h + slot * sv_s + d)[None, :],
-                     v)
-        peak, total, acc = _accumulate(_scores(q, k, seen, qk_scale, FP32), v, peak, total,
-                                       acc, FP32)
-        start += BLOCK_N
-    for n0 in range(start, end, BLOCK_N):
+    start = part * chunk
+    for n0 in range(start, tl.minimum(start + chunk, slots), BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < slots
-        k = _keys(K, b, h, n, n_ok, d, sk_b, sk_h, sk_s)
-        scores = _scores(q, k, _seen(Mask, b, t, row_ok, n, n_ok, sm_b, sm_t, sm_s),
-                         qk_scale, FP32)
-        v = _values(V, b, h, n, n_ok, d, sv_b, sv_h, sv_s)
-        peak, total, acc = _accumulate(scores, v, peak, total, acc, FP32)
+        k = tl.load(K + b * sk_b + h * sk_h + n[None, :] * sk_s + d[:, None],
+                    mask=n_ok[None, :], other=0.0)
+        if FP32:
+            scores = tl.dot(q, k, input_precision="ieee")
+        else:
+            scores = tl.dot(q, k)
+        seen = tl.load(Mask + b * sm_b + t[:, None] * sm_t + n[None, :] * sm_s,
+                       mask=row_ok[:, None] & n_ok[None, :], other=0) != 0
+        scores = tl.where(seen, scores * qk_scale, float("-inf"))
+        new_peak = tl.maximum(peak, tl.max(scores, 1))
+        shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
+        p = tl.exp2(scores - shift[:, None])
+        scale = tl.exp2(peak - shift)
+        total = total * scale + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_s + d[None, :],
+                    mask=n_ok[:, None], other=0.0)
+        if FP32:
+            acc = acc * scale[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * scale[:, None] + tl.dot(p.to(v.dtype), v)
+        peak = new_peak
     seen_any = total > 0
     out = acc / tl.where(seen_any, total, 1.0)[:, None]
     if ONE_SLICE:
@@ -231,12 +178,10 @@ def merge_plan(rows: int, parts: int, dim: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("tidar::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
-                     written: Tensor | None) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Attention of ``q`` ``[B, H, T, D]`` over the cache ``k, v`` ``[B, Hkv, S, D]`` where the
     boolean ``mask`` ``[B, 1, T, S]`` is True. Returns ``[B, H, T, D]``, laid out as
-    ``[B, T, H, D]`` so that merging the heads afterwards is a view. ``written`` ``[B, T]``:
-    the cache slots this pass wrote, if known (``PREFETCH``).
+    ``[B, T, H, D]`` so that merging the heads afterwards is a view.
 
     An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
     to schedule these kernels inlined through ``triton_op`` at some shapes), and the
@@ -254,17 +199,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     tiles = -(-rows // block_m)
     one_slice = parts == 1 and not MERGE_ALWAYS
     overlap = pdl.enabled(q)
-    prefetch = PREFETCH and written is not None and length == 1
     _slice_kernel[(tiles, parts, batch * kv_heads)](
-        q, k, v, mask, written if prefetch else mask, part, lse, out,
+        q, k, v, mask, part, lse, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), written.stride(0) if prefetch else 0, length, slots, rows, kv_heads,
-        group, chunk, dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap,
-        PREFETCH=prefetch, num_warps=NUM_WARPS, launch_pdl=overlap)
+        out.stride(2), length, slots, rows, kv_heads, group, chunk,
+        dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap, num_warps=NUM_WARPS,
+        launch_pdl=overlap)
     if one_slice:
         return out
     merge_rows, merge_step = merge_plan(rows, parts, dim)
@@ -277,6 +221,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
 
 
 @decode_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, written: Tensor | None) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     batch, heads, length, dim = q.shape
     return q.new_empty(batch, length, heads, dim).transpose(1, 2)

@@ -25,8 +25,8 @@ MAX_INPUTS = 8192  # the whole input row is one register tile
 FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps instead of 4
 # Outputs a thread block, and warps (0: by FEW_PROGRAMS), up to 1,024 inputs and past it.
 # Under PDL the H200 sweep favoured 8 outputs with 4 warps up to 1,024 inputs, by 0.1-0.2 us
-# a call (docs/results.md section 2); kept until a pass A/B (pass_latency.py
-# --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4).
+# a call, but the AR step with them was no faster (session 17, pass_latency.py
+# --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4; docs/results.md section 2).
 NARROW_OUTPUTS, NARROW_WARPS = 4, 0
 WIDE_OUTPUTS, WIDE_WARPS = 2, 0
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter

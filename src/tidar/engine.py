@@ -30,7 +30,6 @@ from .layouts import decode_layout, prefill_layout
 from .model import KVCache, Transformer
 from .sampling import (
     SamplingParams,
-    argmax,
     hash_uniforms,
     mix_logits,
     one_hot,
@@ -438,7 +437,7 @@ class Engine:
               consts: dict) -> tuple[Tensor, Tensor | None]:
         """Tokens (and their distributions when sampling) from logits ``[..., V]``."""
         if cfg.sampling.greedy:
-            return argmax(logits), None
+            return logits.argmax(-1), None
         probs = probabilities(logits, cfg.sampling, consts["temperature"], consts["top_p"])
         return sample(probs, u), probs
 

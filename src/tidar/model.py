@@ -352,21 +352,16 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
-        # The cache itself, not a cast copy, may be read before the pass's writes land
-        # (decode_attention.PREFETCH): it takes the slots written.
-        cache_itself = kv is not None and k.dtype == v.dtype == q.dtype
-        out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window],
-                     slots if cache_itself else None)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
         return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 _compiled_flex = None
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask, written: Tensor | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """Attention with a dense boolean mask (the kernel ``dense_attention_kernel`` picks),
-    causal over the first keys, or flex_attention with a BlockMask (compiled once).
-    ``written``: the cache slots ``[B, T]`` this pass wrote, if ``k, v`` are the cache."""
+    causal over the first keys, or flex_attention with a BlockMask (compiled once)."""
     if isinstance(mask, CausalMask):
         t = q.shape[2]
         return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True,
@@ -374,7 +369,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, written: Tensor | None = None)
     if isinstance(mask, Tensor):
         kernel = dense_attention_kernel(q, k)
         if kernel == "triton":
-            return decode_attention(q, k, v, mask, written)
+            return decode_attention(q, k, v, mask)
         return dense_attention(q, k, v, mask)
     global _compiled_flex
     if _compiled_flex is None:

@@ -13,11 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Greedy picks reduce the vocabulary in chunks of this many logits, then over the chunks'
-# maxima (0: in one reduction). Off until a GPU A/B (pass_latency.py --kernel-settings engine
-# ARGMAX_CHUNK=1024).
-ARGMAX_CHUNK = 0
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,21 +23,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def argmax(logits: Tensor) -> Tensor:
-    """``logits.argmax(-1)``: the index of the first maximum. With ``ARGMAX_CHUNK`` it takes
-    two reductions, so that a compiled pass at batch 1 does not leave the whole vocabulary to
-    one thread block (in session 13's H200 profile the AR step's argmax kernel took 25 us of
-    0.73 ms)."""
-    vocab, chunk = logits.shape[-1], ARGMAX_CHUNK
-    if not chunk or vocab <= chunk:
-        return logits.argmax(-1)
-    if vocab % chunk:
-        logits = F.pad(logits, (0, -vocab % chunk), value=float("-inf"))
-    best, index = logits.unflatten(-1, (-1, chunk)).max(-1)  # each chunk's first maximum
-    which = best.argmax(-1, keepdim=True)  # the first chunk that holds the maximum
-    return (which * chunk + index.gather(-1, which)).squeeze(-1)
 
 
 def probabilities(logits: Tensor, params: SamplingParams, temperature: Tensor | None = None,
@@ -56,7 +36,7 @@ def probabilities(logits: Tensor, params: SamplingParams, temperature: Tensor | 
     """
     logits = logits.float()
     if params.greedy:
-        return F.one_hot(argmax(logits), logits.shape[-1]).float()
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / (params.temperature if temperature is None else temperature)
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -94,7 +74,7 @@ def verify_greedy(target_logits: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor
     [B, b-1]`` were proposed for ``s+1 .. s+b-1``. Returns ``(k, c)``: drafts accepted while
     equal to the argmax, and the argmax at the first position not accepted.
     """
-    best = argmax(target_logits)
+    best = target_logits.argmax(-1)
     k = accepted_prefix(best[:, :-1] == drafts)
     return k, best.gather(1, k[:, None]).squeeze(1)
 
