@@ -107,8 +107,13 @@ def main() -> None:
     prompts = (prompt_texts("chat", raw=False) * args.requests)[: args.requests]
     report = {"serve_args": serve_args, "max_tokens": args.max_tokens,
               "requests_per_client": args.requests, "stagger_ms": args.stagger_ms, "runs": []}
+    warmed = 0
     for clients in args.clients:
-        asyncio.run(load(url, clients, prompts, 8))  # warm-up: graphs of these batch sizes
+        # Warm-up: graphs of every batch size up to this count (staggered clients start
+        # batches of fewer rows), so that no measured run compiles.
+        for count in range(warmed + 1, clients + 1):
+            asyncio.run(load(url, count, prompts, 8))
+        warmed = max(warmed, clients)
         server.batch_sizes.clear()
         joined = server.joined
         run = asyncio.run(load(url, clients, prompts, args.max_tokens, args.stagger_ms / 1000))
