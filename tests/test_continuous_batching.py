@@ -120,3 +120,48 @@ def test_spare_rows_let_prompts_join_a_batch_started_by_one(model):
         assert len(got) == 1 + joined
         for row, prompt in enumerate((first + joining)[: 1 + joined]):
             assert got[row] == solo(model, prompt, cfg)[0], row
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["ar", "lossless", "sampled", "mix"])
+def test_a_batch_grows_into_larger_buckets_for_prompts_that_join(model, cfg):
+    """``max_rows``: a batch of one prompt takes four more as they come, moving into the
+    buckets of 2, 4 and 8 rows; each prompt decodes as alone, pass for pass."""
+    first, joining = prompts([5], 9), prompts([3, 6, 4, 7], 10)
+    waiting, sizes = list(joining), []
+    engine = Engine(model)
+
+    def more(longest: int):
+        sizes.append(engine._live.active.shape[0])
+        return waiting.pop(0) if waiting else None
+
+    got: dict[int, list[int]] = {}
+    for row, tokens in engine.stream(first, cfg, sync_every=1, more=more, max_rows=5):
+        got.setdefault(row, []).extend(tokens)
+    # rows when asked: the fifth prompt moved the batch into a bucket of eight
+    assert sizes[:4] == [1, 2, 4, 4] and engine._live.active.shape[0] == 8
+    stats = engine.last_stats
+    for row, prompt in enumerate(first + joining):
+        expected, passes = solo(model, prompt, cfg)
+        assert got[row] == expected, row
+        assert stats.tokens[row] == len(expected) and stats.passes[row] == passes
+
+
+def test_no_more_than_max_rows_sequences_decode_at_once(model):
+    """With ``max_rows`` 3 a batch takes a fourth prompt only once one of its three ended
+    (the caller finished it), though its bucket has a free row."""
+    cfg = DecodeConfig(sampler="ar", max_new_tokens=8)
+    engine = Engine(model)
+    waiting, running = prompts([3, 4, 5], 11), []
+
+    def more(longest: int):
+        running.append(sum(seq is not None for seq in engine._sequence_in))
+        return waiting.pop(0) if waiting else None
+
+    got: dict[int, list[int]] = {}
+    for row, tokens in engine.stream(prompts([6], 12), cfg, sync_every=1, more=more,
+                                     max_rows=3):
+        got.setdefault(row, []).extend(tokens)
+        if row == 0 and len(got[0]) >= 3:
+            engine.finish(0)
+    assert max(running) < 3 and len(got) == 4
+    assert engine._live.active.shape[0] == 4  # a bucket of four rows, one kept free

@@ -182,11 +182,13 @@ def test_a_request_joins_a_running_batch(decoder, join):
     assert dict(server.batch_sizes) == ({2: 1} if join else {2: 1, 1: 1})
 
 
-@pytest.mark.parametrize("batch_rows", [1, 2])
-def test_spare_rows_let_a_request_join_a_batch_started_by_one(decoder, batch_rows):
-    """A batch of one request has no free row while it runs: a later request waits for the
-    next batch, unless ``--batch-rows 2`` gave the batch a spare row to join."""
-    server = Server(decoder, "m", window=0.0, batch_rows=batch_rows, start=False)
+@pytest.mark.parametrize(("batch_rows", "max_batch"), [(1, 1), (1, 8), (2, 8)])
+def test_a_request_joins_a_batch_started_by_one(decoder, batch_rows, max_batch):
+    """A batch of one request has no free row while it runs: a later request joins it in a
+    new row as the batch grows, or in a spare row that ``--batch-rows 2`` gave it; with
+    ``--max-batch 1`` it waits for the next batch."""
+    server = Server(decoder, "m", max_batch=max_batch, window=0.0, batch_rows=batch_rows,
+                    start=False)
     cfg = request_config(decoder.cfg, CompletionRequest(prompt="", max_tokens=10, sampler="ar"))
     ids = decoder.loaded.tokenizer.encode("1, 2, 3,")
     later = SubmitOnFirstText(lambda cfg: [_Job(ids, cfg, (), None)])
@@ -196,7 +198,7 @@ def test_spare_rows_let_a_request_join_a_batch_started_by_one(decoder, batch_row
     first.done.result(timeout=120)
     result = later.jobs[0].done.result(timeout=120)
     assert result["token_ids"] == decoder.engine.generate([ids], cfg)[0][0]
-    joined = batch_rows > 1
+    joined = max_batch > 1
     assert server.joined == joined
     assert dict(server.batch_sizes) == ({1: 1} if joined else {1: 2})
 

@@ -156,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="milliseconds an idle server waits for more requests before it "
                        "starts a batch (0: start at once)")
     serve.add_argument("--join", action=argparse.BooleanOptionalAction, default=True,
-                       help="let requests join a running batch in rows that free up "
-                       "(continuous batching; --no-join: they wait for the next batch)")
+                       help="let requests join a running batch in rows that free up, or "
+                       "in new ones as it grows up to --max-batch (continuous batching; "
+                       "--no-join: they wait for the next batch)")
     serve.add_argument("--batch-rows", type=int, default=1,
-                       help="rows a batch decodes at least, so that requests arriving while "
-                       "it runs can join at once; every pass pays for the idle ones")
+                       help="rows a batch decodes at least from its start, so that requests "
+                       "arriving while it runs join without moving it into a larger batch; "
+                       "every pass pays for the idle ones")
 
     from .bench import add_bench_args
 

@@ -235,7 +235,7 @@ class Engine:
     def stream(
         self, prompts: list[list[int]], cfg: DecodeConfig, seeds: list[int] | None = None,
         sync_every: int | None = None, more: Callable[[int], list[int] | None] | None = None,
-        min_rows: int = 1,
+        min_rows: int = 1, max_rows: int = 0,
     ) -> Iterator[tuple[int, list[int]]]:
         """Yield ``(row, tokens)`` as tokens are committed; stats end up in ``last_stats``.
 
@@ -249,10 +249,12 @@ class Engine:
         still decodes, for another prompt of at most ``longest`` tokens, or None. A prompt it
         gives is prefilled alone into the free row and decodes with the rest (seed
         ``cfg.seed``); its tokens come as row ``len(prompts) + k`` for the k-th prompt
-        ``more`` gave. Once no row decodes the stream ends: the caller's next batch may then
-        take a larger batch-size bucket. ``min_rows``: decode at least this many rows (idle
-        ones wait for ``more``'s prompts), so that a batch started by one prompt has room
-        for others; every pass pays for them.
+        ``more`` gave. Once no row decodes the stream ends. ``min_rows``: decode at least this
+        many rows (idle ones wait for ``more``'s prompts), so that a batch started by one
+        prompt has room for others; every pass pays for them. ``max_rows``: at most this many
+        sequences decode at once, and ``more`` is asked when no row is free too: a prompt it
+        gives moves the batch into the next batch-size bucket (``_grow``), up to the bucket
+        of ``max_rows``. 0: no growth, and as many sequences as the bucket has rows.
         """
         sync_every = sync_every or (8 if self.cuda_graphs else 1)
         cfg = cfg.resolved()
@@ -262,8 +264,9 @@ class Engine:
         if len(seeds) != batch:
             raise TidarError(f"got {len(seeds)} seeds for {batch} prompts")
         rows = batch_bucket(max(batch, min_rows))
+        length = max(map(len, prompts)) + cfg.max_new_tokens
         with torch.inference_mode(), self.model.decode_weights():
-            runner = self._runner(rows, max(map(len, prompts)) + cfg.max_new_tokens, cfg)
+            runner = self._runner(rows, length, cfg)
             filler = rows - batch  # rows past the batch: copies of its first prompt, idle
             st = self._live = self._start(runner, prompts + prompts[:1] * filler, cfg,
                                           seeds + seeds[:1] * filler)
@@ -294,9 +297,13 @@ class Engine:
                     if not live[r]:
                         self._sequence_in[r] = None
                 # Free rows take more prompts while the batch still runs (not after: the
-                # caller's next batch may take a larger bucket).
+                # caller's next batch may take a larger bucket), and so do the rows of a
+                # larger bucket, up to max_rows sequences.
                 free = [r for r, seq in enumerate(self._sequence_in) if seq is None]
-                for r in free if more is not None and bool(live.any()) else []:
+                taken = len(self._sequence_in) - len(free)
+                while more is not None and bool(live.any()) and (
+                        free or batch_bucket(rows + 1) <= batch_bucket(max_rows)) and (
+                        not max_rows or taken < max_rows):
                     prompt = more(longest)
                     if prompt is None:
                         break
@@ -304,6 +311,15 @@ class Engine:
                     if len(prompt) > longest:
                         raise TidarError(f"a prompt of {len(prompt)} tokens cannot join this "
                                          f"batch: it takes at most {longest}")
+                    if not free:
+                        runner, st = self._grow(runner, st, length, cfg)
+                        free = list(range(rows, st.active.shape[0]))
+                        self._sequence_in += [None] * len(free)
+                        live = torch.cat([live, live.new_zeros(len(free))])
+                        host = torch.cat([host, host.new_zeros(len(free), host.shape[1])])
+                        rows = st.active.shape[0]
+                    r = free.pop(0)
+                    taken += 1
                     self._admit(runner, r, prompt, cfg)
                     self._ended.discard(r)
                     self._sequence_in[r] = len(shown)
@@ -400,6 +416,26 @@ class Engine:
         for kept, new in zip(st.tensors(), fresh.tensors(), strict=True):
             if kept is not st.hist:
                 kept[row] = new[0]
+
+    def _grow(self, runner: _Runner, st: _State, length: int,
+              cfg: DecodeConfig) -> tuple[_Runner, _State]:
+        """The running batch moved into the runner of the next batch-size bucket (the same
+        capacity): its rows' caches and state copied over, the new rows idle. Rows keep
+        their numbers and, being batch-invariant, their tokens."""
+        rows = st.active.shape[0]
+        bigger = self._runner(batch_bucket(rows + 1), length, cfg)
+        filler = [[0]] * batch_bucket(rows + 1)  # prefilled, then overwritten or idle
+        grown = self._live = self._start(bigger, filler, cfg, [cfg.seed] * len(filler))
+        for kept, new in zip(st.tensors(), grown.tensors(), strict=True):
+            if kept is st.hist:
+                new.copy_(kept)
+            else:
+                new[:rows] = kept
+        grown.active[rows:] = False
+        for old, new in zip(runner.cache.k + runner.cache.v, bigger.cache.k + bigger.cache.v,
+                            strict=True):
+            new[:rows] = old
+        return bigger, grown
 
     def check_prompts(self, prompts: list[list[int]], cfg: DecodeConfig) -> None:
         """A one-line error for prompts ``cfg`` cannot decode (empty, past the context, ids

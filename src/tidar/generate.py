@@ -108,13 +108,14 @@ class TextStream:
 
 def run_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
              texts: list[TextStream | None], on_chunk=None, more=None,
-             min_rows: int = 1) -> list[dict]:
+             min_rows: int = 1, max_rows: int = 0) -> list[dict]:
     """A batched generation; each row's result. A row whose ``texts`` reached a stop string
     ends at the next pass (the engine finishes it). ``on_chunk(row)`` runs after each chunk of
     a row's tokens, inside the engine's stream: the server streams text there, and may
     ``engine.finish`` the row. ``more(longest)``: another prompt (at most ``longest`` tokens)
     and its text to join the running batch, or None (``Engine.stream``); joined rows' results
-    follow the others', in the order they joined; ``min_rows`` as ``Engine.stream``."""
+    follow the others', in the order they joined; ``min_rows``, ``max_rows`` as
+    ``Engine.stream``."""
     cfg = cfg.resolved()
     start = time.perf_counter()
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -130,7 +131,7 @@ def run_rows(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig,
         return offer[0]
 
     for row, new in engine.stream(prompts, cfg, more=None if more is None else join,
-                                  min_rows=min_rows):
+                                  min_rows=min_rows, max_rows=max_rows):
         tokens[row].extend(new)
         text = texts[row]
         if text is not None:

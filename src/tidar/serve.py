@@ -12,12 +12,13 @@ One thread decodes (the engine's CUDA graphs and inference mode belong to it). A
 thread waits ``--batch-window`` milliseconds for more requests, then takes the oldest with
 every waiting request of the same configuration, up to ``--max-batch``, and decodes them as
 one batch: a row gets the same tokens in a batch as alone (the engine's batch invariance). A
-request that arrives while a batch runs joins it in a free row (one whose request ended, or
-an idle row of the batch-size bucket) if it shares the batch's configuration and its prompt
-fits the batch's cache (``Engine.stream(more=...)``; ``--no-join`` turns it off). The oldest
-waiting request goes first: while it cannot join, no later one does, and the batch drains.
-A batch started by one request has one row, so nothing can join it; ``--batch-rows N`` makes
-every batch decode at least N rows (the idle ones cost every pass).
+request that arrives while a batch runs joins it if it shares the batch's configuration and
+its prompt fits the batch's cache (``Engine.stream(more=...)``; ``--no-join`` turns it off):
+in a free row (one whose request ended, or an idle row of the batch-size bucket), or, with
+none free and fewer than ``--max-batch`` requests running, in a new row of the next bucket
+that the batch moves into. The oldest waiting request goes first: while it cannot join, no
+later one does, and the batch drains. ``--batch-rows N`` makes every batch decode at least
+N rows from its start (the idle ones cost every pass), so that joins need no move.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class Server:
 
     def _decode(self, batch: list[_Job]) -> None:
         """One batch on the decoding thread: each job gets its text as it comes (streaming)
-        and its result. Jobs that arrive meanwhile join it in rows that free up."""
+        and its result. Jobs that arrive meanwhile join it (``Engine.stream``'s ``more``)."""
         engine, tokenizer = self.decoder.engine, self.decoder.loaded.tokenizer
         texts = [TextStream(tokenizer, job.out, job.stops) for job in batch]
 
@@ -202,7 +203,7 @@ class Server:
         try:
             results = run_rows(engine, [job.prompt_ids for job in batch], batch[0].cfg, texts,
                                streamed, more if self.join else None,
-                               self.batch_rows if self.join else 1)
+                               self.batch_rows if self.join else 1, self.max_batch)
         except Exception as exc:
             for job in batch:
                 job.done.set_exception(exc)
