@@ -193,6 +193,7 @@ def test_a_request_joins_a_batch_started_by_one(decoder, batch_rows, max_batch):
     ids = decoder.loaded.tokenizer.encode("1, 2, 3,")
     later = SubmitOnFirstText(lambda cfg: [_Job(ids, cfg, (), None)])
     later.server, later.cfg = server, cfg
+    moves = decoder.engine.moves  # the decoder is shared between tests
     first = server.submit(_Job(decoder.loaded.tokenizer.encode("The sky is"), cfg, (), later))
     server.thread.start()
     first.done.result(timeout=120)
@@ -200,6 +201,7 @@ def test_a_request_joins_a_batch_started_by_one(decoder, batch_rows, max_batch):
     assert result["token_ids"] == decoder.engine.generate([ids], cfg)[0][0]
     joined = max_batch > 1
     assert server.joined == joined
+    assert decoder.engine.moves - moves == (batch_rows == 1 and joined)
     assert dict(server.batch_sizes) == ({1: 1} if joined else {1: 2})
 
 

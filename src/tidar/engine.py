@@ -222,6 +222,7 @@ class Engine:
         self._live: _State | None = None  # the running stream's state, for finish()
         self._ended: set[int] = set()  # and the rows finish() ended
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
+        self.moves = 0  # running batches moved into a larger batch-size bucket (_grow)
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -432,6 +433,7 @@ class Engine:
             else:
                 new[:rows] = kept
         grown.active[rows:] = False
+        self.moves += 1
         for old, new in zip(runner.cache.k + runner.cache.v, bigger.cache.k + bigger.cache.v,
                             strict=True):
             new[:rows] = old

@@ -298,7 +298,8 @@ def build_app(server: Server):
                 "join": server.join, "batch_rows": server.batch_rows,
                 "tuner": server.tuner,
                 "batches_by_size": dict(sorted(server.batch_sizes.items())),
-                "joined_running_batches": server.joined}
+                "joined_running_batches": server.joined,
+                "batches_moved_to_more_rows": server.decoder.engine.moves}
 
     @app.get("/v1/models")
     def models():
