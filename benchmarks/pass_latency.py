@@ -24,6 +24,8 @@ one process, against the AR step's floors.
         --kernel-settings engine MAX_PASS_ROWS=4096 --rounds 2
     python benchmarks/pass_latency.py --batch 1 --compiled-only --ar-only \
         --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4 --rounds 2
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --ar-only \
+        --kernel-settings engine ENABLED=True --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;

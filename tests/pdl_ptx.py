@@ -13,13 +13,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kernel_resources import compile_sm90  # noqa: E402
 
-from tidar import decode_attention, decode_matmul, decode_matvec  # noqa: E402
+from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv  # noqa: E402
 
 WAIT = "griddepcontrol.wait"
 MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")  # and matmul
 SLICE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "Out": "*fp32",
          "Lse": "*fp32", "Final": "*bf16"}
 MERGE = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"}
+QKV = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Cos", "Sin", "Q", "KCache", "VCache"],
+                       "*bf16"), "Slots": "*i64"}
 
 
 def ptx_lines(kernel, pointers: dict[str, str], constexprs: dict) -> list[str]:
@@ -55,6 +57,9 @@ def cases() -> dict:
         out[f"slice one_slice={one_slice}"] = count(ptx_lines(
             decode_attention._slice_kernel, SLICE,
             {**attention, "ONE_SLICE": one_slice, "PDL": True}))
+    out["qkv"] = count(ptx_lines(decode_qkv._qkv_kernel, QKV, dict(
+        HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=1, BLOCK_P=2, BLOCK_K=1024, BIAS=False,
+        PDL=True)))
     out["merge"] = count(ptx_lines(decode_attention._merge_kernel, MERGE,
                                    dict(HEAD_DIM=64, BLOCK_M=16, BLOCK_P=1, PDL=True)))
     return out

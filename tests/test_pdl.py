@@ -50,6 +50,13 @@ def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts
     assert ptx_counts[f"matvec swiglu={swiglu} pdl=False"]["waits"] == 0
 
 
+def test_the_fused_qkv_loads_its_weights_before_the_wait_and_the_rest_after(ptx_counts):
+    """The input, RoPE tables and cache slots are earlier kernels' outputs."""
+    counts = ptx_counts["qkv"]
+    assert counts["waits"] == 1
+    assert counts["loads_before"] > 0 and counts["loads_after"] > 0
+
+
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_matmul_loads_its_weights_before_the_wait_and_its_rows_after(ptx_counts, swiglu):
     counts = ptx_counts[f"matmul swiglu={swiglu}"]

@@ -25,9 +25,9 @@ try:
 except ImportError:  # no Triton (CPU builds of torch): SDPA everywhere
     decode_attention = None
 try:
-    from . import decode_matmul, decode_matvec
+    from . import decode_matmul, decode_matvec, decode_qkv
 except ImportError:  # no Triton: plain projections everywhere
-    decode_matmul = decode_matvec = None
+    decode_matmul = decode_matvec = decode_qkv = None
 
 KV_SLOT_MULTIPLE = 256  # CUDA caches come in whole slices of this many slots
 DECODE_LINEAR_MAX_ELEMENTS = 1 << 24  # largest weight group decoding runs as one DecodeLinear
@@ -321,6 +321,15 @@ class Attention(nn.Module):
         qkv, out = fused_weights(self.qkv, None, x), fused_weights(self.out, self.o_proj, x)
         if qkv is None or out is None:
             return None
+        cfg, rows = self.cfg, x.flatten(0, -2)
+        if (kv is not None and qkv.matvec and cfg.qk_norm is None and cfg.clip_qkv is None
+                and decode_qkv.supported(rows, qkv.weight, x.shape[-2])):
+            # The AR step: RoPE and the cache writes in the projection's kernel.
+            q = decode_qkv.decode_qkv(rows, qkv.weight, norm.weight, qkv.bias, norm.eps,
+                                      cos, sin, *kv, slots, cfg.n_heads)
+            k, v = kv
+            context = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
+            return fused(context.transpose(1, 2).reshape(*x.shape[:-1], -1), out, residual=x)
         q, k, v = fused(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
         return fused(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
 
