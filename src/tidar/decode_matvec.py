@@ -33,6 +33,14 @@ DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
 @triton.jit
+def rms_norm(x, norm_w, K, eps):
+    """``x`` (one row) as model.RMSNorm: normalised in float32, rounded, scaled in its dtype."""
+    xf = x.to(tl.float32)
+    x = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)).to(x.dtype)
+    return norm_w.to(x.dtype) * x
+
+
+@triton.jit
 def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, stride_res,
                    stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
@@ -60,10 +68,8 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
         tl.extra.cuda.gdc_launch_dependents()
     for row in tl.static_range(ROWS):
         x = tl.load(X + row * stride_x + k, mask=k_ok, other=0.0)
-        if NORM:  # as model.RMSNorm: normalise in float32, round, scale in the input dtype
-            xf = x.to(tl.float32)
-            x = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)).to(x.dtype)
-            x = norm_w.to(x.dtype) * x
+        if NORM:
+            x = rms_norm(x, norm_w, K, eps)
         x = x.to(tl.float32)
         acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
         if BIAS:

@@ -57,9 +57,7 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
     kv_head = tl.where(is_k, head - HEADS, tl.maximum(head - HEADS - KV_HEADS, 0))
     for row in tl.static_range(ROWS):
         x = tl.load(X + row * stride_x + k, mask=k_ok, other=0.0)
-        xf = x.to(tl.float32)  # as model.RMSNorm, like the matvec
-        x = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)).to(x.dtype)
-        x = (norm_w.to(x.dtype) * x).to(tl.float32)
+        x = decode_matvec.rms_norm(x, norm_w, K, eps).to(tl.float32)
         a = tl.sum(w_lo.to(tl.float32) * x[None, :], 1)
         b = tl.sum(w_hi.to(tl.float32) * x[None, :], 1)
         if BIAS:

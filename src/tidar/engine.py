@@ -423,9 +423,9 @@ class Engine:
         """The running batch moved into the runner of the next batch-size bucket (the same
         capacity): its rows' caches and state copied over, the new rows idle. Rows keep
         their numbers and, being batch-invariant, their tokens."""
-        rows = st.active.shape[0]
-        bigger = self._runner(batch_bucket(rows + 1), length, cfg)
-        filler = [[0]] * batch_bucket(rows + 1)  # prefilled, then overwritten or idle
+        rows, more_rows = st.active.shape[0], batch_bucket(st.active.shape[0] + 1)
+        bigger = self._runner(more_rows, length, cfg)
+        filler = [[0]] * more_rows  # prefilled, then overwritten or idle
         grown = self._live = self._start(bigger, filler, cfg, [cfg.seed] * len(filler))
         for kept, new in zip(st.tensors(), grown.tensors(), strict=True):
             if kept is st.hist:

@@ -327,9 +327,7 @@ class Attention(nn.Module):
             # The AR step: RoPE and the cache writes in the projection's kernel.
             q = decode_qkv.decode_qkv(rows, qkv.weight, norm.weight, qkv.bias, norm.eps,
                                       cos, sin, *kv, slots, cfg.n_heads)
-            k, v = kv
-            context = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
-            return fused(context.transpose(1, 2).reshape(*x.shape[:-1], -1), out, residual=x)
+            return fused(self.attend_heads(q, *kv, masks), out, residual=x)
         q, k, v = fused(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
         return fused(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
 
@@ -361,6 +359,12 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if kv is not None:
             k, v = write_kv(kv, slots, k, v)
+        return self.attend_heads(q, k, v, masks)
+
+    def attend_heads(self, q, k, v, masks) -> Tensor:
+        """Attention of the rotated ``q`` ``[B, heads, T, D]`` over ``k, v`` (the cache, once
+        written): the heads' outputs ``[B, T, n_heads * head_dim]``."""
+        batch, _, length, _ = q.shape
         out = attend(q, k.to(q.dtype), v.to(q.dtype), masks[self.window])
         return out.transpose(1, 2).reshape(batch, length, -1)
 
