@@ -39,7 +39,7 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     ``tidar.decode_matvec``, ``tidar.decode_matmul``, ``tidar.decode_qkv`` and ``tidar.pdl``
     that has the name, e.g. ``MIN_CHUNK=128``, ``MAX_ROWS=0`` (no fused matvecs), ``PDL=False``
     (no programmatic dependent launch), ``MAX_PASS_ROWS=4096`` (fused drafting matmuls) or
-    ``ENABLED=True`` (RoPE and the cache writes in the AR step's q/k/v matvec)."""
+    ``ENABLED=False`` (RoPE and the cache writes out of the AR step's q/k/v matvec)."""
     from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv, pdl
 
     stack = contextlib.ExitStack()

@@ -18,10 +18,11 @@ from tidar.sampling import SamplingParams  # noqa: E402
 
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
-    """The fused q/k/v kernel on, on the CPU (the interpreter), counting its calls."""
+    """The fused q/k/v kernel on for up to 4 sequences, on the CPU (the interpreter),
+    counting its calls."""
     calls = []
     op = decode_qkv.decode_qkv
-    monkeypatch.setattr(decode_qkv, "ENABLED", True)
+    monkeypatch.setattr(decode_qkv, "MAX_SEQUENCES", 4)
     monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
     monkeypatch.setattr(decode_qkv, "decode_qkv",
                         lambda *args: calls.append(args[0].shape[0]) or op(*args))
@@ -66,12 +67,14 @@ def test_matches_the_projection_rotation_and_cache_write(dtype, rows, use_bias):
     torch.testing.assert_close(v_cache, v_expected, atol=tol, rtol=tol)
 
 
-def test_off_by_default_and_only_for_one_query_a_sequence(monkeypatch):
-    x, weight = torch.zeros(2, 8), torch.zeros(24, 8)
+def test_on_for_one_sequence_and_one_query(monkeypatch):
+    one, two, weight = torch.zeros(1, 8), torch.zeros(2, 8), torch.zeros(24, 8)
+    assert not decode_qkv.supported(one, weight, 1)  # not on the CPU
     monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
-    assert not decode_qkv.supported(x, weight, 1)
-    monkeypatch.setattr(decode_qkv, "ENABLED", True)
-    assert decode_qkv.supported(x, weight, 1) and not decode_qkv.supported(x, weight, 2)
+    assert decode_qkv.supported(one, weight, 1)
+    assert not decode_qkv.supported(one, weight, 2) and not decode_qkv.supported(two, weight, 1)
+    monkeypatch.setattr(decode_qkv, "ENABLED", False)
+    assert not decode_qkv.supported(one, weight, 1)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

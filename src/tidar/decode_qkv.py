@@ -6,8 +6,11 @@ cache write. Each takes about 0.9 us: 82 of the step's 592 us of GPU time in ses
 H200 profile (docs/results.md section 2). This kernel does their work in the matvec: each
 thread block computes pairs of outputs half a head apart, which is what rotating a head's
 halves needs, rounds them as the projection's output, rotates the q and k pairs, and stores
-q, and k and v at the step's cache slot. Off (``ENABLED``) until a GPU A/B times it: it
-lowers the launch floor along with the step.
+q, and k and v at the step's cache slot.
+
+On for one sequence (``MAX_SEQUENCES``): on the H200 (session 18, ``pass_latency.py --ar-only
+--kernel-settings engine ENABLED=True``, two rounds in one process) the AR step took 0.49
+against 0.55 ms at batch 1, and 0.89-0.90 against 0.87-0.88 ms at batch 4.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from torch import Tensor
 
 from . import decode_matvec, pdl
 
-ENABLED = False  # pass_latency.py --ar-only --kernel-settings engine ENABLED=True
+ENABLED = True
+MAX_SEQUENCES = 1  # at 4 the plain path was faster
 PAIRS = 2  # output pairs a thread block: 4 outputs, as the matvec's plan up to 1,024 inputs
 
 
@@ -85,8 +89,10 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
 
 
 def supported(x: Tensor, weight: Tensor, length: int) -> bool:
-    """On (``ENABLED``) for the AR step's rows, one query a sequence, where the matvec runs."""
-    return ENABLED and length == 1 and decode_matvec.supported(x, weight)
+    """On (``ENABLED``) for the AR step's rows, one query a sequence, up to ``MAX_SEQUENCES``
+    sequences, where the matvec runs."""
+    return (ENABLED and length == 1 and x.shape[0] <= MAX_SEQUENCES
+            and decode_matvec.supported(x, weight))
 
 
 @torch.library.custom_op("tidar::decode_qkv", mutates_args=("k_cache", "v_cache"))
