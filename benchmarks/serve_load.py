@@ -115,18 +115,24 @@ def main() -> None:
             asyncio.run(load(url, count, prompts, 8))
         warmed = max(warmed, clients)
         server.batch_sizes.clear()
-        joined, moves = server.joined, server.decoder.engine.moves
+        engine = server.decoder.engine
+        joined, moves, stalls = server.joined, engine.moves, engine.stalls.seconds()
         run = asyncio.run(load(url, clients, prompts, args.max_tokens, args.stagger_ms / 1000))
         run["batches_by_size"] = dict(sorted(server.batch_sizes.items()))
         run["joined_running_batches"] = server.joined - joined
-        run["batches_moved_to_more_rows"] = server.decoder.engine.moves - moves
+        run["batches_moved_to_more_rows"] = engine.moves - moves
+        # Device seconds running batches waited for joining prompts' prefills and moves.
+        run["seconds_batches_stood_still"] = {
+            what: round(total - stalls.get(what, 0.0), 4)
+            for what, total in engine.stalls.seconds().items()}
         report["runs"].append(run)
         write_json("serve_load.json", report)
         print(f"{clients} clients: {run['tokens_per_second']:.1f} tokens/s, first text "
               f"{run['first_text_s']['median']:.3f} s, reply {run['reply_s']['median']:.3f} s "
               f"(medians), batches {run['batches_by_size']}, "
               f"{run['joined_running_batches']} joined running ones, "
-              f"{run['batches_moved_to_more_rows']} moves to more rows", flush=True)
+              f"{run['batches_moved_to_more_rows']} moves to more rows, stood still "
+              f"{run['seconds_batches_stood_still']} s", flush=True)
     web.should_exit = True
 
 

@@ -140,6 +140,8 @@ def test_a_batch_grows_into_larger_buckets_for_prompts_that_join(model, cfg):
     # rows when asked: the fifth prompt moved the batch into a bucket of eight
     assert sizes[:4] == [1, 2, 4, 4] and engine._live.active.shape[0] == 8
     assert engine.moves == 3
+    stalls = engine.stalls.seconds()  # wall time on the CPU: each move and join took some
+    assert set(stalls) == {"move", "join"} and min(stalls.values()) > 0
     stats = engine.last_stats
     for row, prompt in enumerate(first + joining):
         expected, passes = solo(model, prompt, cfg)

@@ -223,6 +223,7 @@ def test_health_and_models(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["block_size"] == 16
     assert health["proposals"] == 2 and health["device"] == "cpu"
+    assert isinstance(health["seconds_batches_stood_still"], dict)
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
 

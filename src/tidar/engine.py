@@ -17,7 +17,6 @@ replays.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from .sampling import (
     verify_greedy,
     verify_sampled,
 )
+from .spans import Spans
 
 SAMPLERS = ("ar", "lossless", "mix")
 
@@ -223,6 +223,9 @@ class Engine:
         self._ended: set[int] = set()  # and the rows finish() ended
         self._runners: OrderedDict[tuple, _Runner] = OrderedDict()
         self.moves = 0  # running batches moved into a larger batch-size bucket (_grow)
+        # Device seconds a running batch stood still: "join" (a joining prompt's prefill)
+        # and "move" (_grow).
+        self.stalls = Spans(self.device)
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -313,7 +316,8 @@ class Engine:
                         raise TidarError(f"a prompt of {len(prompt)} tokens cannot join this "
                                          f"batch: it takes at most {longest}")
                     if not free:
-                        runner, st = self._grow(runner, st, length, cfg)
+                        with self.stalls.span("move"):
+                            runner, st = self._grow(runner, st, length, cfg)
                         free = list(range(rows, st.active.shape[0]))
                         self._sequence_in += [None] * len(free)
                         live = torch.cat([live, live.new_zeros(len(free))])
@@ -321,7 +325,8 @@ class Engine:
                         rows = st.active.shape[0]
                     r = free.pop(0)
                     taken += 1
-                    self._admit(runner, r, prompt, cfg)
+                    with self.stalls.span("join"):
+                        self._admit(runner, r, prompt, cfg)
                     self._ended.discard(r)
                     self._sequence_in[r] = len(shown)
                     shown.append(0)
@@ -660,19 +665,11 @@ class Engine:
 
     def _burst_seconds(self, runner: _Runner, burst: int) -> float:
         """Seconds per pass of ``burst`` passes back to back (CUDA events on CUDA)."""
-        if self.device.type != "cuda":
-            t0 = time.perf_counter()
+        timed = Spans(self.device)
+        with timed.span("burst"):
             for _ in range(burst):
                 runner.step()
-            return (time.perf_counter() - t0) / burst
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(burst):
-            runner.step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000 / burst
+        return timed.seconds()["burst"] / burst
 
 
 def pass_config(cfg: DecodeConfig) -> DecodeConfig:

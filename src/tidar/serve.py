@@ -299,7 +299,8 @@ def build_app(server: Server):
                 "tuner": server.tuner,
                 "batches_by_size": dict(sorted(server.batch_sizes.items())),
                 "joined_running_batches": server.joined,
-                "batches_moved_to_more_rows": server.decoder.engine.moves}
+                "batches_moved_to_more_rows": server.decoder.engine.moves,
+                "seconds_batches_stood_still": server.decoder.engine.stalls.seconds()}
 
     @app.get("/v1/models")
     def models():
