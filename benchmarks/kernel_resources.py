@@ -23,9 +23,10 @@ from common import write_json
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tidar import decode_matmul, decode_matvec
+from tidar import decode_matmul, decode_matvec, decode_qkv
 
-TENSORS = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")
+TENSORS = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out", "Cos", "Sin", "Q", "KCache",
+                            "VCache"], "*bf16"), "Slots": "*i64"}
 DIM, HIDDEN = 576, 1536  # SmolLM2-135M
 
 
@@ -84,6 +85,14 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
             out.append((f"matmul {name} {rows}x{outputs}", decode_matmul._matmul_kernel, dict(
                 BLOCK_M=rows, BLOCK_N=outputs, BLOCK_K=main, BLOCK_R=rest, BIAS=False,
                 FP32=False, PDL=True, **extra), warps, engine))
+    qkv_warps = decode_matvec.plan(960, DIM)[1]
+    for rows in (1, 4):
+        for one_sum in (False, True):
+            out.append((f"q/k/v+RoPE rows={rows} one_sum={one_sum}", decode_qkv._qkv_kernel,
+                        dict(HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=rows,
+                             BLOCK_P=decode_qkv.PAIRS, BLOCK_K=triton.next_power_of_2(DIM),
+                             BIAS=False, PDL=True, ONE_SUM=one_sum), qkv_warps,
+                        rows <= decode_qkv.MAX_SEQUENCES and one_sum == decode_qkv.ONE_SUM))
     return out
 
 

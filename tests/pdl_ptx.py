@@ -57,9 +57,10 @@ def cases() -> dict:
         out[f"slice one_slice={one_slice}"] = count(ptx_lines(
             decode_attention._slice_kernel, SLICE,
             {**attention, "ONE_SLICE": one_slice, "PDL": True}))
-    out["qkv"] = count(ptx_lines(decode_qkv._qkv_kernel, QKV, dict(
-        HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=1, BLOCK_P=2, BLOCK_K=1024, BIAS=False,
-        PDL=True)))
+    for one_sum in (False, True):
+        out[f"qkv one_sum={one_sum}"] = count(ptx_lines(decode_qkv._qkv_kernel, QKV, dict(
+            HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=1, BLOCK_P=2, BLOCK_K=1024, BIAS=False,
+            PDL=True, ONE_SUM=one_sum)))
     out["merge"] = count(ptx_lines(decode_attention._merge_kernel, MERGE,
                                    dict(HEAD_DIM=64, BLOCK_M=16, BLOCK_P=1, PDL=True)))
     return out

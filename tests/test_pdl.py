@@ -50,9 +50,11 @@ def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts
     assert ptx_counts[f"matvec swiglu={swiglu} pdl=False"]["waits"] == 0
 
 
-def test_the_fused_qkv_loads_its_weights_before_the_wait_and_the_rest_after(ptx_counts):
+@pytest.mark.parametrize("one_sum", [False, True])
+def test_the_fused_qkv_loads_its_weights_before_the_wait_and_the_rest_after(ptx_counts,
+                                                                            one_sum):
     """The input, RoPE tables and cache slots are earlier kernels' outputs."""
-    counts = ptx_counts["qkv"]
+    counts = ptx_counts[f"qkv one_sum={one_sum}"]
     assert counts["waits"] == 1
     assert counts["loads_before"] > 0 and counts["loads_after"] > 0
 
