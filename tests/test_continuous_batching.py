@@ -122,13 +122,21 @@ def test_spare_rows_let_prompts_join_a_batch_started_by_one(model):
             assert got[row] == solo(model, prompt, cfg)[0], row
 
 
+@pytest.mark.parametrize("used_before", [False, True], ids=["new", "used"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["ar", "lossless", "sampled", "mix"])
-def test_a_batch_grows_into_larger_buckets_for_prompts_that_join(model, cfg):
+def test_a_batch_grows_into_larger_buckets_for_prompts_that_join(model, cfg, used_before):
     """``max_rows``: a batch of one prompt takes four more as they come, moving into the
-    buckets of 2, 4 and 8 rows; each prompt decodes as alone, pass for pass."""
+    buckets of 2, 4 and 8 rows; each prompt decodes as alone, pass for pass. ``used``: the
+    runners of those buckets decoded other prompts before, whose state their idle rows
+    keep."""
     first, joining = prompts([5], 9), prompts([3, 6, 4, 7], 10)
     waiting, sizes = list(joining), []
     engine = Engine(model)
+    if used_before:
+        for rows in (2, 4, 8):
+            engine.generate(prompts([7] * rows, 20 + rows), cfg)
+    prefill, prefills = engine._prefill, []
+    engine._prefill = lambda batch, *args: prefills.append(len(batch)) or prefill(batch, *args)
 
     def more(longest: int):
         sizes.append(engine._live.active.shape[0])
@@ -140,6 +148,8 @@ def test_a_batch_grows_into_larger_buckets_for_prompts_that_join(model, cfg):
     # rows when asked: the fifth prompt moved the batch into a bucket of eight
     assert sizes[:4] == [1, 2, 4, 4] and engine._live.active.shape[0] == 8
     assert engine.moves == 3
+    # the first prompt, the joining ones, and the new runners' first states (not when used)
+    assert sorted(prefills) == [1] * 5 + ([] if used_before else [2, 4, 8])
     stalls = engine.stalls.seconds()  # wall time on the CPU: each move and join took some
     assert set(stalls) == {"move", "join"} and min(stalls.values()) > 0
     stats = engine.last_stats

@@ -427,11 +427,15 @@ class Engine:
               cfg: DecodeConfig) -> tuple[_Runner, _State]:
         """The running batch moved into the runner of the next batch-size bucket (the same
         capacity): its rows' caches and state copied over, the new rows idle. Rows keep
-        their numbers and, being batch-invariant, their tokens."""
+        their numbers and, being batch-invariant, their tokens. A runner that has decoded
+        before keeps its last batch's state in the new rows, idle as rows that ended are
+        (a joining prompt's prefill replaces a row's state); a new one is prefilled once
+        to build its state and graphs."""
         rows, more_rows = st.active.shape[0], batch_bucket(st.active.shape[0] + 1)
         bigger = self._runner(more_rows, length, cfg)
-        filler = [[0]] * more_rows  # prefilled, then overwritten or idle
-        grown = self._live = self._start(bigger, filler, cfg, [cfg.seed] * len(filler))
+        if bigger.state is None:
+            self._start(bigger, [[0]] * more_rows, cfg, [cfg.seed] * more_rows)
+        grown = self._live = bigger.state
         for kept, new in zip(st.tensors(), grown.tensors(), strict=True):
             if kept is st.hist:
                 new.copy_(kept)
