@@ -36,3 +36,43 @@ def test_a_span_that_raises_is_not_counted():
     except ValueError:
         pass
     assert spans.seconds() == {}
+
+
+class FakeEvent:
+    """A CUDA event stand-in: a span's end completes when the test says so."""
+
+    clock = 0.0
+
+    def __init__(self, enable_timing: bool):
+        self.done, self.at, self.waited = False, 0.0, False
+
+    def record(self):
+        FakeEvent.clock += 1.0
+        self.at = FakeEvent.clock
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self):
+        self.waited = self.done = True
+
+    def elapsed_time(self, end) -> float:  # milliseconds, as torch's
+        return (end.at - self.at) * 1000
+
+
+def test_cuda_spans_are_read_once_their_events_complete(monkeypatch):
+    """On CUDA a span is two events: a crowd of unread spans is settled without waiting for
+    the ones still running; ``seconds`` waits for all."""
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    spans = Spans(torch.device("cuda"))
+    monkeypatch.setattr(spans, "SETTLE_AFTER", 2)
+    for _ in range(2):
+        with spans.span("join"):
+            pass
+    for _, _, end in spans._pending:
+        end.done = True  # the device finished these two
+    with spans.span("move"):  # a third: settles the finished ones, not this one
+        pass
+    assert [name for name, _, _ in spans._pending] == ["move"]
+    assert not spans._pending[0][2].waited
+    assert spans.seconds() == {"join": 2.0, "move": 1.0} and not spans._pending

@@ -13,9 +13,11 @@ import torch
 
 class Spans:
     """Total seconds per name of the work done inside ``span(name)``. On CUDA a span is a
-    pair of events on the current stream, read when ``seconds()`` is asked (it waits for
-    them), so timing a span does not stall the host; elsewhere it is wall time. ``seconds``
-    may be asked from another thread than the one that times."""
+    pair of events on the current stream, read once they have completed (``seconds()``
+    waits for them), so timing a span does not stall the host; elsewhere it is wall time.
+    ``seconds`` may be asked from another thread than the one that times."""
+
+    SETTLE_AFTER = 64  # spans waiting to be read before the completed ones are
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -37,14 +39,28 @@ class Spans:
         end.record()
         with self._lock:
             self._pending.append((name, start, end))
+            crowded = len(self._pending) > self.SETTLE_AFTER
+        if crowded:
+            self._settle(wait=False)
 
     def seconds(self) -> dict[str, float]:
+        self._settle(wait=True)
+        with self._lock:
+            return dict(self._done)
+
+    def _settle(self, wait: bool) -> None:
+        """Adds up the spans whose events have completed; with ``wait``, all of them."""
         with self._lock:
             pending, self._pending = self._pending, []
         measured: Counter[str] = Counter()
-        for name, start, end in pending:  # waits outside the lock: the timing thread goes on
-            end.synchronize()
+        left = []
+        for name, start, end in pending:  # outside the lock: the timing thread goes on
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                left.append((name, start, end))
+                continue
             measured[name] += start.elapsed_time(end) / 1000
         with self._lock:
             self._done.update(measured)
-            return dict(self._done)
+            self._pending[:0] = left
