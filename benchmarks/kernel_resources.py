@@ -76,7 +76,11 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
             {"q/k/v": 960, "gate/up": HIDDEN, "o": DIM, "down": DIM}[name], inputs)
         out.append((f"matvec {name}", decode_matvec._matvec_kernel, dict(
             ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
-            BIAS=False, PDL=True, **extra), warps, True))
+            BIAS=False, PDL=True, ONE_SUM=False, **extra), warps, True))
+        if extra["SWIGLU"]:
+            out.append((f"matvec {name} one_sum", decode_matvec._matvec_kernel, dict(
+                ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
+                BIAS=False, PDL=True, ONE_SUM=True, **extra), warps, False))
         main, rest = decode_matmul.widths(inputs)
         own = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK,
                decode_matmul.WARPS * (1 if inputs <= 1024 else 2))

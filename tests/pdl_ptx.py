@@ -40,13 +40,17 @@ def count(lines: list[str]) -> dict:
 
 
 def cases() -> dict:
-    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True)
+    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True,
+                  ONE_SUM=False)
     attention = dict(qk_scale=0.18, HEAD_DIM=64, BLOCK_M=16, BLOCK_N=64, FP32=False)
     out = {}
     for pdl in (True, False):
         for swiglu in (False, True):
             out[f"matvec swiglu={swiglu} pdl={pdl}"] = count(ptx_lines(
                 decode_matvec._matvec_kernel, MATVEC, {**matvec, "SWIGLU": swiglu, "PDL": pdl}))
+    out["matvec swiglu=True one_sum=True pdl=True"] = count(ptx_lines(
+        decode_matvec._matvec_kernel, MATVEC,
+        {**matvec, "SWIGLU": True, "PDL": True, "ONE_SUM": True}))
     for swiglu in (False, True):
         out[f"matmul swiglu={swiglu}"] = count(ptx_lines(
             decode_matmul._matmul_kernel, MATVEC,

@@ -42,11 +42,15 @@ def ptx_counts() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("case", ["swiglu=False", "swiglu=True", "swiglu=True one_sum=True"])
+def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts, case):
+    counts = ptx_counts[f"matvec {case} pdl=True"]
+    assert counts["waits"] == 1
+    assert counts["loads_before"] > 0 and counts["loads_after"] > 0
+
+
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts, swiglu):
-    with_pdl = ptx_counts[f"matvec swiglu={swiglu} pdl=True"]
-    assert with_pdl["waits"] == 1
-    assert with_pdl["loads_before"] > 0 and with_pdl["loads_after"] > 0
+def test_matvec_without_pdl_does_not_wait(ptx_counts, swiglu):
     assert ptx_counts[f"matvec swiglu={swiglu} pdl=False"]["waits"] == 0
 
 

@@ -29,6 +29,9 @@ FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps in
 # --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4; docs/results.md section 2).
 NARROW_OUTPUTS, NARROW_WARPS = 4, 0
 WIDE_OUTPUTS, WIDE_WARPS = 2, 0
+# gate/up's gate and up rows in one reduction a row, as decode_qkv.ONE_SUM: built in session
+# 18, not yet timed.
+SWIGLU_ONE_SUM = False
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
@@ -44,19 +47,28 @@ def rms_norm(x, norm_w, K, eps):
 def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, stride_res,
                    stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                   ONE_SUM: tl.constexpr):
     """Outputs ``n`` of this program for every row: ``W @ f(x) (+ bias)`` with f the RMSNorm
     (``NORM``) or nothing; with ``SWIGLU`` the weight is gate rows then up rows and the output
     is ``silu(gate) * up``; with ``RESIDUAL`` ``Res`` is added. With ``PDL`` (``tidar.pdl``)
-    the parameters load while the kernel before still runs."""
+    the parameters load while the kernel before still runs. With ``SWIGLU`` and ``ONE_SUM``
+    the gate and up rows are one ``[BLOCK_N, 2, BLOCK_K]`` tile, reduced once a row (one
+    exchange between warps instead of two)."""
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    tile_ok = n_ok[:, None] & k_ok[None, :]
-    w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=tile_ok, other=0.0)
-    if SWIGLU:
-        w_up = tl.load(W + (n[:, None] + N) * stride_w + k[None, :], mask=tile_ok, other=0.0)
+    if SWIGLU and ONE_SUM:
+        gate_up = n[:, None] + tl.arange(0, 2)[None, :] * N
+        w = tl.load(W + gate_up[:, :, None] * stride_w + k[None, None, :],
+                    mask=n_ok[:, None, None] & k_ok[None, None, :], other=0.0)
+    else:
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=tile_ok, other=0.0)
+        if SWIGLU:
+            w_up = tl.load(W + (n[:, None] + N) * stride_w + k[None, :], mask=tile_ok,
+                           other=0.0)
     if NORM:
         norm_w = tl.load(NormW + k, mask=k_ok, other=0.0)
     if BIAS:
@@ -71,11 +83,15 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
         if NORM:
             x = rms_norm(x, norm_w, K, eps)
         x = x.to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+        if SWIGLU and ONE_SUM:
+            acc, up = tl.split(tl.sum(w.to(tl.float32) * x[None, None, :], 2))
+        else:
+            acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+            if SWIGLU:
+                up = tl.sum(w_up.to(tl.float32) * x[None, :], 1)
         if BIAS:
             acc += bias
         if SWIGLU:
-            up = tl.sum(w_up.to(tl.float32) * x[None, :], 1)
             if BIAS:
                 up += bias_up
             acc = acc * tl.sigmoid(acc) * up
@@ -138,7 +154,8 @@ def decode_matvec(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
         weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(inputs),
         NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
-        RESIDUAL=residual is not None, PDL=overlap, num_warps=warps, launch_pdl=overlap)
+        RESIDUAL=residual is not None, PDL=overlap, ONE_SUM=swiglu and SWIGLU_ONE_SUM,
+        num_warps=warps, launch_pdl=overlap)
     return out
 
 
