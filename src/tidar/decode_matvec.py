@@ -44,6 +44,28 @@ def rms_norm(x, norm_w, K, eps):
 
 
 @triton.jit
+def load_tile(W, rows, rows_ok, k, k_ok, stride_w):
+    """Rows ``rows`` of ``W`` by inputs ``k``: a ``[len(rows), BLOCK_K]`` tile."""
+    return tl.load(W + rows[:, None] * stride_w + k[None, :],
+                   mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def load_pair_tile(W, rows, apart, rows_ok, k, k_ok, stride_w):
+    """Rows ``rows`` and ``rows + apart`` of ``W`` by inputs ``k``: one ``[len(rows), 2,
+    BLOCK_K]`` tile, which ``dot_pairs`` reduces once for both."""
+    pairs = rows[:, None] + tl.arange(0, 2)[None, :] * apart
+    return tl.load(W + pairs[:, :, None] * stride_w + k[None, None, :],
+                   mask=rows_ok[:, None, None] & k_ok[None, None, :], other=0.0)
+
+
+@triton.jit
+def dot_pairs(w, x):
+    """A pair tile times ``x`` (float32): both rows' dot products, from one reduction."""
+    return tl.split(tl.sum(w.to(tl.float32) * x[None, None, :], 2))
+
+
+@triton.jit
 def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, stride_res,
                    stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
@@ -60,15 +82,11 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     if SWIGLU and ONE_SUM:
-        gate_up = n[:, None] + tl.arange(0, 2)[None, :] * N
-        w = tl.load(W + gate_up[:, :, None] * stride_w + k[None, None, :],
-                    mask=n_ok[:, None, None] & k_ok[None, None, :], other=0.0)
+        w = load_pair_tile(W, n, N, n_ok, k, k_ok, stride_w)
     else:
-        tile_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=tile_ok, other=0.0)
+        w = load_tile(W, n, n_ok, k, k_ok, stride_w)
         if SWIGLU:
-            w_up = tl.load(W + (n[:, None] + N) * stride_w + k[None, :], mask=tile_ok,
-                           other=0.0)
+            w_up = load_tile(W, n + N, n_ok, k, k_ok, stride_w)
     if NORM:
         norm_w = tl.load(NormW + k, mask=k_ok, other=0.0)
     if BIAS:
@@ -84,7 +102,7 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
             x = rms_norm(x, norm_w, K, eps)
         x = x.to(tl.float32)
         if SWIGLU and ONE_SUM:
-            acc, up = tl.split(tl.sum(w.to(tl.float32) * x[None, None, :], 2))
+            acc, up = dot_pairs(w, x)
         else:
             acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
             if SWIGLU:

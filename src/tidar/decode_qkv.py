@@ -53,14 +53,10 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
     head, j = p // HALF, p % HALF
     lo = head * HEAD_DIM + j
     if ONE_SUM:
-        halves = lo[:, None] + tl.arange(0, 2)[None, :] * HALF
-        w = tl.load(W + halves[:, :, None] * stride_w + k[None, None, :],
-                    mask=p_ok[:, None, None] & k_ok[None, None, :], other=0.0)
+        w = decode_matvec.load_pair_tile(W, lo, HALF, p_ok, k, k_ok, stride_w)
     else:
-        tile_ok = p_ok[:, None] & k_ok[None, :]
-        w_lo = tl.load(W + lo[:, None] * stride_w + k[None, :], mask=tile_ok, other=0.0)
-        w_hi = tl.load(W + (lo + HALF)[:, None] * stride_w + k[None, :], mask=tile_ok,
-                       other=0.0)
+        w_lo = decode_matvec.load_tile(W, lo, p_ok, k, k_ok, stride_w)
+        w_hi = decode_matvec.load_tile(W, lo + HALF, p_ok, k, k_ok, stride_w)
     norm_w = tl.load(NormW + k, mask=k_ok, other=0.0)
     if BIAS:
         bias_lo = tl.load(Bias + lo, mask=p_ok, other=0.0).to(tl.float32)
@@ -76,7 +72,7 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
         x = tl.load(X + row * stride_x + k, mask=k_ok, other=0.0)
         x = decode_matvec.rms_norm(x, norm_w, K, eps).to(tl.float32)
         if ONE_SUM:
-            a, b = tl.split(tl.sum(w.to(tl.float32) * x[None, None, :], 2))
+            a, b = decode_matvec.dot_pairs(w, x)
         else:
             a = tl.sum(w_lo.to(tl.float32) * x[None, :], 1)
             b = tl.sum(w_hi.to(tl.float32) * x[None, :], 1)
