@@ -112,9 +112,11 @@ def check_joins() -> list[dict]:
     """Continuous batching under CUDA graphs, eager and compiled: three prompts that join a
     running batch (one into its idle row, two into rows a stop token or the budget freed)
     decode as each does alone, greedy and sampled; and a batch of one that grows into the
-    buckets of 2, 4 and 8 rows as the five others join (``max_rows``)."""
+    buckets of 2, 4 and 8 rows as the five others join (``max_rows``), into new runners and
+    into runners that decoded other prompts before (their idle rows keep that state)."""
     first, joining = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [3]], [[2, 4], [9, 8, 7, 6], [5] * 20]
-    starts = {False: (first, joining, 0), True: (first[:1], first[1:] + joining, 8)}
+    grown = (first[:1], first[1:] + joining, 8)
+    starts = {"no": (first, joining, 0), "new runners": grown, "used runners": grown}
     rows = []
     for compiled in (False, True):
         model = random_model("llama", 0)
@@ -125,6 +127,9 @@ def check_joins() -> list[dict]:
                                  sampling=SamplingParams(temperature=0.8))):
             for grow, (start, later, max_rows) in starts.items():
                 engine = Engine(model, stop_ids=(stop,), compile=compiled)
+                if grow == "used runners":
+                    for rows_before in (2, 4, 8):
+                        engine.generate([[7, 7, 7]] * rows_before, cfg)
                 waiting, got = iter(later), {}
                 for row, tokens in engine.stream(start, cfg, max_rows=max_rows,
                                                  more=lambda longest, queue=waiting: (
