@@ -74,13 +74,13 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
                                 ("down", HIDDEN, dict(NORM=False, SWIGLU=False, RESIDUAL=True))):
         outputs_per_block, warps = decode_matvec.plan(
             {"q/k/v": 960, "gate/up": HIDDEN, "o": DIM, "down": DIM}[name], inputs)
-        out.append((f"matvec {name}", decode_matvec._matvec_kernel, dict(
-            ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
-            BIAS=False, PDL=True, ONE_SUM=False, **extra), warps, True))
-        if extra["SWIGLU"]:
-            out.append((f"matvec {name} one_sum", decode_matvec._matvec_kernel, dict(
-                ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
-                BIAS=False, PDL=True, ONE_SUM=True, **extra), warps, False))
+        for one_sum in (False, True) if extra["SWIGLU"] else (False,):
+            out.append((f"matvec {name}{' one_sum' if one_sum else ''}",
+                        decode_matvec._matvec_kernel, dict(
+                            ROWS=1, BLOCK_N=outputs_per_block,
+                            BLOCK_K=triton.next_power_of_2(inputs), BIAS=False, PDL=True,
+                            ONE_SUM=one_sum, **extra), warps,
+                        one_sum == (extra["SWIGLU"] and decode_matvec.SWIGLU_ONE_SUM)))
         main, rest = decode_matmul.widths(inputs)
         own = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK,
                decode_matmul.WARPS * (1 if inputs <= 1024 else 2))
