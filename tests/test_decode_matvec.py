@@ -58,25 +58,6 @@ def test_matches_the_plain_expressions(dtype, rows, inputs, outputs, use_norm, u
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize(("inputs", "outputs"), [(48, 10), (1100, 7)])
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_gate_and_up_reduced_as_one_tile_match_the_plain_expression(monkeypatch, rows, inputs,
-                                                                    outputs, use_bias):
-    """``SWIGLU_ONE_SUM``: gate/up's two halves reduced as one ``[BLOCK_N, 2, BLOCK_K]``
-    tile."""
-    monkeypatch.setattr(decode_matvec, "SWIGLU_ONE_SUM", True)
-    gen = torch.Generator().manual_seed(rows + inputs + use_bias)
-    x = torch.randn(rows, inputs, generator=gen)
-    weight = torch.randn(2 * outputs, inputs, generator=gen) / inputs**0.5
-    norm = RMSNorm(inputs, 1e-5)
-    norm.weight.data = torch.rand(inputs, generator=gen) + 0.5
-    bias = torch.randn(2 * outputs, generator=gen) if use_bias else None
-    got = decode_matvec.decode_matvec(x, weight, norm.weight, bias, None, True, 1e-5)
-    expected = plain(x, weight, norm, bias, None, True)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
 def test_the_plan_follows_its_settings_and_every_tile_gives_the_same_result(monkeypatch):
     """``plan``: 4 outputs a block up to 1,024 inputs, 2 past it, 8 warps for a small grid,
     unless the module's settings say otherwise (the GPU A/B's candidate: 8 outputs, 4 warps);

@@ -32,13 +32,9 @@ def fused_on_cpu(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("use_bias", [False, True])
-@pytest.mark.parametrize("one_sum", [False, True])
-def test_matches_the_projection_rotation_and_cache_write(dtype, rows, use_bias, one_sum,
-                                                         monkeypatch):
+def test_matches_the_projection_rotation_and_cache_write(dtype, rows, use_bias):
     """Three q heads over one KV head of 8 dims (pairs of a block straddle q, k and v), rows
-    at different slots; cache slots other than the step's keep their values. Both ways of
-    reducing the output halves (``ONE_SUM``)."""
-    monkeypatch.setattr(decode_qkv, "ONE_SUM", one_sum)
+    at different slots; cache slots other than the step's keep their values."""
     heads, kv_heads, dim, inputs, slots = 3, 1, 8, 24, 6
     gen = torch.Generator().manual_seed(rows + 10 * use_bias)
     x = torch.randn(rows, inputs, generator=gen).to(dtype)

@@ -3,10 +3,9 @@
 A decode pass has few queries over a long cache. A fused attention kernel then gets only a
 handful of thread blocks, each walking every key in turn. Here each thread block takes a
 tile of query rows (the query heads sharing a KV head are folded into rows, so the cache is
-read once per KV head) and one slice of the keys; the slices are merged by their
-log-sum-exp, as flash-decoding does, by a second kernel or (``MERGE_IN_SLICES``) by the
-last thread block of each row tile to finish its slice (when one slice covers the cache,
-the slice kernel writes the output itself). The visibility rule comes as the dense boolean mask
+read once per KV head) and one slice of the keys; a second kernel merges the slices by their
+log-sum-exp, as flash-decoding does (when one slice covers the cache, the slice kernel
+writes the output itself). The visibility rule comes as the dense boolean mask
 the engine already builds on the device. Importing this module needs Triton; on the CPU the
 model keeps SDPA, and the tests run these kernels in Triton's interpreter.
 """
@@ -38,29 +37,21 @@ FEW_ROWS_MERGE_ALL = True  # False: one slice a merge step, as for many rows
 MERGE_ROWS = 16  # rows per merge thread block for many rows: no matmul, so small tiles
 MERGE_ELEMENTS = 8192  # partial outputs a merge step may hold (its slices x rows x dim)
 MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --short-caches old)
-# The last slice of a row tile to finish merges them all, found by a counter per row tile,
-# in place of the merge kernel: one launch fewer a layer. Off until timed on the GPU.
-MERGE_IN_SLICES = False
-COUNTERS = 1 << 16  # row tiles (batch x KV heads x tiles) a launch at most; past it, the kernel
-_counters: dict[torch.device, Tensor] = {}  # zero between launches: the merging block resets
 
 
 @triton.jit
-def _slice_kernel(Q, K, V, Mask, Out, Lse, Final, Counts,
+def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
                   so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s, sd_b, sd_h, sd_t,
-                  length, slots, rows, kv_heads, group, chunk, parts,
+                  length, slots, rows, kv_heads, group, chunk,
                   qk_scale: tl.constexpr,  # 1/sqrt(HEAD_DIM) in log2 units: one per head size
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr, MERGE: tl.constexpr,
-                  BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+                  FP32: tl.constexpr, ONE_SLICE: tl.constexpr, PDL: tl.constexpr):
     """One (row tile, key slice, sequence x KV head): normalised partial output and its
     log2-sum-exp over the slice's visible keys (-inf where a row sees none of them). With
     ``ONE_SLICE`` the slice is the whole cache: the output goes straight to ``Final``, in
-    its dtype and layout, and no merge follows. With ``MERGE`` the row tile's last slice to
-    finish (its counter in ``Counts`` reaches ``parts``) merges all ``parts`` into ``Final``
-    and sets the counter back to 0. With ``PDL`` it starts while the kernel before it
-    finishes, and waits for it before reading (``tidar.pdl``)."""
+    its dtype and layout, and no merge follows. With ``PDL`` it starts while the kernel
+    before it finishes, and waits for it before reading (``tidar.pdl``)."""
     tile, part, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64: a large batch of long caches passes 2^31 elements
     b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
@@ -111,16 +102,6 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse, Final, Counts,
     tl.store(Out + base + r[:, None] * so_r + d[None, :], out, mask=row_ok[:, None])
     lse = tl.where(seen_any, peak + tl.log2(tl.where(seen_any, total, 1.0)), float("-inf"))
     tl.store(Lse + b * sl_b + h * sl_h + part * sl_s + r, lse, mask=row_ok)
-    if MERGE:
-        # Every thread's stores above come before the count (the barrier), and the count
-        # is a release and acquire at GPU scope: the block that counts last sees all slices.
-        tl.debug_barrier()
-        counter = Counts + seq_head * tl.num_programs(0) + tile
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == parts - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-            _merge_rows(Out, Lse, Final, b, h, r, row_ok, so_b, so_h, so_s, so_r,
-                        sl_b, sl_h, sl_s, sd_b, sd_h, sd_t, length, group, parts,
-                        HEAD_DIM, BLOCK_M, BLOCK_P)
 
 
 @triton.jit
@@ -128,26 +109,17 @@ def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
                   sd_b, sd_h, sd_t, length, rows, kv_heads, group, parts,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                   PDL: tl.constexpr):
-    """The slices of one tile of rows, merged (``_merge_rows``)."""
+    """Weight each slice's output by its share of the row's total exp-sum and add them up,
+    ``BLOCK_P`` slices a step with a running peak. A step waits for its loads, so a few rows
+    take every slice in one step; many rows take one a step (registers)."""
     tile, seq_head = tl.program_id(0), tl.program_id(1)
     b, h = (seq_head // kv_heads).to(tl.int64), seq_head % kv_heads
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < rows
+    d = tl.arange(0, HEAD_DIM)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    _merge_rows(Part, Lse, Out, b, h, r, r < rows, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
-                sd_b, sd_h, sd_t, length, group, parts, HEAD_DIM, BLOCK_M, BLOCK_P)
-
-
-@triton.jit
-def _merge_rows(Part, Lse, Out, b, h, r, row_ok, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
-                sd_b, sd_h, sd_t, length, group, parts,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Weight each slice's output by its share of the row's total exp-sum and add them up,
-    ``BLOCK_P`` slices a step with a running peak. A step waits for its loads, so a few rows
-    take every slice in one step; many rows take one a step (registers). The loads skip L1:
-    another thread block of this launch wrote them."""
-    d = tl.arange(0, HEAD_DIM)
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -155,10 +127,10 @@ def _merge_rows(Part, Lse, Out, b, h, r, row_ok, so_b, so_h, so_s, so_r, sl_b, s
         i = p0 + tl.arange(0, BLOCK_P)
         ok = (i[:, None] < parts) & row_ok[None, :]
         lse = tl.load(Lse + b * sl_b + h * sl_h + i[:, None] * sl_s + r[None, :], mask=ok,
-                      other=float("-inf"), cache_modifier=".cg")
+                      other=float("-inf"))
         part = tl.load(Part + b * so_b + h * so_h + i[:, None, None] * so_s
                        + r[None, :, None] * so_r + d[None, None, :], mask=ok[:, :, None],
-                       other=0.0, cache_modifier=".cg")
+                       other=0.0)
         new_peak = tl.maximum(peak, tl.max(lse, 0))
         shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
         scale = tl.exp2(peak - shift)
@@ -202,28 +174,7 @@ def merge_plan(rows: int, parts: int, dim: int) -> tuple[int, int]:
     if rows > FEW_ROWS or not FEW_ROWS_MERGE_ALL:
         return MERGE_ROWS, 1
     block_m = max(2, triton.next_power_of_2(rows))
-    return block_m, slices_per_step(block_m, parts, dim)
-
-
-def slices_per_step(block_m: int, parts: int, dim: int) -> int:
-    """Slices a merge step takes for a tile of ``block_m`` rows: as many as
-    ``MERGE_ELEMENTS`` allows for a few rows, else one."""
-    if block_m > FEW_ROWS or not FEW_ROWS_MERGE_ALL:
-        return 1
-    return min(triton.next_power_of_2(parts), max(1, MERGE_ELEMENTS // block_m // dim))
-
-
-def counters(device: torch.device, needed: int) -> Tensor | None:
-    """The zeroed counters of ``MERGE_IN_SLICES`` on ``device``, or None where they are off,
-    too few, or not yet made while a CUDA graph is being captured (made outside, they stay
-    out of the graph's memory; the engine runs each pass before it captures it)."""
-    if not MERGE_IN_SLICES or needed > COUNTERS:
-        return None
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
+    return block_m, min(triton.next_power_of_2(parts), max(1, MERGE_ELEMENTS // block_m // dim))
 
 
 @torch.library.custom_op("tidar::decode_attention", mutates_args=())
@@ -247,20 +198,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
     tiles = -(-rows // block_m)
     one_slice = parts == 1 and not MERGE_ALWAYS
-    counts = None if one_slice else counters(q.device, tiles * batch * kv_heads)
     overlap = pdl.enabled(q)
     _slice_kernel[(tiles, parts, batch * kv_heads)](
-        q, k, v, mask, part, lse, out, counts,
+        q, k, v, mask, part, lse, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), length, slots, rows, kv_heads, group, chunk, parts,
+        out.stride(2), length, slots, rows, kv_heads, group, chunk,
         dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, MERGE=counts is not None,
-        BLOCK_P=slices_per_step(block_m, parts, dim), PDL=overlap, num_warps=NUM_WARPS,
+        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap, num_warps=NUM_WARPS,
         launch_pdl=overlap)
-    if one_slice or counts is not None:
+    if one_slice:
         return out
     merge_rows, merge_step = merge_plan(rows, parts, dim)
     _merge_kernel[(-(-rows // merge_rows), batch * kv_heads)](

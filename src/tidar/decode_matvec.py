@@ -29,9 +29,6 @@ FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps in
 # --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4; docs/results.md section 2).
 NARROW_OUTPUTS, NARROW_WARPS = 4, 0
 WIDE_OUTPUTS, WIDE_WARPS = 2, 0
-# gate/up's gate and up rows in one reduction a row, as decode_qkv.ONE_SUM: built in session
-# 18, not yet timed.
-SWIGLU_ONE_SUM = False
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
@@ -51,42 +48,21 @@ def load_tile(W, rows, rows_ok, k, k_ok, stride_w):
 
 
 @triton.jit
-def load_pair_tile(W, rows, apart, rows_ok, k, k_ok, stride_w):
-    """Rows ``rows`` and ``rows + apart`` of ``W`` by inputs ``k``: one ``[len(rows), 2,
-    BLOCK_K]`` tile, which ``dot_pairs`` reduces once for both."""
-    pairs = rows[:, None] + tl.arange(0, 2)[None, :] * apart
-    return tl.load(W + pairs[:, :, None] * stride_w + k[None, None, :],
-                   mask=rows_ok[:, None, None] & k_ok[None, None, :], other=0.0)
-
-
-@triton.jit
-def dot_pairs(w, x):
-    """A pair tile times ``x`` (float32): both rows' dot products, from one reduction."""
-    return tl.split(tl.sum(w.to(tl.float32) * x[None, None, :], 2))
-
-
-@triton.jit
 def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, stride_res,
                    stride_out, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                   ONE_SUM: tl.constexpr):
+                   BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     """Outputs ``n`` of this program for every row: ``W @ f(x) (+ bias)`` with f the RMSNorm
     (``NORM``) or nothing; with ``SWIGLU`` the weight is gate rows then up rows and the output
     is ``silu(gate) * up``; with ``RESIDUAL`` ``Res`` is added. With ``PDL`` (``tidar.pdl``)
-    the parameters load while the kernel before still runs. With ``SWIGLU`` and ``ONE_SUM``
-    the gate and up rows are one ``[BLOCK_N, 2, BLOCK_K]`` tile, reduced once a row (one
-    exchange between warps instead of two)."""
+    the parameters load while the kernel before still runs."""
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    if SWIGLU and ONE_SUM:
-        w = load_pair_tile(W, n, N, n_ok, k, k_ok, stride_w)
-    else:
-        w = load_tile(W, n, n_ok, k, k_ok, stride_w)
-        if SWIGLU:
-            w_up = load_tile(W, n + N, n_ok, k, k_ok, stride_w)
+    w = load_tile(W, n, n_ok, k, k_ok, stride_w)
+    if SWIGLU:
+        w_up = load_tile(W, n + N, n_ok, k, k_ok, stride_w)
     if NORM:
         norm_w = tl.load(NormW + k, mask=k_ok, other=0.0)
     if BIAS:
@@ -101,12 +77,9 @@ def _matvec_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, stride_x, stride_w, s
         if NORM:
             x = rms_norm(x, norm_w, K, eps)
         x = x.to(tl.float32)
-        if SWIGLU and ONE_SUM:
-            acc, up = dot_pairs(w, x)
-        else:
-            acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
-            if SWIGLU:
-                up = tl.sum(w_up.to(tl.float32) * x[None, :], 1)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+        if SWIGLU:
+            up = tl.sum(w_up.to(tl.float32) * x[None, :], 1)
         if BIAS:
             acc += bias
         if SWIGLU:
@@ -172,8 +145,7 @@ def decode_matvec(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
         weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(inputs),
         NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
-        RESIDUAL=residual is not None, PDL=overlap, ONE_SUM=swiglu and SWIGLU_ONE_SUM,
-        num_warps=warps, launch_pdl=overlap)
+        RESIDUAL=residual is not None, PDL=overlap, num_warps=warps, launch_pdl=overlap)
     return out
 
 

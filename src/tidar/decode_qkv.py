@@ -23,10 +23,7 @@ from torch import Tensor
 from . import decode_matvec, pdl
 
 ENABLED = True
-MAX_SEQUENCES = 1  # at 4 the plain path was faster
-# Both output halves in one reduction a row: built in session 18 for 2-4 sequences (whose
-# step the kernel made 2% slower, maybe by its two reductions a row), not yet timed.
-ONE_SUM = False
+MAX_SEQUENCES = 1  # at 4 the plain path was faster (also with one reduction a row: session 19)
 PAIRS = 2  # output pairs a thread block: 4 outputs, as the matvec's plan up to 1,024 inputs
 
 
@@ -35,16 +32,12 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
                 stride_w, stride_cos, stride_slot, sq_b, sq_h, skc_b, skc_h, skc_s, svc_b,
                 svc_h, svc_s, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                 HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_K: tl.constexpr, BIAS: tl.constexpr, PDL: tl.constexpr,
-                ONE_SUM: tl.constexpr):
+                BLOCK_K: tl.constexpr, BIAS: tl.constexpr, PDL: tl.constexpr):
     """Output pairs (``lo``, ``lo + HEAD_DIM / 2``) of q, k and v heads for every row (one
     query a sequence): ``W @ rmsnorm(x) (+ bias)``, rounded to the input dtype as the plain
     projection's output, then ``x * cos + rotate_half(x) * sin`` for q and k, in float32
     and rounded once as inductor's kernel did. q goes to ``Q``, k and v to the caches at the
-    row's slot. With ``PDL`` the weights load while the kernel before still runs. With
-    ``ONE_SUM`` both halves are one ``[BLOCK_P, 2, BLOCK_K]`` tile, reduced once a row
-    (one exchange between warps, as the matvec's tile), instead of two ``[BLOCK_P,
-    BLOCK_K]`` tiles reduced in turn."""
+    row's slot. With ``PDL`` the weights load while the kernel before still runs."""
     HALF: tl.constexpr = HEAD_DIM // 2
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
@@ -52,11 +45,8 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
     p_ok = p < (HEADS + 2 * KV_HEADS) * HALF
     head, j = p // HALF, p % HALF
     lo = head * HEAD_DIM + j
-    if ONE_SUM:
-        w = decode_matvec.load_pair_tile(W, lo, HALF, p_ok, k, k_ok, stride_w)
-    else:
-        w_lo = decode_matvec.load_tile(W, lo, p_ok, k, k_ok, stride_w)
-        w_hi = decode_matvec.load_tile(W, lo + HALF, p_ok, k, k_ok, stride_w)
+    w_lo = decode_matvec.load_tile(W, lo, p_ok, k, k_ok, stride_w)
+    w_hi = decode_matvec.load_tile(W, lo + HALF, p_ok, k, k_ok, stride_w)
     norm_w = tl.load(NormW + k, mask=k_ok, other=0.0)
     if BIAS:
         bias_lo = tl.load(Bias + lo, mask=p_ok, other=0.0).to(tl.float32)
@@ -71,11 +61,8 @@ def _qkv_kernel(X, NormW, W, Bias, Cos, Sin, Slots, Q, KCache, VCache, K, eps, s
     for row in tl.static_range(ROWS):
         x = tl.load(X + row * stride_x + k, mask=k_ok, other=0.0)
         x = decode_matvec.rms_norm(x, norm_w, K, eps).to(tl.float32)
-        if ONE_SUM:
-            a, b = decode_matvec.dot_pairs(w, x)
-        else:
-            a = tl.sum(w_lo.to(tl.float32) * x[None, :], 1)
-            b = tl.sum(w_hi.to(tl.float32) * x[None, :], 1)
+        a = tl.sum(w_lo.to(tl.float32) * x[None, :], 1)
+        b = tl.sum(w_hi.to(tl.float32) * x[None, :], 1)
         if BIAS:
             a += bias_lo
             b += bias_hi
@@ -128,7 +115,6 @@ def decode_qkv(x: Tensor, weight: Tensor, norm_weight: Tensor, bias: Tensor | No
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), HEADS=heads,
         KV_HEADS=kv_heads, HEAD_DIM=dim, ROWS=rows, BLOCK_P=PAIRS,
         BLOCK_K=triton.next_power_of_2(inputs), BIAS=bias is not None, PDL=overlap,
-        ONE_SUM=ONE_SUM,
         num_warps=decode_matvec.plan(2 * pairs, inputs)[1], launch_pdl=overlap)
     return q
 
