@@ -35,17 +35,20 @@ def solo(model, prompt, cfg, stop_ids=()):
     return out[0], stats.passes[0]
 
 
+@pytest.mark.parametrize("multiple", [1, 8])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["ar", "lossless", "sampled", "mix"])
-def test_prompts_that_join_a_running_batch_decode_as_alone(model, cfg):
+def test_prompts_that_join_a_running_batch_decode_as_alone(model, cfg, multiple):
     """Three prompts (a batch bucket of four: one idle row) and three that join: at once into
     the idle row, then into rows that a stop token or the budget freed. The longest prompt
-    ``more`` may give joins too."""
+    ``more`` may give joins too. ``multiple``: joining prompts padded to a multiple of 8, as
+    on CUDA (of 64), where the first two share one padded length and its buffers."""
     # the cache of 256 slots (one capacity bucket) and the 256-token context bound it
     b = cfg.resolved().block_size
     longest = min(256 - b - 1, 256 - 2 * b) - cfg.max_new_tokens
     first, joining = prompts([5, 3, 7], 1), prompts([4, 6, longest], 2)
     stop = solo(model, first[1], DecodeConfig(sampler="ar", max_new_tokens=12))[0][2]
     engine = Engine(model, stop_ids=(stop,))
+    engine.join_length_multiple = multiple
     waiting, asked = list(joining), []
 
     def more(limit: int):
@@ -63,6 +66,24 @@ def test_prompts_that_join_a_running_batch_decode_as_alone(model, cfg):
         expected, passes = solo(model, prompt, cfg, (stop,))
         assert got[row] == expected, row
         assert stats.tokens[row] == len(expected) and stats.passes[row] == passes
+
+
+def test_joins_at_one_padded_length_take_each_stream_s_values(model):
+    """A runner keeps its joins' buffers (on CUDA, their captured graphs) across streams:
+    a later stream's beta, token budget and seed reach the prompts that join it."""
+    engine = Engine(model)
+    engine.join_length_multiple = 8
+    for beta, budget, seed in ((0.5, 12, 1), (0.9, 7, 2)):
+        cfg = DecodeConfig(sampler="mix", beta=beta, block_size=3, max_new_tokens=budget,
+                           seed=seed, sampling=SamplingParams(temperature=0.8))
+        first, joining = prompts([5], seed), prompts([3, 6], seed + 10)
+        got: dict[int, list[int]] = {}
+        for row, tokens in engine.stream(first, cfg, min_rows=4,
+                                         more=lambda longest, w=list(joining): w.pop(0) if w
+                                         else None):
+            got.setdefault(row, []).extend(tokens)
+        assert [got[r] for r in range(3)] == [solo(model, p, cfg)[0] for p in first + joining]
+    assert len(engine._runners) == 1 and list(next(iter(engine._runners.values())).joins) == [8]
 
 
 def test_a_joined_row_can_be_finished_by_its_number(model):
@@ -135,8 +156,9 @@ def test_a_batch_grows_into_larger_buckets_for_prompts_that_join(model, cfg, use
     if used_before:
         for rows in (2, 4, 8):
             engine.generate(prompts([7] * rows, 20 + rows), cfg)
-    prefill, prefills = engine._prefill, []
-    engine._prefill = lambda batch, *args: prefills.append(len(batch)) or prefill(batch, *args)
+    prefill, prefills = engine._prefill_state, []
+    engine._prefill_state = lambda layout, *args: (prefills.append(layout.tokens.shape[0])
+                                                   or prefill(layout, *args))
 
     def more(longest: int):
         sizes.append(engine._live.active.shape[0])

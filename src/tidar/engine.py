@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import TidarError
-from .layouts import decode_layout, prefill_layout
+from .layouts import Layout, decode_layout, prefill_layout
 from .model import KVCache, Transformer
 from .sampling import (
     SamplingParams,
@@ -154,9 +154,29 @@ class _Runner:
     step: Callable[[], None] | None = None
     live_copies: Tensor | None = None  # [2, rows] on the host: liveness after recent passes
     live_events: list | None = None  # CUDA: when each of those copies has landed
+    joins: dict[int, _Join] = field(default_factory=dict)  # by padded prompt length
+    join_cache: KVCache | None = None  # one row: where a joining prompt is prefilled
+
+
+@dataclass
+class _Join:
+    """A joining prompt's prefill at one padded length, on buffers a captured graph reads:
+    the layout, the last prompt token's index, the seed, the token budget and the row it
+    joins."""
+
+    layout: Layout
+    last: Tensor
+    seeds: Tensor
+    budget: Tensor
+    row: Tensor
+    run: Callable[[], None] | None = None
 
 
 CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths share graphs
+# With CUDA graphs a joining prompt is padded to a multiple of this and prefilled by the
+# runner's captured graph for that length: eager, its 30-layer prefill held a running batch
+# of the default for 39 ms of host launches (H200, docs/results.md section 5).
+JOIN_LENGTH_MULTIPLE = 64
 MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
 # Inductor tunes the fused kernels' tile sizes: the AR step 1.83 -> 1.61 ms on the H100.
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
@@ -197,7 +217,8 @@ class Engine:
         its own static graphs, compiled on its first pass (14-30 s on an H200); the cache's
         slot count stays symbolic and ``mix``'s beta, the temperature and top-p are data, so
         every capacity bucket and value shares them (each top-k count compiles its own).
-        Prefill stays eager, as its shapes vary per call.
+        Prefill stays eager, as its shapes vary per call; with CUDA graphs, a prompt that
+        joins a running batch is prefilled by a graph captured per padded length (``_admit``).
 
         The engine assumes the model's weights stay as they are while it exists.
         """
@@ -226,6 +247,11 @@ class Engine:
         # Device seconds a running batch stood still: "join" (a joining prompt's prefill)
         # and "move" (_grow).
         self.stalls = Spans(self.device)
+        self._join_pool = None  # the memory pool of the joins' CUDA graphs (_admit)
+        # Joining prompts are prefilled by captured graphs (_admit), padded to a multiple of
+        # this: one graph per multiple.
+        self.join_graphs = self.cuda_graphs
+        self.join_length_multiple = JOIN_LENGTH_MULTIPLE if self.cuda_graphs else 1
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -415,13 +441,51 @@ class Engine:
     def _admit(self, runner: _Runner, row: int, prompt: list[int], cfg: DecodeConfig) -> None:
         """Prefill ``prompt`` alone into ``row`` of the running batch: that row's cache and
         state, in place (a captured pass reads them); stale keys past the prompt lie beyond
-        its horizon."""
-        st = runner.state
-        cache = runner.cache.rows(row)
-        fresh = self._prefill([prompt], cfg, cache, [cfg.seed], runner.consts)
-        for kept, new in zip(st.tensors(), fresh.tensors(), strict=True):
-            if kept is not st.hist:
-                kept[row] = new[0]
+        its horizon. The prompt, padded (``JOIN_LENGTH_MULTIPLE``), is prefilled into a
+        one-row cache and copied into the row, by a graph captured per padded length."""
+        multiple = self.join_length_multiple
+        length = min(-(-len(prompt) // multiple) * multiple,
+                     runner.cache.capacity - cfg.block_size - 1)
+        join = runner.joins.get(length)
+        fresh = join is None
+        if fresh:
+            inputs = self._prefill_inputs([prompt], cfg, runner.cache.capacity, [cfg.seed],
+                                          length)
+            join = _Join(*inputs, torch.tensor([row], device=self.device))
+        else:
+            layout, *rest = self._prefill_inputs([prompt], cfg, runner.cache.capacity,
+                                                 [cfg.seed], length, "cpu")
+            for name in ("tokens", "positions", "horizon", "block", "slots"):
+                getattr(join.layout, name).copy_(getattr(layout, name), non_blocking=True)
+            for kept, value in zip((join.last, join.seeds, join.budget), rest, strict=True):
+                kept.copy_(value, non_blocking=True)
+            join.row.fill_(row)
+        if runner.join_cache is None:
+            cache = runner.cache
+            runner.join_cache = KVCache(self.model.cfg, 1, cache.capacity,
+                                        cache.slots - cache.capacity, self.dtype, self.device)
+
+        def admit() -> None:
+            st, cache, into = runner.state, runner.join_cache, runner.cache
+            new = self._prefill_state(join.layout, join.last, join.seeds, join.budget, cfg,
+                                      cache, runner.consts)
+            for kept, value in zip(st.tensors(), new.tensors(), strict=True):
+                if kept is not st.hist:
+                    kept.index_copy_(0, join.row, value)
+            for kept, value in zip(into.k + into.v, cache.k + cache.v, strict=True):
+                kept[:, :, :length].index_copy_(0, join.row, value[:, :, :length])
+
+        if not fresh:
+            join.run()
+            return
+        if self.join_graphs:  # the warm-up admits the prompt; replays admit later ones
+            if self._join_pool is None:  # one memory pool: the joins' graphs run in turn
+                self._join_pool = torch.cuda.graph_pool_handle()
+            join.run = captured(admit, self._join_pool)
+        else:
+            join.run = admit
+            admit()
+        runner.joins[length] = join
 
     def _grow(self, runner: _Runner, st: _State, length: int,
               cfg: DecodeConfig) -> tuple[_Runner, _State]:
@@ -489,19 +553,36 @@ class Engine:
         return sample(probs, u), probs
 
     def _prefill(self, prompts, cfg: DecodeConfig, cache: KVCache, seeds, consts) -> _State:
-        b, batch, dev, model = cfg.block_size, len(prompts), self.device, self.model
-        n_mask = 0 if cfg.sampler == "ar" else b
-        layout = prefill_layout(prompts, n_mask, cache.capacity, model.cfg.mask_id, dev)
+        inputs = self._prefill_inputs(prompts, cfg, cache.capacity, seeds)
+        return self._prefill_state(*inputs, cfg, cache, consts)
+
+    def _prefill_inputs(self, prompts, cfg: DecodeConfig, capacity: int, seeds,
+                        length: int | None = None, device=None) -> tuple[Layout, Tensor, ...]:
+        """What a prefill of ``prompts`` (padded to ``length``) reads: its layout, each
+        prompt's last token index, the seeds and the token budgets, on ``device`` (default:
+        the engine's)."""
+        device = device or self.device
+        n_mask = 0 if cfg.sampler == "ar" else cfg.block_size
+        layout = prefill_layout(prompts, n_mask, capacity, self.model.cfg.mask_id, device,
+                                length)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        budget = torch.full((len(prompts),), cfg.max_new_tokens, device=device)
+        return layout, last, torch.tensor(seeds, device=device), budget
+
+    def _prefill_state(self, layout: Layout, last: Tensor, seeds_t: Tensor, budget: Tensor,
+                       cfg: DecodeConfig, cache: KVCache, consts) -> _State:
+        """The prefill on the device alone (a CUDA graph can capture it): what varies
+        between calls of one runner comes as tensors (``beta`` too, from ``consts``)."""
+        b, batch, dev, model = cfg.block_size, last.shape[0], self.device, self.model
         hidden = model(layout, cache, hidden_only=True)
         rows = torch.arange(batch, device=dev)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-        max_len = max(map(len, prompts))
         z_ar = model.head(hidden[rows, last])  # [B, V], the target for position m
-        z_block = model.head(hidden[:, max_len:])  # [B, n_mask, V], positions m ..
-        seeds_t = torch.tensor(seeds, device=dev)
+        z_block = model.head(hidden[:, layout.clean:])  # [B, n_mask, V], positions m ..
         counter = torch.zeros(batch, dtype=torch.long, device=dev)
         u = hash_uniforms(seeds_t, counter, 2 * b)
-        target = z_ar if n_mask == 0 else mix_logits(z_ar, z_block[:, 0], cfg.beta)
+        target = z_ar
+        if cfg.sampler == "mix":
+            target = mix_logits(z_ar, z_block[:, 0], consts["beta"])
         first, _ = self._draw(target, cfg, u[:, 0], consts)
         vocab = z_ar.shape[-1]
         sampled = not cfg.sampling.greedy
@@ -515,7 +596,7 @@ class Engine:
             draft_probs=torch.zeros(batch, b - 1, vocab, device=dev) if sampled else None,
             active=torch.ones(batch, dtype=torch.bool, device=dev),
             generated=torch.zeros(batch, dtype=torch.long, device=dev),
-            budget=torch.full((batch,), cfg.max_new_tokens, device=dev),
+            budget=budget,
             out=torch.zeros(batch, cache.capacity + b + 1, dtype=torch.long, device=dev),
             passes=torch.zeros(batch, dtype=torch.long, device=dev),
             counter=counter + 1,
@@ -621,19 +702,11 @@ class Engine:
     def _capture(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
         """Capture one pass in a CUDA graph; return its replay."""
         saved = [t.clone() for t in st.tensors()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocator and kernels settle outside the graph
-                self._pass(st, cfg, cache, consts)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._pass(st, cfg, cache, consts)
+        replay = captured(lambda: self._pass(st, cfg, cache, consts))
         # Warm-up passes advanced the state; their cache writes lie past `committed`.
         for t, s in zip(st.tensors(), saved, strict=True):
             t.copy_(s)
-        return graph.replay
+        return replay
 
     def time_pass(self, cfg: DecodeConfig, batch: int, context: int, repeats: int = 30,
                   burst: int | None = None) -> float:
@@ -674,6 +747,21 @@ class Engine:
             for _ in range(burst):
                 runner.step()
         return timed.seconds()["burst"] / burst
+
+
+def captured(fn: Callable[[], None], pool=None) -> Callable[[], None]:
+    """``fn`` run twice on a side stream (allocator and kernels settle outside the graph),
+    then captured in a CUDA graph (in memory ``pool``, if given); its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph.replay
 
 
 def pass_config(cfg: DecodeConfig) -> DecodeConfig:

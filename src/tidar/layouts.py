@@ -136,16 +136,18 @@ def training_layout(tokens: Tensor, block_size: int, offsets: Tensor, mask_id: i
 
 
 def prefill_layout(
-    prompts: list[list[int]], block_size: int, capacity: int, mask_id: int, device=None
+    prompts: list[list[int]], block_size: int, capacity: int, mask_id: int, device=None,
+    length: int | None = None,
 ) -> Layout:
-    """Prompts (right-padded, causal) followed by one mask block per row at ``len(prompt)``.
+    """Prompts (right-padded to the longest, or to ``length``, causal) followed by one mask
+    block per row at ``len(prompt)``.
 
     Query ``max_len + j`` of row ``r`` is mask token ``j`` of that row's block, at position
     ``len(prompts[r]) + j``. Padding tokens are clean tokens past the prompt: they write slots
     that are not yet committed and nobody reads their outputs.
     """
     batch = len(prompts)
-    max_len = max(len(p) for p in prompts)
+    max_len = max(max(len(p) for p in prompts), length or 0)
     tokens = torch.zeros(batch, max_len + block_size, dtype=torch.long)
     for r, prompt in enumerate(prompts):
         tokens[r, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
