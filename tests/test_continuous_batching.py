@@ -70,12 +70,13 @@ def test_prompts_that_join_a_running_batch_decode_as_alone(model, cfg, multiple)
 
 def test_joins_at_one_padded_length_take_each_stream_s_values(model):
     """A runner keeps its joins' buffers (on CUDA, their captured graphs) across streams:
-    a later stream's beta, token budget and seed reach the prompts that join it."""
+    a later stream's beta, temperature, token budget and seed reach the prompts that join
+    it."""
     engine = Engine(model)
     engine.join_length_multiple = 8
-    for beta, budget, seed in ((0.5, 12, 1), (0.9, 7, 2)):
+    for beta, temperature, budget, seed in ((0.5, 0.8, 12, 1), (0.9, 0.6, 7, 2)):
         cfg = DecodeConfig(sampler="mix", beta=beta, block_size=3, max_new_tokens=budget,
-                           seed=seed, sampling=SamplingParams(temperature=0.8))
+                           seed=seed, sampling=SamplingParams(temperature=temperature))
         first, joining = prompts([5], seed), prompts([3, 6], seed + 10)
         got: dict[int, list[int]] = {}
         for row, tokens in engine.stream(first, cfg, min_rows=4,
