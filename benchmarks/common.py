@@ -58,6 +58,16 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     return stack
 
 
+def alternating(variants: dict, rounds: int) -> dict[str, list[float]]:
+    """Each of ``variants`` (name -> a function returning seconds) once a round, in turn, for
+    ``rounds`` rounds in this process: their seconds by name."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, measure in variants.items():
+            times[name].append(measure())
+    return times
+
+
 def out_dir() -> Path:
     path = Path(os.environ.get("OUT", "bench-out"))
     path.mkdir(parents=True, exist_ok=True)
@@ -110,24 +120,18 @@ def format_profile(table: dict, rows: int = 12) -> str:
 def graph_seconds(fn, calls: int, repeats: int = 20) -> float:
     """Seconds per call of ``fn()`` inside a CUDA graph of ``calls`` calls: median replay time
     over ``repeats`` replays, divided by the calls (launch gaps included, as in a captured
-    decode pass). ``fn`` runs a few times on a side stream first (compilation, allocator)."""
+    decode pass). The calls run twice on a side stream first (``tidar.engine.captured``:
+    compilation, allocator)."""
     import statistics
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    from tidar.engine import captured
+
+    replay = captured(lambda: [fn() for _ in range(calls)])
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000 / calls)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 
 import torch
-from common import DEVICE, smollm2_shaped, write_json
+from common import DEVICE, alternating, smollm2_shaped, write_json
 
 from tidar.engine import DecodeConfig, Engine
 
@@ -44,10 +45,8 @@ def main() -> None:
     engines = {"eager": Engine(model), "graphs": Engine(model)}
     engines["eager"].join_graphs = False
     engines["eager"].join_length_multiple = 1
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(args.rounds):
-        for name, engine in engines.items():
-            times[name].append(join_seconds(engine, gen))
+    times = alternating({name: partial(join_seconds, engine, gen)
+                         for name, engine in engines.items()}, args.rounds)
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
               "lengths": LENGTHS, "seconds_per_join": times,
               "median_ms_after_first_round": {

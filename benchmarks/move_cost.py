@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 
 import torch
-from common import write_json
+from common import alternating, write_json
 
 from tidar.engine import DecodeConfig, Engine
 from tidar.loading import load_model
@@ -45,10 +46,8 @@ def main() -> None:
     model = load_model(None, device=torch.device(args.device),
                        dtype=getattr(torch, args.dtype)).model
     gen = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {"new": [], "used": []}
-    for _ in range(args.rounds):
-        for kind in times:
-            times[kind].append(moves_seconds(model, kind == "used", gen))
+    times = alternating({kind: partial(moves_seconds, model, kind == "used", gen)
+                         for kind in ("new", "used")}, args.rounds)
     report = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
               "three_moves_seconds": times,
               "median_ms": {k: statistics.median(t) * 1000 for k, t in times.items()}}
