@@ -2,6 +2,7 @@
 over the whole doubled row (as training runs it) against variants (SmolLM2-135M shapes, bf16).
 
     python benchmarks/train_attention.py --batch 64 --seq-len 512
+    python benchmarks/train_attention.py --batch 128 --layouts frozen
 
 Variants:
 
@@ -11,8 +12,15 @@ Variants:
 - ``split``: the clean half (plain causal attention over its own keys) through SDPA's fused
   causal kernel, the mask half through flex_attention over all keys.
 
+And frozen-AR's mask half, its queries over a cache of the clean half (no gradient) and the
+mask half:
+
+- ``frozen_flex``: flex_attention over the cache (as frozen-AR trained up to session 20);
+- ``frozen_prefix``: ``tidar.prefix_attention`` (flash kernel for the far clean keys).
+
 Each is compiled; the time is the median of CUDA-event-timed forward+backward calls after
-warm-up, and each variant's output and gradients are checked against ``flex``.
+warm-up, and each variant's output and gradients are checked against the first of its group
+(``flex``, ``frozen_flex``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import torch.nn.functional as F
 from common import write_json
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from tidar.layouts import key_meta, training_layout, visible
+from tidar.layouts import flex_block_mask, key_meta, training_layout, visible
+from tidar.prefix_attention import PrefixBlockMask, prefix_block_attention
+from tidar.train import mask_half
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -63,6 +73,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--layouts", choices=["doubled", "frozen", "both"], default="both",
+                    help="the doubled row's variants, frozen-AR's mask half's, or both")
     args = ap.parse_args()
     torch.manual_seed(0)
     batch, length = args.batch, args.seq_len
@@ -77,20 +89,29 @@ def main() -> None:
     grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     flex = torch.compile(flex_attention, dynamic=False)
     everything = slice(None)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "batch": batch, "seq_len": length, "variants": {}}
 
     def whole(mask, **kernel_options):
-        return lambda: flex(q, k, v, block_mask=mask, enable_gqa=True,
-                            kernel_options=kernel_options or None)
+        return lambda q, k, v: flex(q, k, v, block_mask=mask, enable_gqa=True,
+                                    kernel_options=kernel_options or None)
 
-    mask_half = layout_mask(layout, slice(length, None))
+    second_half = layout_mask(layout, slice(length, None))
 
-    def split():
+    def split(q, k, v):
         clean = F.scaled_dot_product_attention(
             q[:, :, :length], k[:, :, :length], v[:, :, :length], is_causal=True,
             enable_gqa=True)
-        rest = flex(q[:, :, length:], k, v, block_mask=mask_half, enable_gqa=True)
+        rest = flex(q[:, :, length:], k, v, block_mask=second_half, enable_gqa=True)
         return torch.cat([clean, rest], dim=2)
 
+    if args.layouts in ("frozen", "both"):
+        inputs = (q[:, :, length:], k[:, :, length:], v[:, :, length:])
+        time_variants(frozen_variants(layout, length, args.block_size, offsets, flex), inputs,
+                      grad_out[:, :, length:], args.repeats, results)
+    if args.layouts == "frozen":
+        write_json("train_attention.json", results)
+        return
     variants = {
         "flex": whole(layout_mask(layout, everything)),
         "flex_int32": whole(layout_mask(layout, everything, torch.int32)),
@@ -99,13 +120,39 @@ def main() -> None:
     for bm, bn in ((128, 64), (64, 128), (64, 64)):
         variants[f"flex_blocks_{bm}_{bn}"] = whole(
             layout_mask(layout, everything, BLOCK_SIZE=(bm, bn)), BLOCK_M=bm, BLOCK_N=bn)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "batch": batch, "seq_len": length, "variants": {}}
+    time_variants(variants, (q, k, v), grad_out, args.repeats, results)
+    write_json("train_attention.json", results)
+
+
+def frozen_variants(layout, length: int, block: int, offsets, flex) -> dict:
+    """Frozen-AR's mask half, called as ``fn(q, k_own, v_own)``: keys and values are a
+    cache of constant clean entries, then the mask half's own."""
+    clean_k = torch.randn(offsets.shape[0], KV_HEADS, length, HEAD_DIM, device="cuda",
+                          dtype=torch.bfloat16)
+    clean_v = torch.randn_like(clean_k)
+    drafts = mask_half(layout, length, length)
+    block_mask = flex_block_mask(drafts, key_meta(drafts, 2 * length))
+    prefix_mask = PrefixBlockMask.for_offsets(offsets, block, length)
+    prefix = torch.compile(prefix_block_attention, dynamic=False)
+
+    def frozen_flex(q, k, v):
+        return flex(q, torch.cat([clean_k, k], 2), torch.cat([clean_v, v], 2),
+                    block_mask=block_mask, enable_gqa=True)
+
+    def frozen_prefix(q, k, v):
+        return prefix(q, torch.cat([clean_k, k], 2), torch.cat([clean_v, v], 2), prefix_mask)
+
+    return {"frozen_flex": frozen_flex, "frozen_prefix": frozen_prefix}
+
+
+def time_variants(variants: dict, inputs, grad_out, repeats: int, results: dict) -> None:
+    """Time each variant's forward and forward+backward; check it against the first one."""
+    q, k, v = (t.detach().requires_grad_() for t in inputs)
     reference = None
     for name, fn in variants.items():
         def step(fn=fn):
             q.grad = k.grad = v.grad = None
-            out = fn()
+            out = fn(q, k, v)
             out.backward(grad_out)
             return out
         try:
@@ -115,14 +162,13 @@ def main() -> None:
                 reference = got
             err = max((a - b).abs().max().item() for a, b in zip(got, reference, strict=True))
             with torch.no_grad():
-                forward = timed(fn, args.repeats)
+                forward = timed(lambda fn=fn: fn(q, k, v), repeats)
             row = {"forward_ms": 1e3 * forward, "forward_backward_ms": 1e3 * timed(
-                step, args.repeats), "max_abs_diff_vs_flex": err}
+                step, repeats), "max_abs_diff_vs_first": err}
         except Exception as exc:  # report and go on: one failing variant must not stop the rest
             row = {"error": repr(exc)[:300]}
         results["variants"][name] = row
         print(name, row, flush=True)
-    write_json("train_attention.json", results)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layouts import CausalMask, KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
+from .prefix_attention import PrefixBlockMask, prefix_block_attention
 
 try:
     from .decode_attention import decode_attention
@@ -374,7 +375,10 @@ _compiled_flex = None
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """Attention with a dense boolean mask (the kernel ``dense_attention_kernel`` picks),
-    causal over the first keys, or flex_attention with a BlockMask (compiled once)."""
+    causal over the first keys, frozen-AR training's mask half (``PrefixBlockMask``), or
+    flex_attention with a BlockMask (compiled once)."""
+    if isinstance(mask, PrefixBlockMask):
+        return prefix_block_attention(q, k, v, mask)
     if isinstance(mask, CausalMask):
         t = q.shape[2]
         return F.scaled_dot_product_attention(q, k[:, :, :t], v[:, :, :t], is_causal=True,

@@ -30,6 +30,7 @@ from .errors import TidarError
 from .layouts import CausalMask, Layout, key_meta, training_layout
 from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
+from .prefix_attention import PrefixBlockMask
 
 MODES = ("frozen-ar", "full")
 # Where evaluations on a GPU measure acceptance (the profile the drafter file carries for the
@@ -169,7 +170,9 @@ def tidar_losses(
     with torch.no_grad():
         model(clean, cache, masks=clean_masks, hidden_only=True)
     drafts = mask_half(layout, length, capacity)
-    masks = model.masks(drafts, key_meta(drafts, cache.slots), flex=flex)
+    masks = ({None: PrefixBlockMask.for_offsets(offsets, block_size, length)}
+             if not any(model.cfg.sliding_windows)
+             else model.masks(drafts, key_meta(drafts, cache.slots), flex=flex))
     hidden = model(drafts, cache, masks=masks, hidden_only=True)
     return None, linear_cross_entropy(hidden, model.head_weight, tokens), hidden
 

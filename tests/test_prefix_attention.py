@@ -1,0 +1,98 @@
+"""Frozen-AR's mask-half attention (far keys through the flash kernel, near and own keys as
+small matmuls, merged by log-sum-exp) against SDPA with the layout's dense mask."""
+
+import pytest
+import torch
+
+from tidar import prefix_attention
+from tidar.layouts import dense_mask, key_meta, training_layout
+from tidar.model import dense_attention
+from tidar.prefix_attention import PrefixBlockMask, prefix_block_attention
+from tidar.train import mask_half
+
+# (rows, clean length, block size, query heads, KV heads); lengths not a multiple of the
+# block, a single partial block, and a row shorter than a block.
+SHAPES = [(3, 24, 4, 6, 2), (2, 40, 16, 4, 4), (4, 9, 3, 2, 1), (2, 5, 8, 2, 1), (2, 33, 16, 3, 1)]
+# The Triton kernels' blocks: 16 to 64 tokens (with a head size of 16 here).
+TRITON_SHAPES = [(2, 40, 16, 4, 2), (2, 33, 16, 3, 1), (2, 10, 16, 2, 2), (2, 70, 32, 2, 1)]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a CUDA device (run through the device tool)"))]
+
+
+def _reference_and_ours(shape, seed: int, dtype, device="cpu", dim: int = 8):
+    rows, length, block, heads, kv_heads = shape
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, block, (rows,), generator=gen)
+    layout = training_layout(torch.zeros(rows, length, dtype=torch.long), block, offsets, 1)
+    slots = 2 * length + 3  # a cache rounded up past the mask half, as on CUDA
+    drafts = mask_half(layout, length, length)
+    mask = dense_mask(drafts, key_meta(drafts, slots)).to(device)
+    offsets = offsets.to(device)
+
+    def randn(*size):
+        x = torch.randn(*size, generator=gen, dtype=torch.float64).to(device, dtype)
+        return x.requires_grad_()
+
+    q, grad = randn(rows, heads, length, dim), randn(rows, heads, length, dim).detach()
+    k, v = randn(rows, kv_heads, slots, dim), randn(rows, kv_heads, slots, dim)
+    group = heads // kv_heads
+    expected = dense_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                               mask)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    got = prefix_block_attention(q, k, v, PrefixBlockMask.for_offsets(offsets, block, length))
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    return (expected, *expected_grads), (got, *got_grads), length
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_the_dense_mask(shape, dtype, seed, device):
+    """Float32 and float64: the aten flash ops on the CPU, plain matmuls on CUDA."""
+    expected, got, length = _reference_and_ours(shape, seed, dtype, device)
+    _check(expected, got, length)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_matmul_fallback_matches_the_dense_mask(shape, monkeypatch):
+    """The far keys' path where no flash kernel runs (float32 on CUDA), here on the CPU."""
+    monkeypatch.setattr(prefix_attention, "flash_kernel", lambda q: "math")
+    expected, got, length = _reference_and_ours(shape, 0, torch.float32)
+    _check(expected, got, length)
+
+
+@pytest.mark.skipif(prefix_attention.prefix_kernels is None, reason="needs Triton")
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_kernels_match_the_dense_mask(shape, seed, monkeypatch):
+    """The near keys' Triton kernels (the CUDA path), here in Triton's interpreter."""
+    monkeypatch.setattr(prefix_attention, "near_kernel", lambda q, block: "triton")
+    expected, got, length = _reference_and_ours(shape, seed, torch.float32, dim=16)
+    _check(expected, got, length)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_under_autocast_stays_close_to_float32(shape, device):
+    """bf16 inputs (the flash kernel on CUDA) under autocast, which must not round the local
+    scores: the float32 result up to bf16 rounding."""
+    expected, _, _ = _reference_and_ours(shape, 0, torch.float32, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        _, got, _ = _reference_and_ours(shape, 0, torch.bfloat16, device)
+    assert got[0].dtype == torch.bfloat16
+    for ours, theirs in zip(got[:2], expected[:2], strict=True):  # output, queries' gradient
+        torch.testing.assert_close(ours.float(), theirs, atol=3e-2, rtol=3e-2)
+
+
+def _check(expected, got, length):
+    torch.testing.assert_close(got[0], expected[0])  # output
+    torch.testing.assert_close(got[1], expected[1])  # queries
+    for ours, theirs in zip(got[2:], expected[2:], strict=True):  # keys, values
+        # The mask half's keys get the full gradient; the clean half is a constant cache.
+        torch.testing.assert_close(ours[:, :, length : 2 * length],
+                                   theirs[:, :, length : 2 * length])
+        assert not ours[:, :, :length].any()
+        assert not ours[:, :, 2 * length :].any()
