@@ -74,6 +74,24 @@ def test_triton_kernels_match_the_dense_mask(shape, seed, monkeypatch):
     _check(expected, got, length)
 
 
+@pytest.mark.skipif(prefix_attention.prefix_kernels is None, reason="needs Triton")
+def test_triton_kernels_take_keys_and_values_of_different_layouts(monkeypatch):
+    """The kernels index keys and values with one set of strides; values laid out otherwise
+    (``[B, S, Hkv, D]`` memory) must give the same result."""
+    monkeypatch.setattr(prefix_attention, "near_kernel", lambda q, block: "triton")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 16, generator=gen)
+    k, v = torch.randn(2, 2, 80, 16, generator=gen), torch.randn(2, 2, 80, 16, generator=gen)
+    mask = PrefixBlockMask.for_offsets(torch.tensor([0, 5]), 16, 40)
+    results = []
+    for values in (v, v.transpose(1, 2).contiguous().transpose(1, 2)):
+        inputs = [x.clone().requires_grad_() for x in (q, k, values)]
+        out = prefix_block_attention(*inputs, mask)
+        results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_under_autocast_stays_close_to_float32(shape, device):

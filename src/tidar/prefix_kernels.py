@@ -147,14 +147,23 @@ def _grid(q: Tensor, k: Tensor, block: int) -> tuple[int, int]:
     return q.shape[0] * k.shape[1], -(-(q.shape[2] + block - 1) // block)
 
 
+def _alike(*keys: Tensor) -> tuple[Tensor, ...]:
+    """The kernels index keys and values with one set of strides: copies where they differ
+    (slices of two caches of one shape share them)."""
+    if len({k.stride() for k in keys}) == 1:
+        return keys
+    return tuple(k.contiguous() for k in keys)
+
+
 @torch.library.custom_op("tidar::prefix_near_forward", mutates_args=())
 def near_forward(q: Tensor, k_clean: Tensor, v_clean: Tensor, k_own: Tensor, v_own: Tensor,
                  out_far: Tensor, lse_far: Tensor, shift: Tensor,
                  block: int) -> tuple[Tensor, Tensor]:
     """The whole attention's output ``[B, H, L, D]`` and natural log-sum-exp ``[B, H, L]``
-    (float32), from queries ``q``, the clean and own keys and values ``[B, Hkv, L, D]`` (the
-    same strides), and the far keys' flash output and log-sum-exp for queries ``block..``."""
+    (float32), from queries ``q``, the clean and own keys and values ``[B, Hkv, L, D]``, and
+    the far keys' flash output and log-sum-exp for queries ``block..``."""
     batch, heads, length, dim = q.shape
+    k_clean, v_clean, k_own, v_own = _alike(k_clean, v_clean, k_own, v_own)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(batch, heads, length, dtype=torch.float32)
     _near_forward_kernel[_grid(q, k_clean, block)](
@@ -180,6 +189,7 @@ def near_backward(grad: Tensor, q: Tensor, k_clean: Tensor, v_clean: Tensor, k_o
     """Gradients of the queries (the far keys' ``grad_q_far`` for queries ``block..`` added)
     and of the own keys and values."""
     batch, heads, length, dim = q.shape
+    k_clean, v_clean, k_own, v_own = _alike(k_clean, v_clean, k_own, v_own)
     grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
     grad_k = torch.empty_like(k_own, memory_format=torch.contiguous_format)
     grad_v = torch.empty_like(v_own, memory_format=torch.contiguous_format)
