@@ -28,6 +28,22 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
+def _chunk(Shift, kv_heads, length, BLOCK: tl.constexpr):
+    """Thread block (row x KV head, chunk): row ``b``, KV head ``h``, the chunk's tokens ``p``
+    (its queries and own keys), the clean tokens ``c`` before it, which of them exist, and
+    which near and own keys each query sees."""
+    bh, n = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // kv_heads).to(tl.int64), bh % kv_heads
+    i = tl.arange(0, BLOCK)
+    p = n * BLOCK + i - tl.load(Shift + b + 0 * i)  # (a vector load: Triton 3.6's interpreter)
+    c = p - BLOCK
+    p_ok, c_ok = (p >= 0) & (p < length), c >= 0
+    near = (i[None, :] > i[:, None]) & c_ok[None, :] & p_ok[:, None]  # after the far keys
+    own = p_ok[None, :] & p_ok[:, None]
+    return b, h, p, c, p_ok, c_ok, near, own
+
+
+@triton.jit
 def _near_forward_kernel(
     Q, KC, VC, KO, VO, OutFar, LseFar, Shift, Out, Lse,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sf_b, sf_h, sf_t, slf_b, slf_h,
@@ -36,20 +52,14 @@ def _near_forward_kernel(
     FP32: tl.constexpr,
 ):
     """Thread block (row x KV head, chunk): near and own keys, merged with the far ones."""
-    bh, n = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // kv_heads).to(tl.int64), bh % kv_heads
-    i, d = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
-    p = n * BLOCK + i - tl.load(Shift + b + 0 * i)  # the chunk's queries and own keys
-    c = p - BLOCK  # the clean keys before the chunk
-    p_ok, c_ok = (p >= 0) & (p < length), c >= 0
-    near = (i[None, :] > i[:, None]) & c_ok[None, :] & p_ok[:, None]  # after the far keys
-    own = p_ok[None, :] & p_ok[:, None]
+    b, h, p, c, p_ok, c_ok, near, own = _chunk(Shift, kv_heads, length, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
     kv = b * sk_b + h * sk_h
     kc = tl.load(KC + kv + c[None, :] * sk_t + d[:, None], mask=c_ok[None, :], other=0.0)
     ko = tl.load(KO + kv + p[None, :] * sk_t + d[:, None], mask=p_ok[None, :], other=0.0)
     vc = tl.load(VC + kv + c[:, None] * sk_t + d[None, :], mask=c_ok[:, None], other=0.0)
     vo = tl.load(VO + kv + p[:, None] * sk_t + d[None, :], mask=p_ok[:, None], other=0.0)
-    far_ok = p_ok & (c >= 0)
+    far_ok = p_ok & c_ok
     for g in range(GROUP):
         head = h * GROUP + g
         q = tl.load(Q + b * sq_b + head * sq_h + p[:, None] * sq_t + d[None, :],
@@ -91,14 +101,8 @@ def _near_backward_kernel(
     """Thread block (row x KV head, chunk): the near and own keys' share of the gradient,
     from the whole attention's output and log-sum-exp; the query gradient adds the far
     keys' share, and the own keys' gradients sum over the group's query heads."""
-    bh, n = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // kv_heads).to(tl.int64), bh % kv_heads
-    i, d = tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
-    p = n * BLOCK + i - tl.load(Shift + b + 0 * i)
-    c = p - BLOCK
-    p_ok, c_ok = (p >= 0) & (p < length), c >= 0
-    near = (i[None, :] > i[:, None]) & c_ok[None, :] & p_ok[:, None]
-    own = p_ok[None, :] & p_ok[:, None]
+    b, h, p, c, p_ok, c_ok, near, own = _chunk(Shift, kv_heads, length, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
     kv = b * sk_b + h * sk_h
     kc = tl.load(KC + kv + c[:, None] * sk_t + d[None, :], mask=c_ok[:, None], other=0.0)
     ko = tl.load(KO + kv + p[:, None] * sk_t + d[None, :], mask=p_ok[:, None], other=0.0)
@@ -106,7 +110,7 @@ def _near_backward_kernel(
     vo = tl.load(VO + kv + p[:, None] * sk_t + d[None, :], mask=p_ok[:, None], other=0.0)
     grad_k = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     grad_v = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    far_ok = p_ok & (c >= 0)
+    far_ok = p_ok & c_ok
     qk_scale = sm_scale * 1.4426950408889634
     for g in range(GROUP):
         head = h * GROUP + g
