@@ -68,7 +68,8 @@ def test_matmul_fallback_matches_the_dense_mask(shape, monkeypatch):
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_triton_kernels_match_the_dense_mask(shape, seed, monkeypatch):
-    """The near keys' Triton kernels (the CUDA path), here in Triton's interpreter."""
+    """The Triton kernels (the CUDA path: near keys, the far keys' query gradient), here in
+    Triton's interpreter."""
     monkeypatch.setattr(prefix_attention, "near_kernel", lambda q, block: "triton")
     expected, got, length = _reference_and_ours(shape, seed, torch.float32, dim=16)
     _check(expected, got, length)
@@ -90,6 +91,40 @@ def test_triton_kernels_take_keys_and_values_of_different_layouts(monkeypatch):
         results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
     for ours, theirs in zip(*results, strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.skipif(prefix_attention.prefix_kernels is None, reason="needs Triton")
+@pytest.mark.parametrize("length", [1, 64, 65, 150])
+@pytest.mark.parametrize("tiles", [(64, 64), (32, 16)])
+def test_far_query_grad_kernel_matches_autograd(length, tiles, monkeypatch):
+    """The far keys' query gradient (a Triton kernel in place of the flash backward, which
+    also computes the keys' gradients): several query and key tiles, grouped heads, and a
+    softmax over more keys than the kernel sees (the output and log-sum-exp passed in are the
+    whole attention's)."""
+    kernels = prefix_attention.prefix_kernels
+    launch = {**kernels.LAUNCH["far_query_grad"], "BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    monkeypatch.setitem(kernels.LAUNCH, "far_query_grad", launch)
+    gen = torch.Generator().manual_seed(length)
+    q, grad = (torch.randn(2, 4, length, 16, generator=gen, dtype=torch.float64)
+               for _ in range(2))
+    k, v, extra = (torch.randn(2, 2, length, 16, generator=gen, dtype=torch.float64)
+                   for _ in range(3))
+    q.requires_grad_()
+    scores = q @ k.repeat_interleave(2, 1).mT / 4
+    scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), -torch.inf)
+    scores = torch.cat([scores, (q @ extra.repeat_interleave(2, 1).mT / 4)[..., :3]], dim=-1)
+    values = torch.cat([v.repeat_interleave(2, 1), extra.repeat_interleave(2, 1)[:, :, :3]], 2)
+    out = scores.softmax(-1) @ values
+    lse = scores.logsumexp(-1)
+    (expected,) = torch.autograd.grad(out, q, grad)
+    # The extra keys' share of the gradient is not the kernel's; take it out of the reference.
+    probs_extra = torch.exp(scores[..., length:] - lse[..., None])
+    rowdot = (grad * out).sum(-1, keepdim=True)
+    extra_share = (probs_extra * (grad @ values[:, :, length:].mT - rowdot)) @ \
+        extra.repeat_interleave(2, 1)[:, :, :3] / 4
+    got = kernels.far_query_grad(
+        *(x.float().detach() for x in (grad, q, k, v, out, lse)))
+    torch.testing.assert_close(got, (expected - extra_share).float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])

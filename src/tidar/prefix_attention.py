@@ -14,9 +14,11 @@ block's mask keys. With ``b`` the block size, ``p - s < b``, so its clean keys s
 
 The parts are merged by their log-sum-exps (in the near keys' kernel). The backward gives
 each part the merged output and log-sum-exp (as split-key attention does), so each computes
-its share of the exact gradient; the clean keys get none. flex_attention over the same mask
-walks tiles of 128 keys with per-score index loads and computes gradients for the clean
-keys too (``benchmarks/train_attention.py --layouts frozen`` times both).
+its share of the exact gradient; the clean keys get none. On CUDA the far keys' share of the
+query gradient comes from a Triton kernel too: the flash backward would also compute the
+clean keys' gradients, which nothing uses (2.2x the time on the H200). flex_attention over
+the same mask walks tiles of 128 keys with per-score index loads and computes gradients for
+the clean keys too (``benchmarks/train_attention.py --layouts frozen`` times both).
 """
 
 from __future__ import annotations
@@ -221,15 +223,19 @@ class _PrefixBlockAttention(torch.autograd.Function):
         q, k_clean, v_clean, k_own, v_own, shift, out, lse = ctx.saved_tensors
         block, length = ctx.block, q.shape[2]
         grad = grad.contiguous()
-        if length > block:
+        triton = near_kernel(q, block) == "triton"
+        if length > block and triton:
+            grad_q_far = prefix_kernels.far_query_grad(
+                grad[:, :, block:], *_far_operands(q, k_clean, v_clean, block, repeat=False),
+                out[:, :, block:], lse[:, :, block:])
+        elif length > block:
             grad_q_far = _flash_query_grad(
                 grad[:, :, block:], *_far_operands(q, k_clean, v_clean, block),
                 out[:, :, block:].contiguous(), lse[:, :, block:].contiguous(),
                 q.shape[3] ** -0.5)
         else:
             grad_q_far = q.new_empty(*q.shape[:2], 0, q.shape[3])
-        near = (prefix_kernels.near_backward if near_kernel(q, block) == "triton"
-                else _near_backward)
+        near = prefix_kernels.near_backward if triton else _near_backward
         grad_q, grad_k, grad_v = near(grad, q, k_clean, v_clean, k_own, v_own, out, lse,
                                       grad_q_far, shift, block)
         return grad_q, None, None, grad_k, grad_v, None, None
@@ -274,13 +280,14 @@ def _near_backward(grad, q, k_clean, v_clean, k_own, v_own, out, lse, grad_q_far
     return grad_q.to(q.dtype), grad_k.to(k_own.dtype), grad_v.to(v_own.dtype)
 
 
-def _far_operands(q: Tensor, k_clean: Tensor, v_clean: Tensor, block: int):
-    """Queries ``b..L-1`` and clean keys ``0..L-b-1``, the keys repeated for every query head.
-    (The CUDA flash ops also take the keys unrepeated, with the same result on the H200's
-    torch 2.11; that saves two copies, not yet timed.)"""
-    group, keys = q.shape[1] // k_clean.shape[1], q.shape[2] - block
-
-    def repeated(x):
-        return x[:, :, :keys].repeat_interleave(group, dim=1)
-
-    return q[:, :, block:], repeated(k_clean), repeated(v_clean)
+def _far_operands(q: Tensor, k_clean: Tensor, v_clean: Tensor, block: int,
+                  repeat: bool = True):
+    """Queries ``b..L-1`` and clean keys ``0..L-b-1``, the keys repeated for every query head
+    where ``repeat`` asks for it and the consumer needs it (the CUDA flash ops take grouped
+    heads, as does ``prefix_kernels.far_query_grad``, which passes ``repeat=False``)."""
+    keys = q.shape[2] - block
+    k_far, v_far = k_clean[:, :, :keys], v_clean[:, :, :keys]
+    group = q.shape[1] // k_clean.shape[1]
+    if repeat and flash_kernel(q) != "cuda" and group > 1:
+        k_far, v_far = (x.repeat_interleave(group, dim=1) for x in (k_far, v_far))
+    return q[:, :, block:], k_far, v_far

@@ -5,7 +5,9 @@ A thread block takes one block-aligned chunk of one row and one KV head: the chu
 ``block`` mask queries for each query head of the group, the ``block`` clean keys before the
 chunk and the chunk's own ``block`` mask keys. The forward also merges the far keys' flash
 output by log-sum-exp, and the backward adds the far keys' query gradient, so neither needs
-another pass over the queries. Importing this module needs Triton.
+another pass over the queries. That gradient comes from ``far_query_grad``: a flash-style
+backward of causal attention that computes the queries' gradient alone. Importing this module
+needs Triton.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = math.log2(math.e)
+# Tiles and launch options per kernel: the fastest of a sweep on the H200 (bf16, batch 128 x
+# 512, SmolLM2-135M's heads; docs/results.md section 4, session 21).
+LAUNCH = {
+    "near_forward": {"num_warps": 1},
+    "near_backward": {"num_warps": 1},
+    "far_query_grad": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+}
 
 
 @triton.jit
@@ -139,6 +148,49 @@ def _near_backward_kernel(
     tl.store(GradV + kv, grad_v.to(GradV.dtype.element_ty), mask=p_ok[:, None])
 
 
+@triton.jit
+def _far_query_grad_kernel(
+    Q, K, V, Grad, Out, Lse, GradQ,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sg_b, sg_h, sg_t, so_b, so_h, so_t, sl_b, sl_h,
+    sd_b, sd_h, sd_t, length, heads,
+    GROUP: tl.constexpr, sm_scale: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, KEY_TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    FP32: tl.constexpr,
+):
+    """Thread block (query tile, row x head): the query gradient of causal attention from
+    the whole attention's output and log-sum-exp, over key tiles up to the diagonal."""
+    m0, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+    b, head = (bh // heads).to(tl.int64), bh % heads
+    m, d = m0 + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM)
+    m_ok = m < length
+    q = tl.load(Q + b * sq_b + head * sq_h + m[:, None] * sq_t + d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    grad = tl.load(Grad + b * sg_b + head * sg_h + m[:, None] * sg_t + d[None, :],
+                   mask=m_ok[:, None], other=0.0)
+    out = tl.load(Out + b * so_b + head * so_h + m[:, None] * so_t + d[None, :],
+                  mask=m_ok[:, None], other=0.0)
+    lse = tl.load(Lse + b * sl_b + head * sl_h + m, mask=m_ok, other=0.0) * 1.4426950408889634
+    rowdot = tl.sum(grad.to(tl.float32) * out.to(tl.float32), 1)
+    kv = b * sk_b + (head // GROUP) * sk_h
+    qk_scale = sm_scale * 1.4426950408889634
+    grad_q = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Key tiles up to the diagonal; the loop's bound is a constant because Triton 3.6's
+    # interpreter cannot take one computed from the program id.
+    for tile in range(KEY_TILES):
+        if tile * BLOCK_N < m0 + BLOCK_M:
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < length
+            k = tl.load(K + kv + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + kv + n[:, None] * sk_t + d[None, :], mask=n_ok[:, None], other=0.0)
+            seen = (n[None, :] <= m[:, None]) & n_ok[None, :] & m_ok[:, None]
+            scores = _dot(q, tl.trans(k), FP32) * qk_scale
+            probs = tl.where(seen, tl.exp2(scores - lse[:, None]), 0.0)
+            grad_s = probs * (_dot(grad, tl.trans(v), FP32) - rowdot[:, None])
+            grad_q += _dot(grad_s, k, FP32)
+    tl.store(GradQ + b * sd_b + head * sd_h + m[:, None] * sd_t + d[None, :],
+             (grad_q * sm_scale).to(GradQ.dtype.element_ty), mask=m_ok[:, None])
+
+
 def supported(q: Tensor, block: int) -> bool:
     """``tl.dot`` tiles: a block of 16 to 64 tokens and a head size of 16 to 256, both
     powers of two."""
@@ -176,7 +228,8 @@ def near_forward(q: Tensor, k_clean: Tensor, v_clean: Tensor, k_own: Tensor, v_o
         k_clean.stride(2), out_far.stride(0), out_far.stride(1), out_far.stride(2),
         lse_far.stride(0), lse_far.stride(1), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), length, k_clean.shape[1], GROUP=heads // k_clean.shape[1],
-        qk_scale=dim**-0.5 * LOG2E, BLOCK=block, HEAD_DIM=dim, FP32=q.dtype == torch.float32)
+        qk_scale=dim**-0.5 * LOG2E, BLOCK=block, HEAD_DIM=dim, FP32=q.dtype == torch.float32,
+        **LAUNCH["near_forward"])
     return out, lse
 
 
@@ -205,7 +258,7 @@ def near_backward(grad: Tensor, q: Tensor, k_clean: Tensor, v_clean: Tensor, k_o
         grad_q_far.stride(1), grad_q_far.stride(2), grad_q.stride(0), grad_q.stride(1),
         grad_q.stride(2), grad_k.stride(0), grad_k.stride(1), grad_k.stride(2), length,
         k_clean.shape[1], GROUP=heads // k_clean.shape[1], sm_scale=dim**-0.5, BLOCK=block,
-        HEAD_DIM=dim, FP32=q.dtype == torch.float32)
+        HEAD_DIM=dim, FP32=q.dtype == torch.float32, **LAUNCH["near_backward"])
     return grad_q, grad_k, grad_v
 
 
@@ -213,3 +266,31 @@ def near_backward(grad: Tensor, q: Tensor, k_clean: Tensor, v_clean: Tensor, k_o
 def _(grad, q, k_clean, v_clean, k_own, v_own, out, lse, grad_q_far, shift, block):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format)
                  for x in (q, k_own, v_own))
+
+
+
+@torch.library.custom_op("tidar::prefix_far_query_grad", mutates_args=())
+def far_query_grad(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                   lse: Tensor) -> Tensor:
+    """The query gradient of causal attention of ``q [B, H, N, D]`` over ``k, v [B, Hkv, N,
+    D]`` (``H`` a multiple of ``Hkv``), given the output and natural log-sum-exp of the
+    attention this is part of. (The flash backward also computes key and value gradients,
+    which the clean keys do not need.)"""
+    batch, heads, length, dim = q.shape
+    k, v = _alike(k, v)
+    grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
+    launch = LAUNCH["far_query_grad"]
+    _far_query_grad_kernel[(-(-length // launch["BLOCK_M"]), batch * heads)](
+        q, k, v, grad, out, lse, grad_q, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+        k.stride(1), k.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        grad_q.stride(0), grad_q.stride(1), grad_q.stride(2), length, heads,
+        GROUP=heads // k.shape[1], sm_scale=dim**-0.5,
+        KEY_TILES=-(-length // launch["BLOCK_N"]), HEAD_DIM=dim,
+        FP32=q.dtype == torch.float32, **launch)
+    return grad_q
+
+
+@far_query_grad.register_fake
+def _(grad, q, k, v, out, lse):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
