@@ -30,7 +30,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from common import write_json
+from common import format_profile, profile_cuda, write_json
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from tidar.layouts import flex_block_mask, key_meta, training_layout, visible
@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--layouts", choices=["doubled", "frozen", "both"], default="both",
                     help="the doubled row's variants, frozen-AR's mask half's, or both")
+    ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                    help="also profile this many forward+backward calls of each variant: GPU "
+                    "time by kernel")
     args = ap.parse_args()
     torch.manual_seed(0)
     batch, length = args.batch, args.seq_len
@@ -108,7 +111,7 @@ def main() -> None:
     if args.layouts in ("frozen", "both"):
         inputs = (q[:, :, length:], k[:, :, length:], v[:, :, length:])
         time_variants(frozen_variants(layout, length, args.block_size, offsets, flex), inputs,
-                      grad_out[:, :, length:], args.repeats, results)
+                      grad_out[:, :, length:], args.repeats, results, args.profile)
     if args.layouts == "frozen":
         write_json("train_attention.json", results)
         return
@@ -120,7 +123,7 @@ def main() -> None:
     for bm, bn in ((128, 64), (64, 128), (64, 64)):
         variants[f"flex_blocks_{bm}_{bn}"] = whole(
             layout_mask(layout, everything, BLOCK_SIZE=(bm, bn)), BLOCK_M=bm, BLOCK_N=bn)
-    time_variants(variants, (q, k, v), grad_out, args.repeats, results)
+    time_variants(variants, (q, k, v), grad_out, args.repeats, results, args.profile)
     write_json("train_attention.json", results)
 
 
@@ -145,7 +148,8 @@ def frozen_variants(layout, length: int, block: int, offsets, flex) -> dict:
     return {"frozen_flex": frozen_flex, "frozen_prefix": frozen_prefix}
 
 
-def time_variants(variants: dict, inputs, grad_out, repeats: int, results: dict) -> None:
+def time_variants(variants: dict, inputs, grad_out, repeats: int, results: dict,
+                  profile_calls: int = 0) -> None:
     """Time each variant's forward and forward+backward; check it against the first one."""
     q, k, v = (t.detach().requires_grad_() for t in inputs)
     reference = None
@@ -165,10 +169,14 @@ def time_variants(variants: dict, inputs, grad_out, repeats: int, results: dict)
                 forward = timed(lambda fn=fn: fn(q, k, v), repeats)
             row = {"forward_ms": 1e3 * forward, "forward_backward_ms": 1e3 * timed(
                 step, repeats), "max_abs_diff_vs_first": err}
+            if profile_calls:
+                row["profile"] = profile_cuda(step, profile_calls)
         except Exception as exc:  # report and go on: one failing variant must not stop the rest
             row = {"error": repr(exc)[:300]}
         results["variants"][name] = row
-        print(name, row, flush=True)
+        print(name, {key: x for key, x in row.items() if key != "profile"}, flush=True)
+        if "profile" in row:
+            print(format_profile(row["profile"], rows=16), flush=True)
 
 
 if __name__ == "__main__":
