@@ -67,12 +67,15 @@ class RowLoRA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         start = self.gate.start
-        if start >= x.shape[-2]:
-            return self.base(x)
         y = self.base(x)
-        masked = x[..., start:, :]
-        delta = F.linear(F.linear(masked, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return torch.cat([y[..., :start, :], y[..., start:, :] + self.scale * delta], dim=-2)
+        if start >= x.shape[-2]:
+            return y
+        # The scale rides on B, so the update's gradient is the output's, not a scaled copy.
+        lora_B = self.lora_B if self.scale == 1 else self.lora_B * self.scale
+        delta = F.linear(F.linear(x[..., start:, :], self.lora_A.to(x.dtype)), lora_B.to(x.dtype))
+        if start == 0:  # mask rows alone (frozen-AR's mask pass): a concatenation's backward
+            return y + delta  # would copy the gradient
+        return torch.cat([y[..., :start, :], y[..., start:, :] + delta], dim=-2)
 
     def adapted_weight(self) -> Tensor:
         w = self.base.weight
