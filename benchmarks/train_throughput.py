@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py --modes frozen-ar full --batch 32 --seq-len 512
     python benchmarks/train_throughput.py --batch 64 --compile on --profile 2
     python benchmarks/train_throughput.py --batch 64 96 128 --compile on
+    python benchmarks/train_throughput.py --modes full --batch 128 --autotune-attention off
 
 Clean tokens per second (the ``L`` tokens of each doubled row) and model FLOPs utilisation.
 Variants (mode, batch, compile) run in one process, each compiled afresh.
@@ -17,12 +18,14 @@ import time
 import torch
 from common import format_profile, profile_cuda, smollm2_shaped, write_json
 
-from tidar.train import TrainConfig, compile_blocks, frozen_to, prepare, tidar_losses
+from tidar.train import TrainConfig, compile_blocks, frozen_to, prepare, tidar_losses, uses_flex
 
 
-def build(mode: str, batch: int, seq_len: int, compile_model: bool, lora_rank: int = 64):
+def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str,
+          lora_rank: int = 64):
     """The model and one optimizer step on fresh random rows, as ``tidar convert`` runs it
-    (``lora_rank``: frozen-ar's adapters)."""
+    (``lora_rank``: frozen-ar's adapters; ``autotune``: flex_attention's tiles, ``auto`` as
+    ``tidar convert`` picks)."""
     model = smollm2_shaped(dtype=torch.float32)
     rank = lora_rank if mode == "frozen-ar" else 0
     cfg = TrainConfig(out="", data=["-"], mode=mode, seq_len=seq_len, batch_size=batch,
@@ -33,7 +36,9 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, lora_rank: i
     model.cuda().train()
     opt = torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)
     if compile_model:
-        compile_blocks(model)
+        tune = (uses_flex(model, mode, torch.device("cuda")) if autotune == "auto"
+                else autotune == "on")
+        compile_blocks(model, autotune_attention=tune)
     vocab = model.cfg.vocab_size
 
     def step() -> None:
@@ -49,10 +54,10 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, lora_rank: i
     return model, step
 
 
-def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int,
+def run(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str, steps: int,
         profile_steps: int) -> dict:
     torch._dynamo.reset()  # each variant compiles afresh
-    model, step = build(mode, batch, seq_len, compile_model)
+    model, step = build(mode, batch, seq_len, compile_model, autotune)
     times = []
     for i in range(steps + 3):
         torch.cuda.synchronize()
@@ -66,7 +71,7 @@ def run(mode: str, batch: int, seq_len: int, compile_model: bool, steps: int,
     tok_s = batch * seq_len / sec
     flops_per_token = (6 if mode == "full" else 4) * 2 * n  # doubled rows; frozen: no weight grads
     result = {"mode": mode, "batch": batch, "seq_len": seq_len, "compile": compile_model,
-              "step_seconds": sec, "clean_tokens_per_second": tok_s,
+              "autotune_attention": autotune, "step_seconds": sec, "clean_tokens_per_second": tok_s,
               "mfu_vs_989tflops": tok_s * flops_per_token / 989e12,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
     if profile_steps:
@@ -82,6 +87,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--autotune-attention", choices=["auto", "on", "off"], default="auto",
+                    help="autotune flex_attention's tiles (auto: where tidar convert does)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many steps: GPU time by kernel, and GPU-busy share")
     args = ap.parse_args()
@@ -90,7 +97,8 @@ def main() -> None:
     for mode, batch, comp in itertools.product(args.modes, args.batch, compiles):
         torch.cuda.reset_peak_memory_stats()
         try:
-            r = run(mode, batch, args.seq_len, comp, args.steps, args.profile)
+            r = run(mode, batch, args.seq_len, comp, args.autotune_attention, args.steps,
+                    args.profile)
         except Exception as exc:  # report and go on: one failing variant must not stop the rest
             r = {"mode": mode, "batch": batch, "compile": comp, "error": repr(exc)[:300]}
         rows.append(r)

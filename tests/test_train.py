@@ -307,6 +307,45 @@ def test_frozen_ar_objective_equals_the_full_forward(family):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_adapted_linear_gradients(bias):
+    """Frozen-AR's mask pass runs an adapted projection as one matmul over ``[x, xAᵀ]`` and
+    ``[W, B]`` with a backward of its own: autograd's numerical check, float64."""
+    from tidar.model import _AdaptedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+    b = torch.randn(7, dtype=torch.float64, generator=gen) if bias else None
+    lora_A = torch.randn(2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    lora_B = torch.randn(7, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(_AdaptedLinear.apply, (x, weight, b, lora_A, lora_B))
+    expected = x @ weight.T + (x @ lora_A.T) @ lora_B.T + (0 if b is None else b)
+    torch.testing.assert_close(_AdaptedLinear.apply(x, weight, b, lora_A, lora_B), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: sliding windows
+def test_flex_attention_tiles_are_autotuned_where_training_uses_flex(family, monkeypatch):
+    """``tidar convert --compile`` autotunes flex_attention's tiles exactly where training
+    attention runs through it: on CUDA in full mode, and in frozen-AR under sliding windows."""
+    from helpers import tiny_model
+
+    model = tiny_model(family, vocab=16, seed=0)
+    windows = family == "mistral"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train_mod.uses_flex(model, "full", cuda)
+    assert train_mod.uses_flex(model, "frozen-ar", cuda) == windows
+    assert not train_mod.uses_flex(model, "full", cpu)
+    seen = []
+    monkeypatch.setattr(type(model.layers[0]), "compile",
+                        lambda self, **kwargs: seen.append(kwargs.get("options")))
+    train_mod.compile_blocks(model, autotune_attention=True)
+    train_mod.compile_blocks(model)
+    n = len(model.layers)
+    assert seen[:n] == [{"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}] * n
+    assert seen[n:] == [None] * n
+
+
 def test_autocast_keeps_the_residual_stream_in_the_compute_dtype():
     """Full mode on one device keeps float32 weights under bf16 autocast; the hidden states
     between blocks must still be bf16, as under FSDP2's param_dtype (a float32 stream

@@ -79,7 +79,10 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-aux", type=float, default=d.router_aux)
     p.add_argument("--freeze-router", action="store_true")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block; where attention runs through "
+                        "flex_attention (full mode on a GPU), its tiles are autotuned once "
+                        "per shape (about 40 s)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-rows", type=int, default=d.eval_rows)

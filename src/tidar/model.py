@@ -47,6 +47,29 @@ class RowGate:
         self.decoding = False
 
 
+class _AdaptedLinear(torch.autograd.Function):
+    """``x Wᵀ + b + (x Aᵀ) Bᵀ`` as one matmul over ``[x, x Aᵀ]`` and ``[W, B]``, with ``W``
+    and ``b`` frozen. The update is never a tensor of its own (written, then read back to be
+    added), and the backward reads the output's gradient once, for ``x``, ``x Aᵀ`` and ``B``
+    (plain autograd through the concatenated weight would also compute ``W``'s gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                lora_B: Tensor) -> Tensor:
+        xa = F.linear(x, lora_A)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        return F.linear(torch.cat([x, xa], -1), torch.cat([weight, lora_B], -1), bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        grad_cat = grad @ torch.cat([weight, lora_B], -1)
+        grad_xa = grad_cat[..., x.shape[-1]:]
+        grad_x = grad_cat[..., : x.shape[-1]] + grad_xa @ lora_A
+        return (grad_x, None, None, grad_xa.flatten(0, -2).t() @ x.flatten(0, -2),
+                grad.flatten(0, -2).t() @ xa.flatten(0, -2))
+
+
 class RowLoRA(nn.Module):
     """A LoRA adapter on a linear layer whose update applies only to mask-token rows.
 
@@ -67,11 +90,19 @@ class RowLoRA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         start = self.gate.start
-        y = self.base(x)
         if start >= x.shape[-2]:
-            return y
+            return self.base(x)
         # The scale rides on B, so the update's gradient is the output's, not a scaled copy.
         lora_B = self.lora_B if self.scale == 1 else self.lora_B * self.scale
+        weight, bias = self.base.weight, self.base.bias
+        if (start == 0 and torch.is_grad_enabled() and x.dtype == weight.dtype
+                and weight.shape[0] >= weight.shape[1] and not weight.requires_grad
+                and (bias is None or not bias.requires_grad)):
+            # Mask rows alone, training frozen weights, an output at least as wide as the
+            # input (where one matmul over [x, xAᵀ] saves more than the concatenation costs).
+            return _AdaptedLinear.apply(x, weight, bias, self.lora_A.to(x.dtype),
+                                        lora_B.to(x.dtype))
+        y = self.base(x)
         delta = F.linear(F.linear(x[..., start:, :], self.lora_A.to(x.dtype)), lora_B.to(x.dtype))
         if start == 0:  # mask rows alone (frozen-AR's mask pass): a concatenation's backward
             return y + delta  # would copy the gradient

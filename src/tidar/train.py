@@ -177,11 +177,24 @@ def tidar_losses(
     return None, linear_cross_entropy(hidden, model.head_weight, tokens), hidden
 
 
-def compile_blocks(model: Transformer) -> None:
+def compile_blocks(model: Transformer, autotune_attention: bool = False) -> None:
     """torch.compile each transformer block: the blocks share code, so one compilation serves
-    all of them, and the eager elementwise work (norms, RoPE, SiLU) is fused."""
+    all of them, and the eager elementwise work (norms, RoPE, SiLU) is fused.
+
+    ``autotune_attention``: inductor times flex_attention's tile choices for the shapes it
+    meets (about 40 s for the forward and backward of one shape; matmuls stay with cuBLAS).
+    Its default tiles for head dim 64 ran full mode at 169.5k clean tokens/s on the H100,
+    the tuned ones at 176.3k (docs/results.md section 4)."""
+    options = ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+               if autotune_attention else None)
     for block in model.layers:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, options=options)
+
+
+def uses_flex(model: Transformer, mode: str, device: torch.device) -> bool:
+    """Whether training attention runs through flex_attention: on CUDA, full mode's doubled
+    row, and frozen-AR under sliding windows (otherwise SDPA and ``prefix_attention``)."""
+    return device.type == "cuda" and (mode == "full" or any(model.cfg.sliding_windows))
 
 
 def router_aux_loss(model: torch.nn.Module) -> Tensor | None:
@@ -396,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         fused=device.type == "cuda",
     )
     if cfg.compile:
-        compile_blocks(model)
+        compile_blocks(model, autotune_attention=uses_flex(model, cfg.mode, device))
     flex = device.type == "cuda"
 
     start_step, history = 0, []
