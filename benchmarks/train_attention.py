@@ -10,7 +10,9 @@ Variants:
 - ``flex_int32``: the same, with the layout tensors the mask reads as int32;
 - ``flex_blocks_M_N``: the same with other tile sizes;
 - ``split``: the clean half (plain causal attention over its own keys) through SDPA's fused
-  causal kernel, the mask half through flex_attention over all keys.
+  causal kernel, the mask half through flex_attention over all keys;
+- ``flex_tuned``, ``split_tuned``: ``flex`` and ``split`` with flex_attention's tiles
+  autotuned, as ``tidar convert --compile`` runs full mode (``train.ATTENTION_AUTOTUNE``).
 
 And frozen-AR's mask half, its queries over a cache of the clean half (no gradient) and the
 mask half:
@@ -35,7 +37,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from tidar.layouts import flex_block_mask, key_meta, training_layout, visible
 from tidar.prefix_attention import PrefixBlockMask, prefix_block_attention
-from tidar.train import mask_half
+from tidar.train import ATTENTION_AUTOTUNE, mask_half
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -91,22 +93,26 @@ def main() -> None:
     v = torch.randn_like(k, requires_grad=True)
     grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     flex = torch.compile(flex_attention, dynamic=False)
+    flex_tuned = torch.compile(flex_attention, dynamic=False, options=ATTENTION_AUTOTUNE)
+    torch._dynamo.config.recompile_limit = 64  # a compilation per variant's mask and options
     everything = slice(None)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "batch": batch, "seq_len": length, "variants": {}}
 
-    def whole(mask, **kernel_options):
-        return lambda q, k, v: flex(q, k, v, block_mask=mask, enable_gqa=True,
-                                    kernel_options=kernel_options or None)
+    def whole(mask, attend=flex, **kernel_options):
+        return lambda q, k, v: attend(q, k, v, block_mask=mask, enable_gqa=True,
+                                      kernel_options=kernel_options or None)
 
     second_half = layout_mask(layout, slice(length, None))
 
-    def split(q, k, v):
-        clean = F.scaled_dot_product_attention(
-            q[:, :, :length], k[:, :, :length], v[:, :, :length], is_causal=True,
-            enable_gqa=True)
-        rest = flex(q[:, :, length:], k, v, block_mask=second_half, enable_gqa=True)
-        return torch.cat([clean, rest], dim=2)
+    def split(attend):
+        def run(q, k, v):
+            clean = F.scaled_dot_product_attention(
+                q[:, :, :length], k[:, :, :length], v[:, :, :length], is_causal=True,
+                enable_gqa=True)
+            rest = attend(q[:, :, length:], k, v, block_mask=second_half, enable_gqa=True)
+            return torch.cat([clean, rest], dim=2)
+        return run
 
     if args.layouts in ("frozen", "both"):
         inputs = (q[:, :, length:], k[:, :, length:], v[:, :, length:])
@@ -118,7 +124,9 @@ def main() -> None:
     variants = {
         "flex": whole(layout_mask(layout, everything)),
         "flex_int32": whole(layout_mask(layout, everything, torch.int32)),
-        "split": split,
+        "split": split(flex),
+        "flex_tuned": whole(layout_mask(layout, everything), flex_tuned),
+        "split_tuned": split(flex_tuned),
     }
     for bm, bn in ((128, 64), (64, 128), (64, 64)):
         variants[f"flex_blocks_{bm}_{bn}"] = whole(

@@ -177,6 +177,10 @@ def tidar_losses(
     return None, linear_cross_entropy(hidden, model.head_weight, tokens), hidden
 
 
+# Inductor options that time flex_attention's tile choices and leave matmuls to cuBLAS.
+ATTENTION_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+
+
 def compile_blocks(model: Transformer, autotune_attention: bool = False) -> None:
     """torch.compile each transformer block: the blocks share code, so one compilation serves
     all of them, and the eager elementwise work (norms, RoPE, SiLU) is fused.
@@ -185,8 +189,7 @@ def compile_blocks(model: Transformer, autotune_attention: bool = False) -> None
     meets (about 40 s for the forward and backward of one shape; matmuls stay with cuBLAS).
     Its default tiles for head dim 64 ran full mode at 169.5k clean tokens/s on the H100,
     the tuned ones at 176.3k (docs/results.md section 4)."""
-    options = ({"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
-               if autotune_attention else None)
+    options = ATTENTION_AUTOTUNE if autotune_attention else None
     for block in model.layers:
         block.compile(dynamic=False, options=options)
 
