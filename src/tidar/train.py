@@ -411,8 +411,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
         fused=device.type == "cuda",
     )
+    autotune = cfg.compile and uses_flex(model, cfg.mode, device)
     if cfg.compile:
-        compile_blocks(model, autotune_attention=uses_flex(model, cfg.mode, device))
+        compile_blocks(model, autotune_attention=autotune)
     flex = device.type == "cuda"
 
     start_step, history = 0, []
@@ -433,6 +434,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     flops_per_clean_token = (6 if cfg.mode == "full" else 4) * 2 * total_params
     peak = _peak_flops(device)
     bar = _progress(start_step, cfg.steps, enabled=progress and rank == 0)
+    if cfg.compile:  # the first step waits for compilation: say so instead of a still bar
+        bar.set_postfix_str("compiling" + (", autotuning attention tiles (~40 s)"
+                                           if autotune else ""))
     tokens_done, t0 = 0, time.perf_counter()
     batches = Prefetched(rows_source)  # tokenising overlaps the steps
     try:
