@@ -57,13 +57,14 @@ class _AdaptedLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor) -> Tensor:
         xa = F.linear(x, lora_A)
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        return F.linear(torch.cat([x, xa], -1), torch.cat([weight, lora_B], -1), bias)
+        stacked = torch.cat([weight, lora_B], -1)
+        ctx.save_for_backward(x, xa, stacked, lora_A)
+        return F.linear(torch.cat([x, xa], -1), stacked, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        grad_cat = grad @ torch.cat([weight, lora_B], -1)
+        x, xa, stacked, lora_A = ctx.saved_tensors
+        grad_cat = grad @ stacked
         grad_xa = grad_cat[..., x.shape[-1]:]
         grad_x = grad_cat[..., : x.shape[-1]] + grad_xa @ lora_A
         return (grad_x, None, None, grad_xa.flatten(0, -2).t() @ x.flatten(0, -2),
@@ -102,11 +103,10 @@ class RowLoRA(nn.Module):
             # input (where one matmul over [x, xAᵀ] saves more than the concatenation costs).
             return _AdaptedLinear.apply(x, weight, bias, self.lora_A.to(x.dtype),
                                         lora_B.to(x.dtype))
-        y = self.base(x)
         delta = F.linear(F.linear(x[..., start:, :], self.lora_A.to(x.dtype)), lora_B.to(x.dtype))
-        if start == 0:  # mask rows alone (frozen-AR's mask pass): a concatenation's backward
-            return y + delta  # would copy the gradient
-        return torch.cat([y[..., :start, :], y[..., start:, :] + delta], dim=-2)
+        # Zero rows in front of the update, not a concatenation: with mask rows alone (start 0,
+        # frozen-AR's mask pass) the padding's backward is a view, not a copy of the gradient.
+        return self.base(x) + F.pad(delta, (0, 0, start, 0))
 
     def adapted_weight(self) -> Tensor:
         w = self.base.weight
