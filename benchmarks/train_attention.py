@@ -8,11 +8,12 @@ Variants:
 
 - ``flex``: one flex_attention call over the doubled row, mask from the layout's tensors;
 - ``flex_int32``: the same, with the layout tensors the mask reads as int32;
-- ``flex_blocks_M_N``: the same with other tile sizes;
 - ``split``: the clean half (plain causal attention over its own keys) through SDPA's fused
   causal kernel, the mask half through flex_attention over all keys;
 - ``flex_tuned``, ``split_tuned``: ``flex`` and ``split`` with flex_attention's tiles
-  autotuned, as ``tidar convert --compile`` runs full mode (``train.ATTENTION_AUTOTUNE``).
+  autotuned, as ``tidar convert --compile`` runs full mode (``train.ATTENTION_AUTOTUNE``);
+- ``flex_tuned_64``: ``flex_tuned`` over a BlockMask of 64 x 64 tiles (128 x 128 is
+  flex_attention's default), as ``tidar convert --compile`` runs full mode since session 25.
 
 And frozen-AR's mask half, its queries over a cache of the clean half (no gradient) and the
 mask half:
@@ -37,7 +38,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from tidar.layouts import flex_block_mask, key_meta, training_layout, visible
 from tidar.prefix_attention import PrefixBlockMask, prefix_block_attention
-from tidar.train import ATTENTION_AUTOTUNE, mask_half
+from tidar.train import ATTENTION_AUTOTUNE, TUNED_FLEX_MASK_BLOCK, mask_half
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -99,9 +100,8 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "batch": batch, "seq_len": length, "variants": {}}
 
-    def whole(mask, attend=flex, **kernel_options):
-        return lambda q, k, v: attend(q, k, v, block_mask=mask, enable_gqa=True,
-                                      kernel_options=kernel_options or None)
+    def whole(mask, attend=flex):
+        return lambda q, k, v: attend(q, k, v, block_mask=mask, enable_gqa=True)
 
     second_half = layout_mask(layout, slice(length, None))
 
@@ -127,10 +127,9 @@ def main() -> None:
         "split": split(flex),
         "flex_tuned": whole(layout_mask(layout, everything), flex_tuned),
         "split_tuned": split(flex_tuned),
+        "flex_tuned_64": whole(layout_mask(layout, everything, BLOCK_SIZE=TUNED_FLEX_MASK_BLOCK),
+                               flex_tuned),
     }
-    for bm, bn in ((128, 64), (64, 128), (64, 64)):
-        variants[f"flex_blocks_{bm}_{bn}"] = whole(
-            layout_mask(layout, everything, BLOCK_SIZE=(bm, bn)), BLOCK_M=bm, BLOCK_N=bn)
     time_variants(variants, (q, k, v), grad_out, args.repeats, results, args.profile)
     write_json("train_attention.json", results)
 

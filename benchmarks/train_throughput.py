@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --batch 64 --compile on --profile 2
     python benchmarks/train_throughput.py --batch 64 96 128 --compile on
     python benchmarks/train_throughput.py --modes full --batch 128 --autotune-attention off
+    python benchmarks/train_throughput.py --modes full --batch 128 --compile on --mask-block 128
 
 Clean tokens per second (the ``L`` tokens of each doubled row) and model FLOPs utilisation.
 Variants (mode, batch, compile) run in one process, each compiled afresh.
@@ -22,10 +23,10 @@ from tidar.train import TrainConfig, compile_blocks, frozen_to, prepare, tidar_l
 
 
 def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str,
-          lora_rank: int = 64):
+          lora_rank: int = 64, mask_block: int | None = None):
     """The model and one optimizer step on fresh random rows, as ``tidar convert`` runs it
     (``lora_rank``: frozen-ar's adapters; ``autotune``: flex_attention's tiles, ``auto`` as
-    ``tidar convert`` picks)."""
+    ``tidar convert`` picks; ``mask_block``: its BlockMasks' tile, None as it picks)."""
     model = smollm2_shaped(dtype=torch.float32)
     rank = lora_rank if mode == "frozen-ar" else 0
     cfg = TrainConfig(out="", data=["-"], mode=mode, seq_len=seq_len, batch_size=batch,
@@ -39,6 +40,8 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: st
         tune = (uses_flex(model, mode, torch.device("cuda")) if autotune == "auto"
                 else autotune == "on")
         compile_blocks(model, autotune_attention=tune)
+    if mask_block:
+        model.flex_mask_block = mask_block
     vocab = model.cfg.vocab_size
 
     def step() -> None:
@@ -55,9 +58,9 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: st
 
 
 def run(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str, steps: int,
-        profile_steps: int) -> dict:
+        profile_steps: int, mask_block: int | None = None) -> dict:
     torch._dynamo.reset()  # each variant compiles afresh
-    model, step = build(mode, batch, seq_len, compile_model, autotune)
+    model, step = build(mode, batch, seq_len, compile_model, autotune, mask_block=mask_block)
     times = []
     for i in range(steps + 3):
         torch.cuda.synchronize()
@@ -71,7 +74,8 @@ def run(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str,
     tok_s = batch * seq_len / sec
     flops_per_token = (6 if mode == "full" else 4) * 2 * n  # doubled rows; frozen: no weight grads
     result = {"mode": mode, "batch": batch, "seq_len": seq_len, "compile": compile_model,
-              "autotune_attention": autotune, "step_seconds": sec, "clean_tokens_per_second": tok_s,
+              "autotune_attention": autotune, "mask_block": model.flex_mask_block,
+              "step_seconds": sec, "clean_tokens_per_second": tok_s,
               "mfu_vs_989tflops": tok_s * flops_per_token / 989e12,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
     if profile_steps:
@@ -89,6 +93,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--autotune-attention", choices=["auto", "on", "off"], default="auto",
                     help="autotune flex_attention's tiles (auto: where tidar convert does)")
+    ap.add_argument("--mask-block", type=int, choices=[64, 128],
+                    help="flex_attention's BlockMask tile (default: as tidar convert picks, 64 "
+                    "where the tiles are autotuned; 64 needs them autotuned)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many steps: GPU time by kernel, and GPU-busy share")
     args = ap.parse_args()
@@ -98,7 +105,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         try:
             r = run(mode, batch, args.seq_len, comp, args.autotune_attention, args.steps,
-                    args.profile)
+                    args.profile, args.mask_block)
         except Exception as exc:  # report and go on: one failing variant must not stop the rest
             r = {"mode": mode, "batch": batch, "compile": comp, "error": repr(exc)[:300]}
         rows.append(r)

@@ -15,6 +15,7 @@ from tidar.layouts import (
     causal_layout,
     decode_layout,
     dense_mask,
+    flex_block_mask,
     key_meta,
     prefill_layout,
     training_layout,
@@ -166,7 +167,7 @@ def _layouts():
 @pytest.mark.parametrize("window", [None, 4])
 def test_mask_mod_matches_dense(name, window):
     """``visible`` evaluated per (query, key) index pair, as flex_attention does, == dense."""
-    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+    from torch.nn.attention.flex_attention import create_mask
 
     layout, slots = _layouts()[name]
     keys = key_meta(layout, slots)
@@ -186,13 +187,13 @@ def test_mask_mod_matches_dense(name, window):
     assert dense.any() and not dense.all()
     elementwise = create_mask(mask_mod, batch, 1, q_len, kv_len, device="cpu")
     assert torch.equal(elementwise, dense)
-    # Block-sparse form: a block is present exactly where the dense mask has any True.
-    bs = 4
-    block_mask = create_block_mask(
-        mask_mod, batch, None, q_len, kv_len, device="cpu", BLOCK_SIZE=bs
-    )
-    nq, nk = -(-q_len // bs), -(-kv_len // bs)
-    padded = torch.zeros(batch, 1, nq * bs, nk * bs, dtype=torch.bool)
-    padded[..., :q_len, :kv_len] = dense
-    any_in_block = padded.reshape(batch, 1, nq, bs, nk, bs).any(-1).any(-2)
-    assert torch.equal(block_mask.to_dense().bool(), any_in_block)
+    # Block-sparse form (flex_block_mask, at the tile it is given): a block is present
+    # exactly where the dense mask has any True.
+    for bs in (4, 8):
+        block_mask = flex_block_mask(layout, keys, window, block=bs)
+        nq, nk = -(-q_len // bs), -(-kv_len // bs)
+        padded = torch.zeros(batch, 1, nq * bs, nk * bs, dtype=torch.bool)
+        padded[..., :q_len, :kv_len] = dense
+        any_in_block = padded.reshape(batch, 1, nq, bs, nk, bs).any(-1).any(-2)
+        assert block_mask.BLOCK_SIZE == (bs, bs)
+        assert torch.equal(block_mask.to_dense().bool(), any_in_block)

@@ -339,7 +339,8 @@ def test_adapted_linear_gradients(bias):
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: sliding windows
 def test_flex_attention_tiles_are_autotuned_where_training_uses_flex(family, monkeypatch):
     """``tidar convert --compile`` autotunes flex_attention's tiles exactly where training
-    attention runs through it: on CUDA in full mode, and in frozen-AR under sliding windows."""
+    attention runs through it: on CUDA in full mode, and in frozen-AR under sliding windows;
+    then the BlockMasks take 64 x 64 tiles, which default kernel tiles would not divide."""
     from helpers import tiny_model
 
     model = tiny_model(family, vocab=16, seed=0)
@@ -352,7 +353,9 @@ def test_flex_attention_tiles_are_autotuned_where_training_uses_flex(family, mon
     monkeypatch.setattr(type(model.layers[0]), "compile",
                         lambda self, **kwargs: seen.append(kwargs.get("options")))
     train_mod.compile_blocks(model, autotune_attention=True)
+    assert model.flex_mask_block == 64
     train_mod.compile_blocks(model)
+    assert model.flex_mask_block == 128
     n = len(model.layers)
     assert seen[:n] == [{"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}] * n
     assert seen[n:] == [None] * n

@@ -81,8 +81,14 @@ def dense_mask(layout: Layout, keys: KeyMeta, window: int | None = None) -> Tens
     )[:, None]
 
 
-def flex_block_mask(layout: Layout, keys: KeyMeta, window: int | None = None):
-    """The same rule as a flex_attention ``BlockMask`` (GPU): fully masked tiles are skipped."""
+# flex_attention's default BlockMask tile, which its default kernel tiles divide.
+FLEX_MASK_BLOCK = 128
+
+
+def flex_block_mask(layout: Layout, keys: KeyMeta, window: int | None = None,
+                    block: int = FLEX_MASK_BLOCK):
+    """The same rule as a flex_attention ``BlockMask`` (GPU): fully masked ``block x block``
+    tiles are skipped. Its kernels' tiles must divide ``block``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     # int32: the mask function's loads and compares are a measurable share of flex's time.
@@ -94,9 +100,8 @@ def flex_block_mask(layout: Layout, keys: KeyMeta, window: int | None = None):
 
     batch, length = layout.positions.shape
     device = layout.positions.device
-    return create_block_mask(
-        mask_mod, batch, None, length, kv_p.shape[1], device=device, _compile=device.type == "cuda"
-    )
+    return create_block_mask(mask_mod, batch, None, length, kv_p.shape[1], device=device,
+                             BLOCK_SIZE=block, _compile=device.type == "cuda")
 
 
 def causal_layout(tokens: Tensor, start: Tensor | int = 0, with_slots: bool = False) -> Layout:

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layouts import CausalMask, KeyMeta, Layout, dense_mask, flex_block_mask, key_meta
+from .layouts import (
+    FLEX_MASK_BLOCK,
+    CausalMask,
+    KeyMeta,
+    Layout,
+    dense_mask,
+    flex_block_mask,
+    key_meta,
+)
 from .prefix_attention import PrefixBlockMask, prefix_block_attention
 
 try:
@@ -605,6 +613,9 @@ class Transformer(nn.Module):
         inv_freq, self.rope_scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.checkpointing = False  # recompute each block in backward (training memory)
+        # flex_attention BlockMasks' tile; compiled blocks whose attention tiles are
+        # autotuned set a smaller one (``train.compile_blocks``).
+        self.flex_mask_block = FLEX_MASK_BLOCK
 
     @contextmanager
     def decode_weights(self):
@@ -645,8 +656,10 @@ class Transformer(nn.Module):
 
     def masks(self, layout: Layout, keys: KeyMeta, flex: bool = False) -> dict:
         """One mask per distinct attention window: dense, or flex BlockMasks."""
-        build = flex_block_mask if flex else dense_mask
-        return {w: build(layout, keys, w) for w in set(self.cfg.sliding_windows or [None])}
+        windows = set(self.cfg.sliding_windows or [None])
+        if flex:
+            return {w: flex_block_mask(layout, keys, w, self.flex_mask_block) for w in windows}
+        return {w: dense_mask(layout, keys, w) for w in windows}
 
     def forward(
         self, layout: Layout, cache: KVCache | None = None, masks: dict | None = None,

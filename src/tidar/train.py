@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .drafter import LORA_TARGETS, DrafterInfo, add_row_lora, save_drafter
 from .errors import TidarError
-from .layouts import CausalMask, Layout, key_meta, training_layout
+from .layouts import FLEX_MASK_BLOCK, CausalMask, Layout, key_meta, training_layout
 from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
 from .prefix_attention import PrefixBlockMask
@@ -179,6 +179,9 @@ def tidar_losses(
 
 # Inductor options that time flex_attention's tile choices and leave matmuls to cuBLAS.
 ATTENTION_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+# The BlockMask tile under tuned attention tiles (64 x 64, the tuner's pick for the kernels):
+# flex_attention computes 22% less of the doubled row than over 128 x 128 mask tiles.
+TUNED_FLEX_MASK_BLOCK = 64
 
 
 def compile_blocks(model: Transformer, autotune_attention: bool = False) -> None:
@@ -186,10 +189,12 @@ def compile_blocks(model: Transformer, autotune_attention: bool = False) -> None
     all of them, and the eager elementwise work (norms, RoPE, SiLU) is fused.
 
     ``autotune_attention``: inductor times flex_attention's tile choices for the shapes it
-    meets (about 40 s for the forward and backward of one shape; matmuls stay with cuBLAS).
-    Its default tiles for head dim 64 ran full mode at 169.5k clean tokens/s on the H100,
-    the tuned ones at 176.3k (docs/results.md section 4)."""
+    meets (about 40 s for the forward and backward of one shape; matmuls stay with cuBLAS),
+    and the model's BlockMasks get 64 x 64 tiles, which its default kernel tiles would not
+    divide. Full mode on the H100: 169.5k clean tokens/s with default tiles, 176.3k tuned,
+    184.4-185.4k tuned over 64 x 64 BlockMask tiles (docs/results.md section 4)."""
     options = ATTENTION_AUTOTUNE if autotune_attention else None
+    model.flex_mask_block = TUNED_FLEX_MASK_BLOCK if autotune_attention else FLEX_MASK_BLOCK
     for block in model.layers:
         block.compile(dynamic=False, options=options)
 
