@@ -10,6 +10,8 @@ gate/up projections separate against fused (SmolLM2-135M shapes, bf16, H100/H200
         --queries 1 32 272 --batch 1 16 64
     python benchmarks/attention_kernels.py --attention-only --triton-sweep slices \
         --queries 1 32 272 --batch 1 4 --slots 512 1536 --triton-only
+    python benchmarks/attention_kernels.py --attention-only --triton-sweep many_rows \
+        --queries 32 144 272 --batch 1 4 --triton-only
 
 Each candidate is compiled, then ``--calls`` dependent calls are captured in one CUDA graph;
 the time per call is the median replay time over ``--repeats`` replays divided by the calls,
@@ -109,6 +111,9 @@ TRITON_SWEEPS = {  # settings of tidar.decode_attention tried beside its own
     "slices": [{"FEW_ROWS_MIN_CHUNK": 256, "FEW_ROWS_MERGE_ALL": False}]
     + [{"FEW_ROWS_MIN_CHUNK": c} for c in (128, 256)]
     + [{"MERGE_ELEMENTS": e} for e in (2048, 16384)],
+    # many rows (drafting passes): smaller row tiles, and one key slice (no merge kernel)
+    "many_rows": [{"MANY_ROWS_TILE": t, "TARGET_PROGRAMS": p}
+                  for t in (16, 32, 64) for p in (1, 132, 264, 528)],
 }
 
 

@@ -1,6 +1,7 @@
 """Exactness of the CUDA-graphed engine on the GPU, fp32, random weights, every family.
 
     python benchmarks/gpu_exactness.py [--runs eager|compiled|values|stops|joins]
+        [--families llama qwen3_moe ...]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone. Every family runs with eager blocks, two of them (dense and
@@ -150,6 +151,8 @@ def main() -> None:
                     default="all",
                     help="eager blocks (every family, 2 seeds), compiled (llama, qwen3_moe), "
                     "or sampling values as data (eager and compiled)")
+    ap.add_argument("--families", nargs="+", choices=list(FAMILIES),
+                    help="only these model families (default: those the runs name)")
     ap.add_argument("--kernel-settings", default="engine",
                     help="NAME=VALUE,... for the decode kernels (common.kernel_settings), "
                     "e.g. MAX_PASS_ROWS=4096: drafting passes through decode_matmul")
@@ -167,6 +170,7 @@ def check(args) -> None:
         runs += [(f, seed, False) for f in FAMILIES for seed in range(2)]
     if args.runs in ("all", "compiled"):
         runs += [("llama", 0, True), ("qwen3_moe", 0, True)]
+    runs = [run for run in runs if run[0] in (args.families or FAMILIES)]
     probe = torch.zeros(1, 4, 1, 16, device=DEVICE)
     kernel = dense_attention_kernel(probe, probe)
     if args.runs == "joins":

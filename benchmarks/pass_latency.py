@@ -14,6 +14,8 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
         --inductor engine max-autotune
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 --rounds 2
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
+        --inductor engine no-combo cublaslt --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 272 \
         --kernel-settings FEW_ROWS_MIN_CHUNK=256,FEW_ROWS_MERGE_ALL=False engine --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 \
@@ -93,11 +95,15 @@ def attention_context(choice: str):
     return stack
 
 
-# compile options (None: the engine's) and engine constants, by --inductor variant
+# compile options (None: the engine's) and engine constants, by --inductor variant;
+# "no-combo": inductor launches independent kernels one by one (the engine before);
+# "cublaslt": torch's matmuls through cuBLASLt's heuristics instead of cuBLAS's
 INDUCTOR = {"engine": (None, {}), "no-pdl": (None, {"INDUCTOR_PDL": False}),
             "untuned": ({"coordinate_descent_tuning": False}, {}),
             "max-autotune": ({"max_autotune": True, "coordinate_descent_tuning": True}, {}),
-            "pdl": (None, {"PDL_DRAFT_ROWS": 1 << 30})}
+            "pdl": (None, {"PDL_DRAFT_ROWS": 1 << 30}),
+            "no-combo": ({"coordinate_descent_tuning": True}, {}),
+            "cublaslt": (None, {})}
 
 
 def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots: str,
@@ -125,6 +131,10 @@ def variant_context(attention: str, fuse: str, inductor: str, scope: str, slots:
         own_share = tidar.engine._share_across_capacities
         tidar.engine._share_across_capacities = lambda st, cache: None
         stack.callback(setattr, tidar.engine, "_share_across_capacities", own_share)
+    if inductor == "cublaslt":
+        own_blas = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        stack.callback(torch.backends.cuda.preferred_blas_library, own_blas)
     options, constants = INDUCTOR[inductor]
     if options is not None:
         constants = {**constants, "COMPILE_OPTIONS": options}

@@ -25,6 +25,7 @@ BLOCK_N = 64  # keys per inner step; a key slice is a whole number of these
 NUM_WARPS = 4  # per thread block of the slice kernel
 TARGET_PROGRAMS = 264  # about two thread blocks per SM of an H100
 MIN_CHUNK = 256  # the shortest key slice plan() makes for rows of several tiles
+MANY_ROWS_TILE = 64  # rows per tile past 32 rows
 # Rows that fit one tile (the AR step: the query heads of one KV head) have a grid of only
 # batch x KV heads x slices, and each thread block waits on its loads in turn: shorter slices,
 # merged all at once, pay there (benchmarks/attention_kernels.py --triton-sweep slices).
@@ -158,7 +159,7 @@ def plan(batch: int, kv_heads: int, rows: int, slots: int) -> tuple[int, int]:
     ``FEW_ROWS_MIN_CHUNK``, or as many keys as ``FEW_ROWS_MAX_SLICES`` slices leave): on the
     H100/H200 more, shorter slices cost more in the merge than they gain in parallelism
     (``benchmarks/attention_kernels.py``)."""
-    block_m = FEW_ROWS if rows <= FEW_ROWS else 32 if rows <= 32 else 64
+    block_m = FEW_ROWS if rows <= FEW_ROWS else 32 if rows <= 32 else MANY_ROWS_TILE
     shortest = MIN_CHUNK
     if rows <= FEW_ROWS:
         shortest = max(FEW_ROWS_MIN_CHUNK, BLOCK_N * -(-slots // (FEW_ROWS_MAX_SLICES * BLOCK_N)))

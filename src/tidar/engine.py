@@ -178,8 +178,11 @@ CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths sha
 # of the default for 39 ms of host launches (H200, docs/results.md section 5).
 JOIN_LENGTH_MULTIPLE = 64
 MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
-# Inductor tunes the fused kernels' tile sizes: the AR step 1.83 -> 1.61 ms on the H100.
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# Inductor tunes the fused kernels' tile sizes (the AR step 1.83 -> 1.61 ms on the H100) and
+# launches independent kernels of a pass as one (combo kernels; H100, batch 1: 387 -> 347
+# kernels, t(272) 1.41 -> 1.35 ms, t(32) 0.89 -> 0.83 ms; batch 4 and 16 faster too, except
+# t(272) at batch 4, 2-4% slower; docs/results.md section 2).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "combo_kernels": True}
 # Inductor's kernels launch with programmatic dependent launch (``tidar.pdl``; Hopper and
 # later, ignored elsewhere) in the AR step and in drafting passes of at most PDL_DRAFT_ROWS
 # rows, all sequences together. On the H200 it made the AR step 8% faster and, with the fused
