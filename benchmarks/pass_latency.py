@@ -58,7 +58,7 @@ import torch
 from common import SMOLLM2, graph_seconds, kernel_settings, smollm2_shaped, write_json
 from profile_pass import kernel_table
 
-from tidar.engine import DecodeConfig, Engine
+from tidar.engine import COMPILE_OPTIONS, DecodeConfig, Engine
 from tidar.tuner import pass_shapes
 
 
@@ -95,14 +95,15 @@ def attention_context(choice: str):
     return stack
 
 
-# compile options (None: the engine's) and engine constants, by --inductor variant;
-# "no-combo": inductor launches independent kernels one by one (the engine before);
-# "cublaslt": torch's matmuls through cuBLASLt's heuristics instead of cuBLAS's
+# compile options (None: the engine's; otherwise the engine's with one change) and engine
+# constants, by --inductor variant; "no-combo": inductor launches independent kernels one by
+# one (the engine before session 26); "cublaslt": torch's matmuls through cuBLASLt's
+# heuristics instead of cuBLAS's
 INDUCTOR = {"engine": (None, {}), "no-pdl": (None, {"INDUCTOR_PDL": False}),
-            "untuned": ({"coordinate_descent_tuning": False}, {}),
-            "max-autotune": ({"max_autotune": True, "coordinate_descent_tuning": True}, {}),
+            "untuned": ({**COMPILE_OPTIONS, "coordinate_descent_tuning": False}, {}),
+            "max-autotune": ({**COMPILE_OPTIONS, "max_autotune": True}, {}),
             "pdl": (None, {"PDL_DRAFT_ROWS": 1 << 30}),
-            "no-combo": ({"coordinate_descent_tuning": True}, {}),
+            "no-combo": ({**COMPILE_OPTIONS, "combo_kernels": False}, {}),
             "cublaslt": (None, {})}
 
 
