@@ -36,11 +36,12 @@ def smollm2_shaped(device=DEVICE, dtype=torch.bfloat16, seed=0) -> Transformer:
 def kernel_settings(spec: str) -> contextlib.ExitStack:
     """A context that sets module constants of the decode kernels: ``engine`` (their own
     settings) or ``NAME=VALUE,...`` on each of ``tidar.decode_attention``,
-    ``tidar.decode_matvec``, ``tidar.decode_matmul``, ``tidar.decode_qkv`` and ``tidar.pdl``
-    that has the name, e.g. ``MIN_CHUNK=128``, ``MAX_ROWS=0`` (no fused matvecs), ``PDL=False``
-    (no programmatic dependent launch), ``MAX_PASS_ROWS=4096`` (fused drafting matmuls) or
-    ``ENABLED=False`` (RoPE and the cache writes out of the AR step's q/k/v matvec)."""
-    from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv, pdl
+    ``tidar.decode_matvec``, ``tidar.decode_matmul``, ``tidar.decode_qkv``, ``tidar.pdl`` and
+    ``tidar.engine`` that has the name, e.g. ``MIN_CHUNK=128``, ``MAX_ROWS=0`` (no fused
+    matvecs), ``PDL=False`` (no programmatic dependent launch), ``MAX_PASS_ROWS=4096`` (fused
+    drafting matmuls), ``ENABLED=False`` (RoPE and the cache writes out of the AR step's q/k/v
+    matvec) or ``ONE_HEAD_MAX_ROWS=0`` (two head GEMMs in every drafting pass)."""
+    from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv, engine, pdl
 
     stack = contextlib.ExitStack()
     if spec == "engine":
@@ -48,8 +49,8 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     for item in spec.split(","):
         name, value = item.split("=", 1)
         value = value == "True" if value in ("True", "False") else int(value)
-        modules = [m for m in (decode_attention, decode_matvec, decode_matmul, decode_qkv, pdl)
-                   if hasattr(m, name)]
+        modules = [m for m in (decode_attention, decode_matvec, decode_matmul, decode_qkv, pdl,
+                               engine) if hasattr(m, name)]
         if not modules:
             raise SystemExit(f"kernel settings: no decode kernel module has {name}")
         for module in modules:

@@ -28,14 +28,17 @@ one process, against the AR step's floors.
         --kernel-settings engine NARROW_OUTPUTS=8,NARROW_WARPS=4 --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --ar-only \
         --kernel-settings engine ENABLED=True --rounds 2
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
+        --kernel-settings engine ONE_HEAD_MAX_ROWS=0 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
 ``--inductor`` compiles under other inductor settings; ``--kernel-settings`` sets
-constants of the Triton decode kernels (``common.kernel_settings``). ``--rounds 2`` compiles
-and times every variant twice, in turn: how far the same graphs time apart by their place
-in the process (session 12 saw 3-7% for the AR step). ``--compile-scope blocks`` compiles
-the blocks alone, as the engine did before it compiled the whole pass with static shapes.
+constants of the Triton decode kernels and the engine (``common.kernel_settings``).
+``--rounds 2`` compiles and times every variant twice, in turn: how far the same graphs time
+apart by their place in the process (session 12 saw 3-7% for the AR step).
+``--compile-scope blocks`` compiles the blocks alone, as the engine did before it compiled
+the whole pass with static shapes.
 ``--slot-shapes static`` compiles the cache's slot count into the graphs, as the engine did
 before it kept it symbolic (one graph for every capacity bucket). ``--short-caches old``
 gives AR caches an unused scratch slot (a 256-slot capacity then takes 512 slots) and merges

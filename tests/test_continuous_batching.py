@@ -201,3 +201,30 @@ def test_no_more_than_max_rows_sequences_decode_at_once(model):
             engine.finish(0)
     assert max(running) < 3 and len(got) == 4
     assert engine._live.active.shape[0] == 4  # a bucket of four rows, one kept free
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["ar", "lossless", "sampled", "mix"])
+def test_small_batches_started_by_joins_decode_as_a_batched_prefill(model, cfg, multiple):
+    """A runner's later batches of a few prompts are admitted prompt by prompt, as joining
+    prompts are (on CUDA by captured graphs): each row's tokens, passes and the acceptance
+    counts are those of one batched prefill, with each row's own seed, for a smaller
+    batch after a larger one (idle rows) and for a batch that fills its bucket."""
+    batches = [(prompts([5, 3, 7, 2], 3), [4, 5, 6, 0]), (prompts([2, 9, 6], 4), [7, 8, 9]),
+               (prompts([6, 1, 4, 8], 5), [1, 2, 3, 4])]
+    runs = {}
+    for by_joins in (False, True):
+        engine = Engine(model)
+        engine.start_by_joins = by_joins
+        engine.join_length_multiple = multiple
+        admitted = []
+        own_admit = engine._admit
+        engine._admit = lambda *args, seen=admitted, admit=own_admit: (
+            seen.append(args[1]), admit(*args))
+        runs[by_joins] = []
+        for batch, seeds in batches:
+            out, stats = engine.generate(batch, cfg, seeds)
+            runs[by_joins].append((out, stats.passes, stats.committed_hist))
+        # The first batch builds the runner (four rows); the next two are admitted row by row.
+        assert admitted == ([0, 1, 2, 0, 1, 2, 3] if by_joins else [])
+    assert runs[True] == runs[False]

@@ -134,6 +134,34 @@ def test_mix_beta_one_sampled_equals_lossless():
     assert mix == lossless
 
 
+@pytest.mark.parametrize("sampler, temperature", [("lossless", 0.0), ("lossless", 1.0),
+                                                  ("mix", 1.0)])
+def test_one_head_gemm_decodes_as_two(sampler, temperature, monkeypatch):
+    """Small passes run the head once over all their rows (``ONE_HEAD_MAX_ROWS``): the same
+    tokens as a head over the verify rows and one over the block rows picked after them."""
+    model = tiny_model("llama", vocab=16, seed=5, std=0.5)
+    calls = {}
+    own_head = model.head
+
+    def counted_head(h):
+        calls[rows] += 1
+        return own_head(h)
+
+    monkeypatch.setattr(model, "head", counted_head)
+    prompts, results = _prompts(16, [3, 6], 5), {}
+    for rows in (0, 1 << 30):
+        monkeypatch.setattr(engine_module, "ONE_HEAD_MAX_ROWS", rows)
+        calls[rows], engine = 0, Engine(model)
+        results[rows] = []
+        for b, proposals in [(4, None), (4, (0, 2)), (8, (0,))]:
+            cfg = DecodeConfig(sampler=sampler, beta=0.5, block_size=b, proposals=proposals,
+                               sampling=SamplingParams(temperature), max_new_tokens=24)
+            out, stats = engine.generate(prompts, cfg, seeds=[1, 2])
+            results[rows].append((out, stats.committed_hist))
+    assert results[0] == results[1 << 30]
+    assert calls[1 << 30] < calls[0]  # the switch took the one-GEMM path
+
+
 # -- b. sampling exactness -------------------------------------------------------------------
 
 N_S = 6000

@@ -178,6 +178,9 @@ CAPACITY_BUCKET = 256  # cache capacities are rounded up to this, so lengths sha
 # of the default for 39 ms of host launches (H200, docs/results.md section 5).
 JOIN_LENGTH_MULTIPLE = 64
 MAX_RUNNERS = 8  # kept per engine, least recently used dropped first
+# A new batch of at most this many prompts is prefilled one prompt at a time by the joins'
+# captured graphs (Engine._start); a larger one by one eager batched prefill.
+START_BY_JOINS = 8
 # Inductor tunes the fused kernels' tile sizes (the AR step 1.83 -> 1.61 ms on the H100) and
 # launches independent kernels of a pass as one (combo kernels; H100, batch 1: 387 -> 347
 # kernels, t(272) 1.41 -> 1.35 ms, t(32) 0.89 -> 0.83 ms; batch 4 and 16 faster too, except
@@ -190,6 +193,12 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "combo_kernels": True}
 # rows gained nothing and larger ones got 2-18% slower (docs/results.md section 2).
 INDUCTOR_PDL = True
 PDL_DRAFT_ROWS = 32
+# Drafting passes of at most this many rows (all sequences together) run the head once over
+# every row instead of twice (verify rows, then the block rows picked after verification):
+# a small GEMM costs about one read of the head's weights, 56 MB for the default. H100, one
+# proposal block: batch 1 (32 rows) 0.84 -> 0.83 ms, batch 4 (128 rows) 1.29 -> 1.26 ms;
+# at 256 rows (batch 8) one head was 0.5-1% slower (docs/results.md section 2).
+ONE_HEAD_MAX_ROWS = 128
 
 
 def compile_options(pdl: bool) -> dict:
@@ -221,7 +230,8 @@ class Engine:
         slot count stays symbolic and ``mix``'s beta, the temperature and top-p are data, so
         every capacity bucket and value shares them (each top-k count compiles its own).
         Prefill stays eager, as its shapes vary per call; with CUDA graphs, a prompt that
-        joins a running batch is prefilled by a graph captured per padded length (``_admit``).
+        joins a running batch is prefilled by a graph captured per padded length (``_admit``),
+        and so is each prompt of a small new batch on a runner that has decoded before.
 
         The engine assumes the model's weights stay as they are while it exists.
         """
@@ -255,6 +265,9 @@ class Engine:
         # this: one graph per multiple.
         self.join_graphs = self.cuda_graphs
         self.join_length_multiple = JOIN_LENGTH_MULTIPLE if self.cuda_graphs else 1
+        # New batches of at most START_BY_JOINS prompts enter a runner that has decoded
+        # before as joining prompts do, one admission each (_start).
+        self.start_by_joins = self.cuda_graphs
 
     # -- public API -------------------------------------------------------------------
     def generate(
@@ -300,9 +313,9 @@ class Engine:
         length = max(map(len, prompts)) + cfg.max_new_tokens
         with torch.inference_mode(), self.model.decode_weights():
             runner = self._runner(rows, length, cfg)
-            filler = rows - batch  # rows past the batch: copies of its first prompt, idle
-            st = self._live = self._start(runner, prompts + prompts[:1] * filler, cfg,
-                                          seeds + seeds[:1] * filler)
+            filler = rows - batch  # rows past the batch: idle
+            st = self._live = self._start(runner, prompts, cfg, seeds, rows,
+                                          by_joins=self.start_by_joins)
             if filler:
                 st.active[batch:] = False
             # The longest prompt another row may bring: within the cache and the context.
@@ -355,7 +368,7 @@ class Engine:
                     r = free.pop(0)
                     taken += 1
                     with self.stalls.span("join"):
-                        self._admit(runner, r, prompt, cfg)
+                        self._admit(runner, r, prompt, cfg, cfg.seed)
                     self._ended.discard(r)
                     self._sequence_in[r] = len(shown)
                     shown.append(0)
@@ -424,9 +437,23 @@ class Engine:
         runner.consts["top_p"].fill_(cfg.sampling.top_p)
         return runner
 
-    def _start(self, runner: _Runner, prompts, cfg: DecodeConfig, seeds) -> _State:
-        """Prefill into the runner's buffers (in place, where a captured pass reads them)."""
-        fresh = self._prefill(prompts, cfg, runner.cache, seeds, runner.consts)
+    def _start(self, runner: _Runner, prompts, cfg: DecodeConfig, seeds,
+               rows: int | None = None, by_joins: bool = False) -> _State:
+        """Prefill into the runner's buffers (in place, where a captured pass reads them);
+        rows past the prompts (up to ``rows``) idle. ``by_joins``: a small batch on a runner
+        that has decoded before is admitted prompt by prompt (``_admit``); with CUDA graphs
+        each admission replays a captured prefill, where an eager batched prefill of the
+        default launched its kernels from the host for 39 ms (H200, docs/results.md
+        section 5)."""
+        if by_joins and runner.state is not None and len(prompts) <= START_BY_JOINS:
+            st = runner.state
+            st.hist.zero_()
+            for row, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+                self._admit(runner, row, prompt, cfg, seed)
+            return st
+        filler = (rows or len(prompts)) - len(prompts)  # copies of the first prompt
+        fresh = self._prefill(prompts + prompts[:1] * filler, cfg, runner.cache,
+                              seeds + seeds[:1] * filler, runner.consts)
         if runner.state is None:
             runner.state = fresh
             if self.compiled:
@@ -441,7 +468,8 @@ class Engine:
                 kept.copy_(new)
         return runner.state
 
-    def _admit(self, runner: _Runner, row: int, prompt: list[int], cfg: DecodeConfig) -> None:
+    def _admit(self, runner: _Runner, row: int, prompt: list[int], cfg: DecodeConfig,
+               seed: int) -> None:
         """Prefill ``prompt`` alone into ``row`` of the running batch: that row's cache and
         state, in place (a captured pass reads them); stale keys past the prompt lie beyond
         its horizon. The prompt, padded (``JOIN_LENGTH_MULTIPLE``), is prefilled into a
@@ -452,12 +480,12 @@ class Engine:
         join = runner.joins.get(length)
         fresh = join is None
         if fresh:
-            inputs = self._prefill_inputs([prompt], cfg, runner.cache.capacity, [cfg.seed],
+            inputs = self._prefill_inputs([prompt], cfg, runner.cache.capacity, [seed],
                                           length)
             join = _Join(*inputs, torch.tensor([row], device=self.device))
         else:
             layout, *rest = self._prefill_inputs([prompt], cfg, runner.cache.capacity,
-                                                 [cfg.seed], length, "cpu")
+                                                 [seed], length, "cpu")
             for name in ("tokens", "positions", "horizon", "block", "slots"):
                 getattr(join.layout, name).copy_(getattr(layout, name), non_blocking=True)
             for kept, value in zip((join.last, join.seeds, join.budget), rest, strict=True):
@@ -663,13 +691,21 @@ class Engine:
         b, S, model = cfg.block_size, cfg.proposals, self.model
         batch = st.next_token.shape[0]
         hidden = model.norm(hidden)
-        z_ar = model.head(hidden[:, :b])  # [B, b, V]
+        # A small pass's rows go through the head in one GEMM, which reads its weights once;
+        # a larger one's verify rows and picked block rows in two, which compute fewer rows.
+        logits = (model.head(hidden) if S and batch * hidden.shape[1] <= ONE_HEAD_MAX_ROWS
+                  else None)
+
+        def head_at(*index) -> Tensor:
+            return model.head(hidden[index]) if logits is None else logits[index]
+
+        z_ar = head_at(slice(None), slice(b))  # [B, b, V]
         u = hash_uniforms(st.seeds, st.counter, 2 * b)
         target = z_ar
         if cfg.sampler == "mix" and S:
             # Drafted positions mix with their drafting block; the bonus position with the
             # block that covers it (the last proposal block).
-            bonus = model.head(hidden[:, b + (len(S) - 1) * b + (b - 1 - S[-1])])
+            bonus = head_at(slice(None), b + (len(S) - 1) * b + (b - 1 - S[-1]))
             z_d = torch.cat([st.draft_logits, bonus[:, None]], dim=1)
             valid = torch.cat([st.draft_valid, st.draft_valid.new_ones(batch, 1)], dim=1)
             mixed = mix_logits(z_ar, z_d, consts["beta"])
@@ -699,7 +735,7 @@ class Engine:
             real = idx < b
             rows = torch.arange(batch, device=k.device)[:, None]
             pos = b + slot[:, None] * b + idx.clamp(max=b - 1)
-            ahead = model.head(hidden[rows, pos])  # [B, b-1, V]
+            ahead = head_at(rows, pos)  # [B, b-1, V]
             self._set_drafts(st, cfg, ahead, real, u[:, b:], consts)
 
     def _capture(self, st: _State, cfg: DecodeConfig, cache: KVCache, consts: dict):
