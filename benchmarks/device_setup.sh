@@ -9,6 +9,11 @@
 # the ignored files (.whl) an earlier call brought. Rebuilding the parts:
 #   tar -c -C DIR SmolLM2-135M-Instruct.Q4_1.gguf drafter.safetensors > /tmp/blob.tar
 #   split -n 2 /tmp/blob.tar /tmp/blob.part. && mv /tmp/blob.part.aa .carry/b1/ && mv /tmp/blob.part.ab .carry/b2/
+# serve_load.py needs what session 27's H100 machine (Python 3.12) lacked: uvicorn, fastapi,
+# starlette, pydantic, pydantic-core (its cp312 manylinux wheel: `pip download pydantic-core
+# --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: --no-deps`) and
+# opentelemetry-api; carry their wheels in .whl too. With random weights it needs no parts:
+# carry the default's config and tokenizer files and run benchmarks/random_checkpoint.py.
 export TIDAR_CACHE=/root/tc PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
 GGUF_DIR=$TIDAR_CACHE/smollm2-135m-instruct
 GGUF=$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf

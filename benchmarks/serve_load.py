@@ -13,6 +13,11 @@ sizes the server ran.
     python benchmarks/serve_load.py --clients 1 4 8 -- --device cuda --dtype bfloat16 \
         --compile
     python benchmarks/serve_load.py --clients 1 2 --requests 2 --max-tokens 16  # CPU smoke
+    python benchmarks/serve_load.py --clients 1 4 --stagger-ms 50 --batched-starts -- \
+        --device cuda --dtype bfloat16 --sampler ar
+
+``--batched-starts``: every new batch is prefilled by one eager batched forward, as before
+session 27 (``Engine.start_by_joins`` off), for an A/B of the time to the first text.
 
 Flags after ``--`` go to ``tidar serve`` (model, drafter, sampler, proposals, ...).
 """
@@ -100,12 +105,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="replies per client")
     ap.add_argument("--stagger-ms", type=float, default=0.0,
                     help="client k sends its first request k times this late")
+    ap.add_argument("--batched-starts", action="store_true",
+                    help="new batches prefilled by one eager batched forward, not by joins")
     ap.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: tidar serve flags")
     args = ap.parse_args()
     serve_args = [a for a in args.serve_args if a != "--"]
     url, server, web = start_server(serve_args)
+    if args.batched_starts:
+        server.decoder.engine.start_by_joins = False
     prompts = (prompt_texts("chat", raw=False) * args.requests)[: args.requests]
     report = {"serve_args": serve_args, "max_tokens": args.max_tokens,
+              "starts_by_joins": server.decoder.engine.start_by_joins,
               "requests_per_client": args.requests, "stagger_ms": args.stagger_ms, "runs": []}
     warmed = 0
     for clients in args.clients:
