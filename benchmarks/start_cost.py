@@ -1,10 +1,11 @@
 """Time to the first tokens of a new batch on a runner that has decoded before: one eager
 batched prefill (``Engine.start_by_joins`` off, the engine before session 27) or each prompt
 admitted by the joins' captured graph for its padded length (on), alternating in one
-process. Prompts of 35-62 tokens (one padded length, 64); the first round builds the runners
-and captures the graphs. Wall time from the call to ``stream`` to its first tokens (its first
-look copies them to the host), as a client waits for them. Random weights of the default's
-shape (a prefill's cost does not depend on them).
+process. Prompts of 35-62 tokens (one padded length, 64); the first round builds each
+engine's runners (a batched prefill), the second captures the joins' graph. Wall time from
+the call to ``stream`` to its first tokens (its first look copies them to the host), as a
+client waits for them. Random weights of the default's shape (a prefill's cost does not
+depend on them).
 
     python benchmarks/start_cost.py [--batch 1 4 8] [--sampler ar lossless] [--rounds 7]
 """
