@@ -19,7 +19,9 @@ anyway), after one warm-up run of every method per (length, batch size); medians
 - ``e2e tokens/s``: all tokens over the whole call (prefill and capture included).
 - ``TTFT``: time until every row of a batch has its first token: our prefill (measured by an
   uncaptured engine, as a captured run spends the capture before its first token; that
-  first-yield time is reported too), transformers' ``max_new_tokens=1`` call.
+  first-yield time is reported too, ``first_yield_ms``: on CUDA a batch of at most 8 prompts
+  on a runner used before starts by the joins' captured prefills, which only it shows),
+  transformers' ``max_new_tokens=1`` call.
 """
 
 from __future__ import annotations
