@@ -46,6 +46,7 @@ def plain(x, weight, norm_weight, bias, residual, swiglu, length, start, adapted
     (2, 7, 3),     # tiles cut short on both sides
     (1, 90, 10),   # mask rows in two tiles of 64
     (3, 5, 5),     # no mask rows: the base half alone
+    (17, 1, 1),    # the AR step of 17 sequences: their rows tiled together
 ])
 @pytest.mark.parametrize(("use_norm", "use_bias", "swiglu", "use_residual"), [
     (True, False, False, False),   # q/k/v
@@ -124,3 +125,14 @@ def test_drafting_with_fused_matmuls_gives_the_same_tokens(matmuls_on_cpu, monke
         expected, expected_stats = Engine(model).generate(prompts, cfg)
     assert got == expected
     assert stats.passes == expected_stats.passes
+
+
+def test_thread_blocks_that_overflow_shared_memory_are_counted():
+    """The H100 refused SmolLM2's gate/up (576 inputs) in float32: 294,912 bytes of shared
+    memory against 232,448 a thread block may have (session 28), so ``supported`` leaves it
+    to the plain layers. Its gate/up and down (1,536 inputs) in bfloat16 ran there."""
+    limit = 232448
+    assert decode_matmul.shared_bytes(576, True, 4) == 294912
+    assert decode_matmul.shared_bytes(576, True, 2) <= limit
+    assert decode_matmul.shared_bytes(1536, False, 2) <= limit
+    assert decode_matmul.shared_bytes(1536, False, 4) > limit

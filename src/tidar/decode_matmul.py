@@ -6,7 +6,8 @@ compute-bound: its projections ran as cuBLAS GEMMs of 3-4 us with the RMSNorm, t
 half of the stacked adapter weights, SwiGLU and the residual add as kernels of their own
 (docs/results.md section 2). Here a thread block takes ``OUTPUTS_PER_BLOCK`` outputs by the
 whole input width for one tile of rows of one sequence, all clean or all mask rows, so that
-it reads the base or the adapted weights, not both. It loads that weight tile before it
+it reads the base or the adapted weights, not both (without mask rows, a tile takes rows of
+several sequences: the AR step of 5-96 sequences). It loads that weight tile before it
 waits for the kernel before it (``tidar.pdl``), then normalises its rows and multiplies with
 ``tl.dot``, and fuses what ``decode_matvec`` fuses. Importing this module needs Triton; the
 tests run the kernel in Triton's interpreter.
@@ -147,10 +148,24 @@ def widths(inputs: int) -> tuple[int, int]:
     return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
 
 
-def supported(x: Tensor, weight: Tensor) -> bool:
+def shared_bytes(inputs: int, swiglu: bool, itemsize: int) -> int:
+    """Shared memory a thread block takes: twice its weight tiles (gate and up with SwiGLU),
+    as Triton laid them out for ``tl.dot`` on the H100 (294,912 bytes for SmolLM2's gate/up
+    in float32, one byte per byte of this count)."""
+    main, rest = widths(inputs)
+    return 2 * OUTPUTS_PER_BLOCK * (main + rest) * (2 if swiglu else 1) * itemsize
+
+
+def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
     """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows and ``MAX_WIDTH`` inputs, on
-    CUDA (``decode_matvec.fits``)."""
-    return fits(x, weight, DEVICES, MAX_PASS_ROWS, MAX_WIDTH)
+    CUDA (``decode_matvec.fits``), whose thread blocks fit the GPU's shared memory (SmolLM2's
+    gate/up and down do not in float32; Triton's interpreter has no such limit)."""
+    if not fits(x, weight, DEVICES, MAX_PASS_ROWS, MAX_WIDTH):
+        return False
+    if x.device.type != "cuda":
+        return True
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    return shared_bytes(weight.shape[-1], swiglu, x.element_size()) <= limit
 
 
 @torch.library.custom_op("tidar::decode_matmul", mutates_args=())
@@ -162,6 +177,8 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     weight (and bias) rows from ``adapted`` on. Without mask rows ``start`` is ``length``
     (``adapted`` then goes unread). An opaque custom op, as ``decode_matvec``."""
     rows, inputs = x.shape
+    if start == length:  # every row reads the base half: tile all sequences' rows together,
+        length = start = rows  # not one tile a sequence (the AR step of 5-96 sequences)
     x, weight, residual = unit_stride(x, weight, residual)
     out = new_output(x, weight, swiglu, adapted)
     outputs = out.shape[1]

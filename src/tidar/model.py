@@ -201,8 +201,8 @@ class FusedWeights(NamedTuple):
     matvec: bool = False
 
 
-def fused_weights(group: DecodeLinear, plain: nn.Module | None,
-                  x: Tensor) -> FusedWeights | None:
+def fused_weights(group: DecodeLinear, plain: nn.Module | None, x: Tensor,
+                  swiglu: bool = False) -> FusedWeights | None:
     """The weights of a fused projection over the rows of ``x`` ``[B, T, ...]`` (the block's
     input: the projection's own input may be wider) while decoding on CUDA: the AR step's
     few rows as ``decode_matvec``, more rows (or mask rows) as ``decode_matmul`` where that
@@ -225,7 +225,7 @@ def fused_weights(group: DecodeLinear, plain: nn.Module | None,
     rows = x.flatten(0, -2)
     if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
         return weights._replace(matvec=True)
-    return weights if decode_matmul.supported(rows, weights.weight) else None
+    return weights if decode_matmul.supported(rows, weights.weight, swiglu) else None
 
 
 def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
@@ -475,7 +475,7 @@ class MLP(nn.Module):
     def residual_step(self, x: Tensor, norm: RMSNorm) -> Tensor | None:
         """``x + self(norm(x))`` as two fused projections (``fused_weights``); None where that
         does not apply."""
-        gate_up = fused_weights(self.gate_up, None, x)
+        gate_up = fused_weights(self.gate_up, None, x, swiglu=True)
         down = fused_weights(self.down, self.down_proj, x)
         if gate_up is None or down is None:
             return None
