@@ -11,7 +11,7 @@
 #   split -n 2 /tmp/blob.tar /tmp/blob.part. && mv /tmp/blob.part.aa .carry/b1/ && mv /tmp/blob.part.ab .carry/b2/
 # Or the GGUF alone (session 28), with the tree's shipped drafter: `split -n 2 GGUF
 # /tmp/gguf.part.`, .carry/g1/gguf.part.aa and .carry/g2/gguf.part.ab carried in two calls with
-# the drafter moved out of the tree (54 MB each), then the tree as it is.
+# the drafter moved out of the tree (tree and part: 54 MB a call), then the tree as it is.
 # serve_load.py needs what session 27's H100 machine (Python 3.12) lacked: uvicorn, fastapi,
 # starlette, pydantic, pydantic-core (its cp312 manylinux wheel: `pip download pydantic-core
 # --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: --no-deps`) and

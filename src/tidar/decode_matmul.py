@@ -150,16 +150,17 @@ def widths(inputs: int) -> tuple[int, int]:
 
 def shared_bytes(inputs: int, swiglu: bool, itemsize: int) -> int:
     """Shared memory a thread block takes: twice its weight tiles (gate and up with SwiGLU),
-    as Triton laid them out for ``tl.dot`` on the H100 (294,912 bytes for SmolLM2's gate/up
-    in float32, one byte per byte of this count)."""
+    as Triton lays them out for ``tl.dot`` (the count matches the 294,912 bytes the H100
+    reported for SmolLM2's gate/up in float32)."""
     main, rest = widths(inputs)
     return 2 * OUTPUTS_PER_BLOCK * (main + rest) * (2 if swiglu else 1) * itemsize
 
 
 def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
     """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows and ``MAX_WIDTH`` inputs, on
-    CUDA (``decode_matvec.fits``), whose thread blocks fit the GPU's shared memory (SmolLM2's
-    gate/up and down do not in float32; Triton's interpreter has no such limit)."""
+    CUDA (``decode_matvec.fits``), whose thread blocks fit the GPU's shared memory by
+    ``shared_bytes`` (SmolLM2's gate/up and down do not in float32; Triton's interpreter has
+    no such limit)."""
     if not fits(x, weight, DEVICES, MAX_PASS_ROWS, MAX_WIDTH):
         return False
     if x.device.type != "cuda":
