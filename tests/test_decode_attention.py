@@ -160,3 +160,44 @@ def test_merge_steps_give_the_same_attention(monkeypatch, merge_all, elements, s
                           "one per slice": step == 1}[steps]
     out = module.decode_attention(q, k, v, mask)
     torch.testing.assert_close(out, dense_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+class RefusingKernel:
+    """The slice kernel, except that launches with a row tile in ``refused`` raise Triton's
+    out-of-resources error, as a GPU whose thread blocks have too little shared memory
+    does; ``tiles`` lists the row tile of every launch tried."""
+
+    def __init__(self, kernel, refused):
+        self.kernel, self.refused, self.tiles = kernel, refused, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.tiles.append(meta["BLOCK_M"])
+            if meta["BLOCK_M"] in self.refused:
+                from triton.runtime.errors import OutOfResources
+                raise OutOfResources(300000, 232448, "shared memory")
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+@pytest.mark.parametrize(("refused", "first", "then"), [
+    ({64, 32}, [64, 32, 16], [16]),  # halves to the tile that fits, and starts there next time
+    ({64, 32, 16}, [64, 32, 16], []),  # nothing fits: SDPA, without trying the kernel again
+])
+def test_row_tiles_the_device_refuses_halve_then_fall_back_to_sdpa(monkeypatch, refused, first,
+                                                                  then):
+    module = decode_attention_module
+    kernel = RefusingKernel(module._slice_kernel, refused)
+    monkeypatch.setattr(module, "_slice_kernel", kernel)
+    monkeypatch.setattr(module, "_REFUSED", set())
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 40, 32, generator=gen)  # 40 rows a KV head: 64-row tiles
+    k, v = torch.randn(2, 1, 4, 130, 32, generator=gen)
+    mask = decode_pass_mask(1, 40, 130, gen)
+    expected = dense_attention(q, k, v, mask)
+    for tried in (first, then):
+        kernel.tiles.clear()
+        out = module.decode_attention(q, k, v, mask)
+        assert kernel.tiles == tried
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert out.transpose(1, 2).is_contiguous()

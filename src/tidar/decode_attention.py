@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from . import pdl
 
@@ -38,6 +39,10 @@ FEW_ROWS_MERGE_ALL = True  # False: one slice a merge step, as for many rows
 MERGE_ROWS = 16  # rows per merge thread block for many rows: no matmul, so small tiles
 MERGE_ELEMENTS = 8192  # partial outputs a merge step may hold (its slices x rows x dim)
 MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --short-caches old)
+# Row tiles a device refused (more shared memory than a thread block may have), by (device,
+# dtype, head dim, tile): how much a tile takes depends on the Triton version (its layout of
+# the same kernel differed up to 3x between the H100's and the CPU's), so launches find out.
+_REFUSED: set[tuple] = set()
 
 
 @triton.jit
@@ -186,7 +191,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
     An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
     to schedule these kernels inlined through ``triton_op`` at some shapes), and the
-    engine's CUDA graphs capture its one or two launches."""
+    engine's CUDA graphs capture its one or two launches. A row tile the device refuses
+    (shared memory) halves; where even 16 rows are refused, SDPA computes it."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, heads, length, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
@@ -197,19 +203,31 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
     part = q.new_empty(batch, kv_heads, parts, rows, dim, dtype=torch.float32)
     lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
-    tiles = -(-rows // block_m)
     one_slice = parts == 1 and not MERGE_ALWAYS
     overlap = pdl.enabled(q)
-    _slice_kernel[(tiles, parts, batch * kv_heads)](
-        q, k, v, mask, part, lse, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
-        part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), length, slots, rows, kv_heads, group, chunk,
-        dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap, num_warps=NUM_WARPS,
-        launch_pdl=overlap)
+    while True:  # a refused tile halves, down to FEW_ROWS; then SDPA does it
+        refused = (q.device, q.dtype, dim, block_m)
+        if block_m < FEW_ROWS:
+            from .model import dense_attention  # the model imports this module
+
+            return out.copy_(dense_attention(q, k, v, mask))
+        if refused in _REFUSED:
+            block_m //= 2
+            continue
+        try:
+            _slice_kernel[(-(-rows // block_m), parts, batch * kv_heads)](
+                q, k, v, mask, part, lse, out,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2),
+                mask.stride(3), part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+                lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
+                out.stride(2), length, slots, rows, kv_heads, group, chunk,
+                dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+                FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap,
+                num_warps=NUM_WARPS, launch_pdl=overlap)
+            break
+        except OutOfResources:  # raised before anything is launched
+            _REFUSED.add(refused)
     if one_slice:
         return out
     merge_rows, merge_step = merge_plan(rows, parts, dim)
