@@ -1,7 +1,11 @@
 """Registers, spills and shared memory of the decode kernels at the embedded default's shapes,
 compiled for an H100/H200 (sm_90) without a GPU (Triton's compiler and its bundled ptxas).
 
-    python benchmarks/kernel_resources.py
+    python benchmarks/kernel_resources.py [--dtype fp32] [--head-dim 128]
+
+``--head-dim`` sets the attention kernel's (the default's is 64; most larger models have
+128). Shared memory depends on the Triton version: the H100's (torch 2.11) gave
+``decode_matmul``'s gate/up 294,912 bytes in float32, where Triton 3.9 gives 102,400.
 
 A kernel that needs more registers than an SM can give several thread blocks runs fewer of
 them at once, and a spill goes through local memory: both show before any timing. Integer
@@ -12,6 +16,7 @@ arguments and pointers are compiled as 16-divisible, as Triton specialises them 
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -49,9 +54,14 @@ def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str], warps: int 
                           options={"num_warps": warps})
 
 
-def resources(kernel, constexprs: dict, warps: int) -> dict:
+def typed(pointers: dict[str, str], dtype: str) -> dict[str, str]:
+    """``pointers`` with their bf16 tensors in ``dtype``."""
+    return {n: f"*{dtype}" if t == "*bf16" else t for n, t in pointers.items()}
+
+
+def resources(kernel, constexprs: dict, warps: int, dtype: str = "bf16") -> dict:
     """ptxas's report for ``kernel`` compiled with ``constexprs`` and ``warps``."""
-    pointers = ATTENTION if kernel is decode_attention._slice_kernel else TENSORS
+    pointers = typed(ATTENTION if kernel is decode_attention._slice_kernel else TENSORS, dtype)
     compiled = compile_sm90(kernel, constexprs, pointers, warps=warps)
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next(os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas")
@@ -69,7 +79,7 @@ def resources(kernel, constexprs: dict, warps: int) -> dict:
             "shared_bytes": compiled.metadata.shared}
 
 
-def cases() -> list[tuple[str, object, dict, int, bool]]:
+def cases(fp32: bool = False, head_dim: int = 64) -> list[tuple[str, object, dict, int, bool]]:
     """(name, kernel, constexprs, warps, launched by the engine)."""
     out = []
     for name, inputs, extra in (("q/k/v", DIM, dict(NORM=True, SWIGLU=False, RESIDUAL=False)),
@@ -88,7 +98,7 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
             engine = (rows, outputs, warps) == own
             out.append((f"matmul {name} {rows}x{outputs}", decode_matmul._matmul_kernel, dict(
                 BLOCK_M=rows, BLOCK_N=outputs, BLOCK_K=main, BLOCK_R=rest, BIAS=False,
-                FP32=False, PDL=True, **extra), warps, engine))
+                FP32=fp32, PDL=True, **extra), warps, engine))
     qkv_warps = decode_matvec.plan(960, DIM)[1]
     for rows in (1, 4):
         out.append((f"q/k/v+RoPE rows={rows}", decode_qkv._qkv_kernel, dict(
@@ -99,23 +109,28 @@ def cases() -> list[tuple[str, object, dict, int, bool]]:
     for queries in (1, 272):  # the AR step; a full pass of 16 blocks, 1,024 keys
         block_m, _ = attention.plan(1, 3, 3 * queries, 1024)
         out.append((f"attention slices rows={3 * queries}", attention._slice_kernel, dict(
-            qk_scale=64**-0.5 * 1.4426950408889634, HEAD_DIM=64, BLOCK_M=block_m,
-            BLOCK_N=attention.BLOCK_N, FP32=False, ONE_SLICE=False, PDL=True,
+            qk_scale=head_dim**-0.5 * 1.4426950408889634, HEAD_DIM=head_dim, BLOCK_M=block_m,
+            BLOCK_N=attention.BLOCK_N, FP32=fp32, ONE_SLICE=False, PDL=True,
             sm_s=1),  # a contiguous mask
             attention.NUM_WARPS, True))
     return out
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--head-dim", type=int, default=64, choices=[16, 32, 64, 128, 256])
+    args = ap.parse_args()
     rows = []
-    for name, kernel, constexprs, warps, engine in cases():
+    for name, kernel, constexprs, warps, engine in cases(args.dtype == "fp32", args.head_dim):
         row = {"kernel": name, "warps": warps, "engine": engine,
-               **resources(kernel, constexprs, warps)}
+               **resources(kernel, constexprs, warps, args.dtype)}
         rows.append(row)
         print(f"{name:28s} warps {warps}  registers {row['registers']:3d}  spills "
               f"{row['spill_bytes']:5d} B  shared {row['shared_bytes']:6d} B"
               f"{'  (engine)' if engine else ''}", flush=True)
     write_json("kernel_resources.json", {"triton": triton.__version__, "target": "sm_90a",
+                                         "dtype": args.dtype, "head_dim": args.head_dim,
                                          "kernels": rows})
 
 
