@@ -205,29 +205,28 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
     one_slice = parts == 1 and not MERGE_ALWAYS
     overlap = pdl.enabled(q)
-    while True:  # a refused tile halves, down to FEW_ROWS; then SDPA does it
+    while block_m >= FEW_ROWS:  # a tile the device refuses halves; past FEW_ROWS, SDPA
         refused = (q.device, q.dtype, dim, block_m)
-        if block_m < FEW_ROWS:
-            from .model import dense_attention  # the model imports this module
+        if refused not in _REFUSED:
+            try:
+                _slice_kernel[(-(-rows // block_m), parts, batch * kv_heads)](
+                    q, k, v, mask, part, lse, out,
+                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
+                    mask.stride(2), mask.stride(3), part.stride(0), part.stride(1),
+                    part.stride(2), part.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+                    out.stride(0), out.stride(1), out.stride(2), length, slots, rows, kv_heads,
+                    group, chunk, dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m,
+                    BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32, ONE_SLICE=one_slice,
+                    PDL=overlap, num_warps=NUM_WARPS, launch_pdl=overlap)
+                break
+            except OutOfResources:  # raised before anything is launched
+                _REFUSED.add(refused)
+        block_m //= 2
+    else:
+        from .model import dense_attention  # the model imports this module
 
-            return out.copy_(dense_attention(q, k, v, mask))
-        if refused in _REFUSED:
-            block_m //= 2
-            continue
-        try:
-            _slice_kernel[(-(-rows // block_m), parts, batch * kv_heads)](
-                q, k, v, mask, part, lse, out,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2),
-                mask.stride(3), part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-                lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-                out.stride(2), length, slots, rows, kv_heads, group, chunk,
-                dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-                FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap,
-                num_warps=NUM_WARPS, launch_pdl=overlap)
-            break
-        except OutOfResources:  # raised before anything is launched
-            _REFUSED.add(refused)
+        return out.copy_(dense_attention(q, k, v, mask))
     if one_slice:
         return out
     merge_rows, merge_step = merge_plan(rows, parts, dim)
