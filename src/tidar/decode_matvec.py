@@ -20,7 +20,10 @@ from torch import Tensor
 
 from . import pdl
 
-MAX_ROWS = 4  # rows (sequences) at most: each thread block reuses its tile for every row
+# Rows (sequences) at most: each thread block reuses its tile for every row, in turn. Past 2
+# rows decode_matmul's tiles, all rows at once, won: H100 AR step at batch 4, 0.85 -> 0.74 ms;
+# at batch 2 the matvec, 0.59 against 0.71 (docs/results.md section 2).
+MAX_ROWS = 2
 MAX_INPUTS = 8192  # the whole input row is one register tile
 FEW_PROGRAMS = 300  # thread blocks under which a tile is spread over 8 warps instead of 4
 # Outputs a thread block, and warps (0: by FEW_PROGRAMS), up to 1,024 inputs and past it.
