@@ -1,7 +1,7 @@
 """Exactness of the CUDA-graphed engine on the GPU, fp32, random weights, every family.
 
     python benchmarks/gpu_exactness.py [--runs eager|compiled|values|stops|joins]
-        [--families llama qwen3_moe ...]
+        [--families llama qwen3_moe ...] [--head-dim 128]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone. Every family runs with eager blocks, two of them (dense and
@@ -12,7 +12,10 @@ the captured (and compiled) passes read; one engine decoding at several values m
 what a fresh engine draws at each. ``--runs stops``: rows that end on a stop token give the
 same tokens whether the host looks after every pass or every 8 (``Engine.stream``), and
 between looks at most one pass runs after the last row ended. ``--runs joins``: prompts that
-join a running batch (continuous batching) decode as they do alone.
+join a running batch (continuous batching) decode as they do alone. ``--head-dim`` gives
+the eager and compiled runs' models heads of that width (most models have 128: the attention
+kernel's tiles then take more shared memory, and the report lists the tiles the device
+refused, ``decode_attention``'s halving fallback).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import transformers as tf
 from common import DEVICE, kernel_settings, write_json
 
+from tidar import decode_attention
 from tidar.config import from_hf_config
 from tidar.engine import DecodeConfig, Engine
 from tidar.model import Transformer, dense_attention_kernel
@@ -43,9 +47,11 @@ FAMILIES = {
 }
 
 
-def random_model(family: str, seed: int) -> Transformer:
+def random_model(family: str, seed: int, head_dim: int | None = None) -> Transformer:
     cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
+    if head_dim:
+        extra = extra | {"head_dim": head_dim}
     model = Transformer(from_hf_config(cls(**SMALL, **extra)))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.7)
@@ -156,6 +162,8 @@ def main() -> None:
     ap.add_argument("--kernel-settings", default="engine",
                     help="NAME=VALUE,... for the decode kernels (common.kernel_settings), "
                     "e.g. MAX_PASS_ROWS=4096: drafting passes through decode_matmul")
+    ap.add_argument("--head-dim", type=int,
+                    help="head width of the eager and compiled runs' models (default: 16)")
     args = ap.parse_args()
     with kernel_settings(args.kernel_settings):
         check(args)
@@ -171,7 +179,7 @@ def check(args) -> None:
     if args.runs in ("all", "compiled"):
         runs += [("llama", 0, True), ("qwen3_moe", 0, True)]
     runs = [run for run in runs if run[0] in (args.families or FAMILIES)]
-    probe = torch.zeros(1, 4, 1, 16, device=DEVICE)
+    probe = torch.zeros(1, 4, 1, args.head_dim or 16, device=DEVICE)
     kernel = dense_attention_kernel(probe, probe)
     if args.runs == "joins":
         rows = check_joins()
@@ -192,7 +200,7 @@ def check(args) -> None:
         print(f"{exact}/{len(rows)} sampled configurations draw as a fresh engine does")
         return
     for family, seed, compiled in runs:
-        engine = Engine(random_model(family, seed), compile=compiled)
+        engine = Engine(random_model(family, seed, args.head_dim), compile=compiled)
         ar, _ = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=40))
         configs = COMPILED_CONFIGS if compiled else CONFIGS
         for b, S in configs:
@@ -207,12 +215,21 @@ def check(args) -> None:
                          "block_size": b, "proposals": S, "exact": ok,
                          "tokens_per_pass": stats.tokens_per_pass})
         # After every run: a run stopped by a time limit keeps what it checked.
-        write_json("gpu_exactness.json", {"decode_attention": kernel, "runs": rows})
+        write_json("gpu_exactness.json", {"decode_attention": kernel, "runs": rows,
+                                          "head_dim": args.head_dim or 16,
+                                          "refused_tiles": refused_tiles()})
         print(family, seed, "compiled" if compiled else "eager",
               all(r["exact"] for r in rows[-len(configs):]), flush=True)
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(f"{len(rows) - failures}/{len(rows)} configurations exact on {device}, decode "
-          f"attention: {kernel}")
+          f"attention: {kernel}, tiles refused: {refused_tiles() or 'none'}")
+
+
+def refused_tiles() -> list[str]:
+    """The attention's row tiles the device refused for shared memory (``decode_attention``
+    halves them, then falls back to SDPA)."""
+    return sorted(f"{dtype} head dim {dim}: {rows} rows"
+                  for _, dtype, dim, rows in decode_attention._REFUSED)
 
 
 if __name__ == "__main__":
