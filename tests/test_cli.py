@@ -69,6 +69,24 @@ def test_generate_streams_text_and_summary(default, capsys):
     assert "tokens/pass" in err and "identical to ar" in err
 
 
+def test_compare_times_runners_past_their_first_two_uses(default, capsys, monkeypatch):
+    """On the GPU a runner's first use prefills eagerly and its second starts by a join graph
+    it captures then: --compare warms each configuration up twice before timing it."""
+    calls = []
+    stream = Engine.stream
+
+    def recorded(self, prompts, cfg, *args, **kwargs):
+        calls.append(cfg.sampler)
+        return stream(self, prompts, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "stream", recorded)
+    code, _, _ = _run(capsys, "generate", PROMPTS[1], "--proposals", "1", "--block-size", "4",
+                      "--max-new-tokens", "12", "--compare", "--json")
+    assert code == 0
+    assert calls[-2:] == ["lossless", "ar"]  # the timed runs
+    assert calls[:-2].count("lossless") >= 2 and calls[:-2].count("ar") >= 2
+
+
 def test_compare_of_sampled_output_names_the_draws(default, capsys):
     """Sampled lossless output is ar's distribution, not ar's draws: --compare says so
     instead of reporting a difference as an error."""
