@@ -262,8 +262,8 @@ def run_generate(args) -> int:
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if args.compare:  # warm-up: a process's first decode runs slower (allocation, kernel
         # setup), and so does a runner's second on the GPU, which starts by a join graph it
-        # captures then. Unwarmed, the timed `ar` run paid for both: 5.4 s for 64 tokens
-        # (H100, float32; docs/results.md section 1).
+        # captures then. Warmed once, the timed `ar` run paid for that capture: 8.4 tokens/s
+        # for 64 tokens against 1607 warm (H100, float32; docs/results.md section 1).
         for c in (cfg, ar_cfg):
             for _ in range(2):
                 engine.generate([prompt_ids],
