@@ -77,10 +77,12 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str = "llama", vocab: int = 16, max_position: int = 256) -> ModelConfig:
+def tiny_config(family: str = "llama", vocab: int = 16, max_position: int = 256,
+                **overrides) -> ModelConfig:
+    """``family``'s tiny configuration; ``overrides`` are further transformers config fields."""
     from transformers import AutoConfig
 
-    spec = dict(FAMILIES[family])
+    spec = dict(FAMILIES[family], **overrides)
     hf = AutoConfig.for_model(
         spec.pop("family"),
         vocab_size=vocab,
@@ -106,10 +108,11 @@ def tiny_model(
     seed: int = 0,
     std: float = 0.7,
     max_position: int = 256,
+    **overrides,
 ) -> Transformer:
     """A float32 ``Transformer`` with every parameter (mask embedding included) ~ N(0, std)."""
     torch.manual_seed(seed)
-    model = Transformer(tiny_config(family, vocab, max_position))
+    model = Transformer(tiny_config(family, vocab, max_position, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)

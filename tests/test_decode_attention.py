@@ -201,3 +201,96 @@ def test_row_tiles_the_device_refuses_halve_then_fall_back_to_sdpa(monkeypatch, 
         assert kernel.tiles == tried
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "dim", "slots", "merge_step"), [
+    (1, 9, 3, 32, 1100, None),  # the default's grouping over many slices, merged in one step
+    (2, 6, 2, 16, 700, 1024),   # two sequences, slices merged a few at a time
+    (1, 4, 4, 32, 64, None),    # one slice: the slice kernel writes the input itself
+])
+def test_output_projection_merges_the_key_slices(monkeypatch, dtype, batch, heads, kv_heads, dim,
+                                                 slots, merge_step):
+    """``decode_attention_out``: the AR step's attention through its output projection, bias
+    and residual, the slices merged in the projection's kernel, equals the attention op then
+    the matvec op, and SDPA then the plain projection."""
+    from tidar import decode_matvec
+
+    module = decode_attention_module
+    monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
+    monkeypatch.setattr(decode_matvec, "FOLD_MERGE", True)
+    if merge_step:
+        monkeypatch.setattr(decode_matvec, "MERGED_INPUT_ELEMENTS", merge_step)
+    gen = torch.Generator().manual_seed(slots + batch)
+    q = torch.randn(batch, heads, 1, dim, generator=gen).to(dtype)
+    k = (torch.randn(batch, kv_heads, slots, dim, generator=gen) * 3).to(dtype)
+    v = torch.randn(batch, kv_heads, slots, dim, generator=gen).to(dtype)
+    mask = decode_pass_mask(batch, 1, slots, gen)
+    weight = (torch.randn(40, heads * dim, generator=gen) / (heads * dim) ** 0.5).to(dtype)
+    bias, residual = torch.randn(40, generator=gen).to(dtype), torch.randn(batch, 40).to(dtype)
+    assert decode_matvec.folds_merge(q, weight)
+    parts = -(-slots // module.plan(batch, kv_heads, heads // kv_heads, slots)[1])
+    assert (parts == 1) == (slots == 64)
+
+    got = decode_matvec.decode_attention_out(q, k, v, mask, weight, bias, residual)
+    heads_out = module.decode_attention(q, k, v, mask).transpose(1, 2).reshape(batch, -1)
+    unfused = decode_matvec.decode_matvec(heads_out, weight, None, bias, residual, False, 0.0)
+    sdpa = dense_attention(q.float(), k.float(), v.float(), mask).transpose(1, 2)
+    plain = residual.float() + torch.nn.functional.linear(sdpa.reshape(batch, -1),
+                                                          weight.float(), bias.float())
+    assert got.shape == (batch, 40) and got.dtype == dtype
+    torch.testing.assert_close(got, unfused, atol=1e-6, rtol=1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(got.float(), plain, atol=tol, rtol=tol)
+
+
+def test_folds_only_the_ar_steps_attention(monkeypatch):
+    from tidar import decode_matvec
+
+    folds = decode_matvec.folds_merge
+    q, weight = torch.zeros(1, 4, 1, 16), torch.zeros(8, 64)
+    monkeypatch.setattr(decode_matvec, "FOLD_MERGE", True)
+    assert not folds(q, weight)  # the matvec is not on the CPU
+    monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
+    assert folds(q, weight)
+    assert not folds(torch.zeros(1, 4, 2, 16), weight)  # two queries
+    assert not folds(torch.zeros(3, 4, 1, 16), weight)  # more rows than the matvec's
+    assert not folds(torch.zeros(1, 4, 1, 8), torch.zeros(8, 32))  # 8-wide heads
+    monkeypatch.setattr(decode_matvec, "FOLD_MERGE", False)
+    assert not folds(q, weight)
+
+
+def test_decoding_with_the_merge_in_the_output_projection_gives_the_same_tokens(monkeypatch):
+    """The AR steps of a llama with 16-wide heads (the fused q/k/v kernel, then
+    ``decode_attention_out``) decode as with the merge kernel: greedy and sampled `ar`, and
+    greedy `lossless`, whose drafting passes keep the separate ops."""
+    from helpers import tiny_model
+
+    import tidar.model
+    from tidar import decode_matvec
+    from tidar.engine import DecodeConfig, Engine
+    from tidar.sampling import SamplingParams
+
+    model = tiny_model("llama", vocab=16, seed=2, head_dim=16)
+    monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
+    monkeypatch.setattr(decode_matvec, "FOLD_MERGE", True)
+    monkeypatch.setattr(tidar.model, "dense_attention_kernel", lambda q, k: "triton")
+    folded = []
+    op = decode_matvec.decode_attention_out
+    monkeypatch.setattr(decode_matvec, "decode_attention_out",
+                        lambda *args: folded.append(args[0].shape) or op(*args))
+    prompts = [[2, 3, 4, 5, 6]]
+    for cfg in (DecodeConfig(sampler="ar", max_new_tokens=6),
+                DecodeConfig(sampler="ar", max_new_tokens=6,
+                             sampling=SamplingParams(temperature=0.8, top_p=0.9)),
+                DecodeConfig(block_size=4, max_new_tokens=6)):
+        folded.clear()
+        with torch.inference_mode():
+            got = Engine(model).generate(prompts, cfg)[0]
+        with monkeypatch.context() as merge_kernel:
+            merge_kernel.setattr(decode_matvec, "FOLD_MERGE", False)
+            with torch.inference_mode():
+                expected = Engine(model).generate(prompts, cfg)[0]
+        assert got == expected
+        if cfg.sampler == "ar":  # every AR step after the prefill, in both layers
+            assert len(folded) == 5 * model.cfg.n_layers
