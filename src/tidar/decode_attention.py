@@ -260,11 +260,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     batch, heads, length, dim = q.shape
     kv_heads, parts, rows = part.shape[1:4]
     merge_rows, merge_step = merge_plan(rows, parts, dim)
+    overlap = pdl.enabled(q)
     _merge_kernel[(-(-rows // merge_rows), batch * kv_heads)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
         out.stride(2), length, rows, kv_heads, heads // kv_heads, parts, HEAD_DIM=dim,
-        BLOCK_M=merge_rows, BLOCK_P=merge_step, PDL=pdl.enabled(q), launch_pdl=pdl.enabled(q))
+        BLOCK_M=merge_rows, BLOCK_P=merge_step, PDL=overlap, launch_pdl=overlap)
     return out
 
 
