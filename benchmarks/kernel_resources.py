@@ -31,8 +31,7 @@ from triton.compiler import ASTSource
 from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv
 
 TENSORS = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out", "Cos", "Sin", "Q", "KCache",
-                            "VCache"], "*bf16"), "Slots": "*i64", "Part": "*fp32",
-           "Lse": "*fp32"}
+                            "VCache"], "*bf16"), "Slots": "*i64"}
 DIM, HIDDEN = 576, 1536  # SmolLM2-135M
 ATTENTION = {**dict.fromkeys(["Q", "K", "V", "Final"], "*bf16"), "Mask": "*i1", "Out": "*fp32",
              "Lse": "*fp32"}
@@ -89,14 +88,9 @@ def cases(fp32: bool = False, head_dim: int = 64) -> list[tuple[str, object, dic
                                 ("down", HIDDEN, dict(NORM=False, SWIGLU=False, RESIDUAL=True))):
         outputs_per_block, warps = decode_matvec.plan(
             {"q/k/v": 960, "gate/up": HIDDEN, "o": DIM, "down": DIM}[name], inputs)
-        matvec = dict(ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
-                      BIAS=False, MERGE=False, HEAD_DIM=1, BLOCK_P=1, PDL=True, **extra)
-        out.append((f"matvec {name}", decode_matvec._matvec_kernel, matvec, warps, True))
-        if name == "o":  # the AR step's: 16 key slices merged (1,024 keys)
-            block_p = min(16, decode_matvec.MERGED_INPUT_ELEMENTS // matvec["BLOCK_K"])
-            out.append(("matvec o, slices merged", decode_matvec._matvec_kernel,
-                        {**matvec, "MERGE": True, "HEAD_DIM": head_dim, "BLOCK_P": block_p},
-                        warps, decode_matvec.FOLD_MERGE))
+        out.append((f"matvec {name}", decode_matvec._matvec_kernel, dict(
+            ROWS=1, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(inputs),
+            BIAS=False, PDL=True, **extra), warps, True))
         main, rest = decode_matmul.widths(inputs)
         own = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK,
                decode_matmul.WARPS * (1 if inputs <= 1024 else 2))

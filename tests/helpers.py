@@ -77,12 +77,10 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str = "llama", vocab: int = 16, max_position: int = 256,
-                **overrides) -> ModelConfig:
-    """``family``'s tiny configuration; ``overrides`` are further transformers config fields."""
+def tiny_config(family: str = "llama", vocab: int = 16, max_position: int = 256) -> ModelConfig:
     from transformers import AutoConfig
 
-    spec = dict(FAMILIES[family], **overrides)
+    spec = dict(FAMILIES[family])
     hf = AutoConfig.for_model(
         spec.pop("family"),
         vocab_size=vocab,
@@ -108,11 +106,10 @@ def tiny_model(
     seed: int = 0,
     std: float = 0.7,
     max_position: int = 256,
-    **overrides,
 ) -> Transformer:
     """A float32 ``Transformer`` with every parameter (mask embedding included) ~ N(0, std)."""
     torch.manual_seed(seed)
-    model = Transformer(tiny_config(family, vocab, max_position, **overrides))
+    model = Transformer(tiny_config(family, vocab, max_position))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)

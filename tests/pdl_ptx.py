@@ -16,8 +16,7 @@ from kernel_resources import compile_sm90  # noqa: E402
 from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv  # noqa: E402
 
 WAIT = "griddepcontrol.wait"
-MATVEC = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16"),  # and matmul
-          "Part": "*fp32", "Lse": "*fp32"}
+MATVEC = dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out"], "*bf16")  # and matmul
 SLICE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Mask": "*i8", "Out": "*fp32",
          "Lse": "*fp32", "Final": "*bf16"}
 MERGE = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"}
@@ -41,17 +40,13 @@ def count(lines: list[str]) -> dict:
 
 
 def cases() -> dict:
-    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True,
-                  MERGE=False, HEAD_DIM=1, BLOCK_P=1)
+    matvec = dict(ROWS=1, BLOCK_N=4, BLOCK_K=64, NORM=True, BIAS=False, RESIDUAL=True)
     attention = dict(qk_scale=0.18, HEAD_DIM=64, BLOCK_M=16, BLOCK_N=64, FP32=False)
     out = {}
     for pdl in (True, False):
         for swiglu in (False, True):
             out[f"matvec swiglu={swiglu} pdl={pdl}"] = count(ptx_lines(
                 decode_matvec._matvec_kernel, MATVEC, {**matvec, "SWIGLU": swiglu, "PDL": pdl}))
-    out["matvec merge"] = count(ptx_lines(decode_matvec._matvec_kernel, MATVEC, {
-        **matvec, "BLOCK_K": 1024, "NORM": False, "SWIGLU": False, "MERGE": True,
-        "HEAD_DIM": 64, "BLOCK_P": 16, "PDL": True}))
     for swiglu in (False, True):
         out[f"matmul swiglu={swiglu}"] = count(ptx_lines(
             decode_matmul._matmul_kernel, MATVEC,

@@ -49,14 +49,6 @@ def test_matvec_loads_its_weights_before_the_wait_and_its_input_after(ptx_counts
     assert counts["loads_before"] > 0 and counts["loads_after"] > 0
 
 
-def test_the_output_projection_loads_its_weights_before_the_wait_and_the_slices_after(
-        ptx_counts):
-    """The attention's partial outputs it merges are the slice kernel's."""
-    counts = ptx_counts["matvec merge"]
-    assert counts["waits"] == 1
-    assert counts["loads_before"] > 0 and counts["loads_after"] > 0
-
-
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_matvec_without_pdl_does_not_wait(ptx_counts, swiglu):
     assert ptx_counts[f"matvec swiglu={swiglu} pdl=False"]["waits"] == 0

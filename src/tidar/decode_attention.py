@@ -111,20 +111,6 @@ def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
 
 
 @triton.jit
-def merge_step(peak, total, acc, lse, part):
-    """Slices ``P`` of ``R`` rows merged into the running ``peak`` and ``total`` ``[R]`` and
-    ``acc`` ``[R, D]``: their log2-sum-exps ``lse`` ``[P, R]`` weight their normalised
-    partial outputs ``part`` ``[P, R, D]``. Returns the new (peak, total, acc)."""
-    new_peak = tl.maximum(peak, tl.max(lse, 0))
-    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
-    scale = tl.exp2(peak - shift)
-    weight = tl.exp2(lse - shift[None, :])
-    total = total * scale + tl.sum(weight, 0)
-    acc = acc * scale[:, None] + tl.sum(weight[:, :, None] * part, 0)
-    return new_peak, total, acc
-
-
-@triton.jit
 def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
                   sd_b, sd_h, sd_t, length, rows, kv_heads, group, parts,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -151,7 +137,13 @@ def _merge_kernel(Part, Lse, Out, so_b, so_h, so_s, so_r, sl_b, sl_h, sl_s,
         part = tl.load(Part + b * so_b + h * so_h + i[:, None, None] * so_s
                        + r[None, :, None] * so_r + d[None, None, :], mask=ok[:, :, None],
                        other=0.0)
-        peak, total, acc = merge_step(peak, total, acc, lse, part)
+        new_peak = tl.maximum(peak, tl.max(lse, 0))
+        shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf
+        scale = tl.exp2(peak - shift)
+        weight = tl.exp2(lse - shift[None, :])
+        total = total * scale + tl.sum(weight, 0)
+        acc = acc * scale[:, None] + tl.sum(weight[:, :, None] * part, 0)
+        peak = new_peak
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     head, t = h * group + r // length, r % length
     tl.store(Out + b * sd_b + head[:, None] * sd_h + t[:, None] * sd_t + d[None, :],
@@ -191,23 +183,26 @@ def merge_plan(rows: int, parts: int, dim: int) -> tuple[int, int]:
     return block_m, min(triton.next_power_of_2(parts), max(1, MERGE_ELEMENTS // block_m // dim))
 
 
-def launch_slices(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
-                  slices_outer: bool = False) -> tuple[Tensor, Tensor] | None:
-    """The slice kernel of ``decode_attention``'s arguments (unit-strided) into ``out``:
-    returns the partial outputs ``[B, Hkv, parts, rows, D]`` and log2-sum-exps ``[B, Hkv,
-    parts, rows]`` left to merge, laid out slice-major with ``slices_outer`` (the heads of
-    one query are then contiguous a slice); ``()`` where one slice wrote ``out`` itself;
-    None where the device refuses every row tile (shared memory)."""
+@torch.library.custom_op("tidar::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of ``q`` ``[B, H, T, D]`` over the cache ``k, v`` ``[B, Hkv, S, D]`` where the
+    boolean ``mask`` ``[B, 1, T, S]`` is True. Returns ``[B, H, T, D]``, laid out as
+    ``[B, T, H, D]`` so that merging the heads afterwards is a view.
+
+    An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
+    to schedule these kernels inlined through ``triton_op`` at some shapes), and the
+    engine's CUDA graphs capture its one or two launches. A row tile the device refuses
+    (shared memory) halves; where even 16 rows are refused, SDPA computes it."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     batch, heads, length, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     group = heads // kv_heads
     rows = group * length
     block_m, chunk = plan(batch, kv_heads, rows, slots)
     parts = -(-slots // chunk)
-    shape = (batch, parts, kv_heads, rows) if slices_outer else (batch, kv_heads, parts, rows)
-    order = (0, 2, 1, 3) if slices_outer else (0, 1, 2, 3)
-    part = q.new_empty(*shape, dim, dtype=torch.float32).permute(*order, 4)
-    lse = q.new_empty(shape, dtype=torch.float32).permute(order)
+    out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
+    part = q.new_empty(batch, kv_heads, parts, rows, dim, dtype=torch.float32)
+    lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
     one_slice = parts == 1 and not MERGE_ALWAYS
     overlap = pdl.enabled(q)
     while block_m >= FEW_ROWS:  # a tile the device refuses halves; past FEW_ROWS, SDPA
@@ -224,52 +219,26 @@ def launch_slices(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor,
                     group, chunk, dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m,
                     BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32, ONE_SLICE=one_slice,
                     PDL=overlap, num_warps=NUM_WARPS, launch_pdl=overlap)
-                return () if one_slice else (part, lse)
+                break
             except OutOfResources:  # raised before anything is launched
                 _REFUSED.add(refused)
         block_m //= 2
-    return None
-
-
-def new_output(q: Tensor) -> Tensor:
-    """``[B, H, T, D]``, laid out ``[B, T, H, D]``."""
-    batch, heads, length, dim = q.shape
-    return q.new_empty(batch, length, heads, dim).transpose(1, 2)
-
-
-@torch.library.custom_op("tidar::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of ``q`` ``[B, H, T, D]`` over the cache ``k, v`` ``[B, Hkv, S, D]`` where the
-    boolean ``mask`` ``[B, 1, T, S]`` is True. Returns ``[B, H, T, D]``, laid out as
-    ``[B, T, H, D]`` so that merging the heads afterwards is a view.
-
-    An opaque custom op: compiled blocks call it as an external kernel (inductor 2.11 failed
-    to schedule these kernels inlined through ``triton_op`` at some shapes), and the
-    engine's CUDA graphs capture its one or two launches. A row tile the device refuses
-    (shared memory) halves; where even 16 rows are refused, SDPA computes it."""
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out = new_output(q)
-    slices = launch_slices(q, k, v, mask, out)
-    if slices is None:
+    else:
         from .model import dense_attention  # the model imports this module
 
         return out.copy_(dense_attention(q, k, v, mask))
-    if not slices:
+    if one_slice:
         return out
-    part, lse = slices
-    batch, heads, length, dim = q.shape
-    kv_heads, parts, rows = part.shape[1:4]
     merge_rows, merge_step = merge_plan(rows, parts, dim)
-    overlap = pdl.enabled(q)
     _merge_kernel[(-(-rows // merge_rows), batch * kv_heads)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-        out.stride(2), length, rows, kv_heads, heads // kv_heads, parts, HEAD_DIM=dim,
-        BLOCK_M=merge_rows, BLOCK_P=merge_step, PDL=overlap, launch_pdl=overlap)
+        out.stride(2), length, rows, kv_heads, group, parts, HEAD_DIM=dim, BLOCK_M=merge_rows,
+        BLOCK_P=merge_step, PDL=overlap, launch_pdl=overlap)
     return out
 
 
 @decode_attention.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return new_output(q)
-
+    batch, heads, length, dim = q.shape
+    return q.new_empty(batch, length, heads, dim).transpose(1, 2)

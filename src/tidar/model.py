@@ -370,12 +370,6 @@ class Attention(nn.Module):
             # The AR step: RoPE and the cache writes in the projection's kernel.
             q = decode_qkv.decode_qkv(rows, qkv.weight, norm.weight, qkv.bias, norm.eps,
                                       cos, sin, *kv, slots, cfg.n_heads)
-            mask = masks[self.window]
-            if (out.matvec and isinstance(mask, Tensor) and dense_attention_kernel(q, kv[0]) ==
-                    "triton" and decode_matvec.folds_merge(q, out.weight)):
-                k, v = (t.to(q.dtype) for t in kv)
-                return decode_matvec.decode_attention_out(q, k, v, mask, out.weight, out.bias,
-                                                          rows).view_as(x)
             return fused(self.attend_heads(q, *kv, masks), out, residual=x)
         q, k, v = fused(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
         return fused(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
