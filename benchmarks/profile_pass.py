@@ -4,14 +4,20 @@ blocks (batch 1, SmolLM2 shape).
 
     python benchmarks/profile_pass.py --context 1024
     python benchmarks/profile_pass.py --compiled-only
+    python benchmarks/profile_pass.py --compiled-only --ar-only \
+        --kernel-settings engine NARROW_OUTPUTS=16
+
+``--kernel-settings`` profiles each setting of the decode kernels' constants in turn
+(``common.kernel_settings``), each compiled afresh.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
-from common import format_profile, profile_cuda, smollm2_shaped, write_json
+from common import format_profile, kernel_settings, profile_cuda, smollm2_shaped, write_json
 
 from tidar.engine import DecodeConfig, Engine
 
@@ -32,18 +38,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--compiled-only", action="store_true", help="skip the eager blocks")
+    ap.add_argument("--ar-only", action="store_true", help="profile the AR step alone")
+    ap.add_argument("--kernel-settings", nargs="+", default=["engine"],
+                    help="NAME=VALUE,... (see common.kernel_settings), one profile each")
     args = ap.parse_args()
     model = smollm2_shaped()
     report = {"device": torch.cuda.get_device_name(), "context": args.context}
     kinds = ["compiled"] if args.compiled_only else ["eager", "compiled"]
-    for kind in kinds:
-        engine = Engine(model, cuda_graphs=False, compile=kind == "compiled")
-        for label, cfg in {"ar": DecodeConfig(sampler="ar"),
-                           "lossless_b16_one_block": DecodeConfig(block_size=16, proposals=(0,)),
-                           "lossless_b16_full": DecodeConfig(block_size=16)}.items():
-            table = kernel_table(engine, cfg, args.context)
-            report[f"{kind}/{label}"] = table
-            print(f"== {kind} {label}\n{format_profile(table, 12)}", flush=True)
+    configs = {"ar": DecodeConfig(sampler="ar"),
+               "lossless_b16_one_block": DecodeConfig(block_size=16, proposals=(0,)),
+               "lossless_b16_full": DecodeConfig(block_size=16)}
+    if args.ar_only:
+        configs = {"ar": configs["ar"]}
+    for spec, kind in itertools.product(args.kernel_settings, kinds):
+        torch._dynamo.reset()  # compile under this setting afresh
+        with kernel_settings(spec):
+            engine = Engine(model, cuda_graphs=False, compile=kind == "compiled")
+            for label, cfg in configs.items():
+                table = kernel_table(engine, cfg, args.context)
+                name = f"{kind}/{label}" + ("" if spec == "engine" else f" {spec}")
+                report[name] = table
+                print(f"== {name}\n{format_profile(table, 12)}", flush=True)
     write_json("profile_pass.json", report)
 
 
