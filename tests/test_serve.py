@@ -240,7 +240,7 @@ def test_a_taken_port_is_one_line(capsys):
 
 @pytest.mark.parametrize("flags", [["--port", "-1"], ["--port", "70000"],
                                    ["--max-batch", "0"], ["--batch-window", "-1"],
-                                   ["--batch-rows", "0"], ["--batch-rows", "9"],
+                                   ["--batch-rows", "0"], ["--batch-rows", "3", "--max-batch", "2"],
                                    ["--batch-rows", "2", "--no-join"]])
 def test_a_bad_port_or_batch_setting_is_one_line(capsys, flags):
     code = main(["serve", *flags])

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=8,
+    serve.add_argument("--max-batch", type=int, default=16,
                        help="requests of one configuration decoded together, at most")
     serve.add_argument("--batch-window", type=float, default=5.0,
                        help="milliseconds an idle server waits for more requests before it "

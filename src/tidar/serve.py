@@ -129,7 +129,7 @@ class Server:
     """The decoding thread and the replies around it."""
 
     def __init__(self, decoder: Decoder, name: str, tuner: dict | None = None,
-                 max_batch: int = 8, window: float = 0.005, join: bool = True,
+                 max_batch: int = 16, window: float = 0.005, join: bool = True,
                  batch_rows: int = 1, start: bool = True):
         self.decoder, self.name, self.tuner, self.max_batch = decoder, name, tuner, max_batch
         self.window = window  # seconds an idle thread waits for more requests
