@@ -242,7 +242,11 @@ def test_a_taken_port_is_one_line(capsys):
                                    ["--max-batch", "0"], ["--batch-window", "-1"],
                                    ["--batch-rows", "0"], ["--batch-rows", "3", "--max-batch", "2"],
                                    ["--batch-rows", "2", "--no-join"]])
-def test_a_bad_port_or_batch_setting_is_one_line(capsys, flags):
+def test_a_bad_port_or_batch_setting_is_one_line(capsys, monkeypatch, flags):
+    def load_decoder(*args, **kwargs):  # a flag that passed would start a server here
+        raise AssertionError(f"serve {flags} went on to load its model")
+
+    monkeypatch.setattr("tidar.generate.load_decoder", load_decoder)
     code = main(["serve", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and flags[0] in err[0]
