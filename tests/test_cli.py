@@ -181,3 +181,15 @@ def test_tuner_summary_in_words():
         "(pass costs measured for 1, 32, 48 queries)")
     ar = drafting | {"choice": "ar", "block_size": 1, "proposals": 0, "shapes_measured": [1]}
     assert tuner_summary(ar).startswith("ar (no drafting setting was expected to beat it by 10%")
+
+
+def test_help_lists_defaults(capsys):
+    """Options show their defaults (0 included), once, and none where there is none."""
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at most (default: 16)" in text and "--port PORT (default: 8000)" in text
+    assert "--seed SEED (default: 0)" in text and text.count("(default: True)") == 1
+    assert "--drafter DRAFTER drafter checkpoint from `tidar convert` (default: the" in text
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -9,7 +9,37 @@ import time
 from .errors import TidarError
 
 
+def _shown(default) -> bool:
+    """Whether help lists this default: not for no value, a flag's off, a suppressed one or
+    an empty list (by identity, so that 0 is listed)."""
+    if isinstance(default, (list, tuple)) and not default:
+        return False
+    return not any(default is hidden for hidden in (None, False, argparse.SUPPRESS))
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless the help names it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and _shown(action.default) and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """As argparse's, with an option that has a default but no help still listed with
+        its default."""
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings and _shown(action.default):
+            action.help = "(default: %(default)s)"
+        return action
+
     def error(self, message: str):  # one line, not usage plus a line
         raise TidarError(message)
 
