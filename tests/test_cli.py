@@ -184,7 +184,8 @@ def test_tuner_summary_in_words():
 
 
 def test_help_lists_defaults(capsys):
-    """Options show their defaults (0 included), once, and none where there is none."""
+    """Options show their defaults (0 included, lists as typed), once, and none where there
+    is none."""
     with pytest.raises(SystemExit) as done:
         main(["serve", "--help"])
     assert done.value.code == 0
@@ -193,3 +194,6 @@ def test_help_lists_defaults(capsys):
     assert "--seed SEED (default: 0)" in text and text.count("(default: True)") == 1
     assert "--drafter DRAFTER drafter checkpoint from `tidar convert` (default: the" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):
+        main(["data", "code", "--help"])
+    assert "(default: .py .md .rst)" in " ".join(capsys.readouterr().out.split())

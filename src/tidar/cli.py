@@ -17,13 +17,20 @@ def _shown(default) -> bool:
     return not any(default is hidden for hidden in (None, False, argparse.SUPPRESS))
 
 
+def _default_text(default) -> str:
+    """``(default: X)`` for help, a list's values spaced as one types them (% escaped for
+    argparse's formatting)."""
+    value = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    return f"(default: {value})".replace("%", "%%")
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Help that shows each option's default, unless the help names it already."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.option_strings and _shown(action.default) and "default" not in text:
-            text += (" " if text else "") + "(default: %(default)s)"
+            text += (" " if text else "") + _default_text(action.default)
         return text
 
 
@@ -37,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
         its default."""
         action = super().add_argument(*args, **kwargs)
         if action.help is None and action.option_strings and _shown(action.default):
-            action.help = "(default: %(default)s)"
+            action.help = _default_text(action.default)
         return action
 
     def error(self, message: str):  # one line, not usage plus a line
