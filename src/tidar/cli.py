@@ -9,42 +9,25 @@ import time
 from .errors import TidarError
 
 
-def _shown(default) -> bool:
-    """Whether help lists this default: not for no value, a flag's off, a suppressed one or
-    an empty list (by identity, so that 0 is listed)."""
-    if isinstance(default, (list, tuple)) and not default:
-        return False
-    return not any(default is hidden for hidden in (None, False, argparse.SUPPRESS))
-
-
-def _default_text(default) -> str:
-    """``(default: X)`` for help, a list's values spaced as one types them (% escaped for
-    argparse's formatting)."""
-    value = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+def _default_text(default) -> str | None:
+    """``(default: X)`` for an option's help, a list's values spaced as one types them (%
+    escaped for argparse's formatting); None where there is nothing to show: no value, a
+    flag's off, an empty list (by identity, so that 0 is shown)."""
+    listed = isinstance(default, (list, tuple))
+    if (listed and not default) or any(default is h for h in (None, False, argparse.SUPPRESS)):
+        return None
+    value = " ".join(map(str, default)) if listed else default
     return f"(default: {value})".replace("%", "%%")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Help that shows each option's default, unless the help names it already."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.option_strings and _shown(action.default) and "default" not in text:
-            text += (" " if text else "") + _default_text(action.default)
-        return text
-
-
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
     def add_argument(self, *args, **kwargs) -> argparse.Action:
-        """As argparse's, with an option that has a default but no help still listed with
-        its default."""
+        """As argparse's, with the option's default added to its help unless the help names
+        it already."""
         action = super().add_argument(*args, **kwargs)
-        if action.help is None and action.option_strings and _shown(action.default):
-            action.help = _default_text(action.default)
+        shown = _default_text(action.default) if action.option_strings else None
+        if shown and "default" not in (action.help or ""):
+            action.help = f"{action.help} {shown}" if action.help else shown
         return action
 
     def error(self, message: str):  # one line, not usage plus a line
