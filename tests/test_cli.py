@@ -125,6 +125,7 @@ def test_info(default, capsys):
     [
         (["generate", "hi", "--model", "/no/such/model"], "does not exist"),
         (["generate", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--temperature", "nan"], "temperature"),
         (["generate", "hi", "--top-p", "0"], "top-p"),
         (["generate", "hi", "--max-new-tokens", "9000"], "context"),
         (["generate", "hi", "--sampler", "fast"], "invalid choice"),

@@ -579,6 +579,7 @@ def test_data_out_must_not_be_a_file(command, tmp_path):
     ({"num_prompts": 0}, "--num-prompts"),
     ({"greedy_fraction": 1.5}, "--greedy-fraction"),
     ({"temperature": 0.0}, "temperatures"),
+    ({"prompt_temperature": float("nan")}, "temperatures"),
     ({"top_p": 0.0}, "--top-p"),
     ({"prompt_top_p": 5.0}, "--prompt-top-p"),
 ])
@@ -614,6 +615,16 @@ def test_data_code_collects_and_decontaminates(tmp_path, capsys):
     texts = sorted(iter_documents(out, None))
     assert texts == sorted([body, (code / "README.md").read_text()])
     assert "2 files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max-mb", "--shard-mb", "--max-file-kb"])
+@pytest.mark.parametrize("value", ["0", "nan"])
+def test_data_code_sizes_must_be_positive(flag, value, tmp_path):
+    from tidar.synth import run_data
+
+    with pytest.raises(TidarError, match="--max-file-kb must be positive"):
+        run_data(parse(["data", "code", "--out", str(tmp_path / "code"), flag, value,
+                        "--no-decontaminate", "--quiet"]))
 
 
 def test_data_stats(tok, tmp_path, capsys):

@@ -524,6 +524,8 @@ def test_stream_is_lazy():
         dict(sampler="mix", beta=-0.1),
         dict(sampler="mix", beta=1.5),
         dict(sampling=SamplingParams(temperature=-1.0)),
+        dict(sampling=SamplingParams(temperature=float("nan"))),
+        dict(sampling=SamplingParams(temperature=float("inf"))),
         dict(sampling=SamplingParams(temperature=1.0, top_p=0.0)),
         dict(sampling=SamplingParams(temperature=1.0, top_p=1.5)),
         dict(sampling=SamplingParams(temperature=1.0, top_k=-1)),

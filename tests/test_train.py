@@ -175,6 +175,8 @@ def test_resume_reads_a_checkpoint_killed_mid_rename_and_refuses_a_damaged_one(t
         ({"steps": 0}, "positive"),
         ({"lr": -1.0}, "--lr"),
         ({"lr": float("nan")}, "--lr"),
+        ({"lr": float("inf")}, "--lr"),
+        ({"weight_decay": float("nan")}, "--weight-decay"),
         ({"warmup": -1}, "--warmup"),
         ({"eval_every": 0}, "--eval-every"),
         ({"save_every": 0}, "--save-every"),

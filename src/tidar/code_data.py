@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -90,8 +91,8 @@ def collect_code(
 
     from .humaneval import contains_humaneval, humaneval_prompts
 
-    if max_mb <= 0 or shard_mb <= 0:
-        raise TidarError("--max-mb and --shard-mb must be positive")
+    if not all(0 < value < math.inf for value in (max_mb, shard_mb, max_file_kb)):
+        raise TidarError("--max-mb, --shard-mb and --max-file-kb must be positive and finite")
     if decontaminate:
         humaneval_prompts()  # fail now if HumanEval is not installed
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)

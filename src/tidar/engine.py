@@ -17,6 +17,7 @@ replays.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -61,8 +62,8 @@ class DecodeConfig:
         if not 0.0 <= self.beta <= 1.0:
             raise TidarError(f"--beta must be in [0, 1], got {self.beta}")
         p = self.sampling
-        if p.temperature < 0 or not 0.0 < p.top_p <= 1.0 or p.top_k < 0:
-            raise TidarError("need temperature >= 0, 0 < top-p <= 1 and top-k >= 0")
+        if not 0.0 <= p.temperature < math.inf or not 0.0 < p.top_p <= 1.0 or p.top_k < 0:
+            raise TidarError("need a finite temperature >= 0, 0 < top-p <= 1 and top-k >= 0")
         if self.max_new_tokens < 1:
             raise TidarError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.sampler == "ar":

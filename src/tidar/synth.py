@@ -113,8 +113,8 @@ class SynthConfig:
                 raise TidarError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.greedy_fraction <= 1.0:
             raise TidarError(f"--greedy-fraction must be in [0, 1], got {self.greedy_fraction}")
-        if self.temperature <= 0 or self.prompt_temperature <= 0:
-            raise TidarError("sampling temperatures must be positive")
+        if not (0 < self.temperature < math.inf and 0 < self.prompt_temperature < math.inf):
+            raise TidarError("sampling temperatures must be positive and finite")
         for flag, value in (("--top-p", self.top_p), ("--prompt-top-p", self.prompt_top_p)):
             if not 0.0 < value <= 1.0:
                 raise TidarError(f"{flag} must be in (0, 1], got {value}")

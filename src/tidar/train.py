@@ -97,15 +97,15 @@ class TrainConfig:
         for flag, value in counts.items():
             if value < 1:
                 raise TidarError(f"{flag} must be at least 1, got {value}")
-        if not self.lr >= 0 or self.warmup < 0:
+        if not 0 <= self.lr < math.inf or self.warmup < 0:
             raise TidarError(f"need --lr >= 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TidarError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         weights = {"--weight-decay": self.weight_decay, "--alpha": self.alpha,
                    "--router-aux": self.router_aux, "--lora-alpha": self.lora_alpha}
         for flag, value in weights.items():
-            if not value >= 0:
-                raise TidarError(f"{flag} must be >= 0, got {value}")
+            if not 0 <= value < math.inf:
+                raise TidarError(f"{flag} must be a finite number >= 0, got {value}")
         if not self.data:
             raise TidarError("no training data: pass --data SOURCE [SOURCE ...]")
         if Path(self.out).exists() and not Path(self.out).is_dir():
