@@ -118,22 +118,30 @@ def format_profile(table: dict, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def event_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of one call of ``fn()`` over ``repeats`` calls timed with CUDA events,
+    after ``warmup`` untimed calls."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
 def graph_seconds(fn, calls: int, repeats: int = 20) -> float:
     """Seconds per call of ``fn()`` inside a CUDA graph of ``calls`` calls: median replay time
     over ``repeats`` replays, divided by the calls (launch gaps included, as in a captured
     decode pass). The calls run twice on a side stream first (``tidar.engine.captured``:
     compilation, allocator)."""
-    import statistics
-
     from tidar.engine import captured
 
     replay = captured(lambda: [fn() for _ in range(calls)])
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000 / calls)
-    return statistics.median(times)
+    return event_seconds(replay, repeats, warmup=0) / calls

@@ -18,10 +18,9 @@ a step) come out; compare the bf16 total with the matmul time of the step's prof
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from common import SMOLLM2, write_json
+from common import SMOLLM2, event_seconds, write_json
 
 torch._dynamo.config.recompile_limit = 64  # one compile of each cast per shape
 FP8 = torch.float8_e4m3fn
@@ -54,21 +53,6 @@ def transposed(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).to(FP8).t().contiguous(), scale.t()
 
 
-def seconds(fn, repeats: int, warmup: int = 5) -> float:
-    """Median of ``repeats`` CUDA-event timings of one call of ``fn`` after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
 def time_shape(m: int, k: int, n: int, repeats: int) -> dict[str, float]:
     """Seconds of one shape's three GEMMs in bf16 and FP8, and of the FP8 casts they need."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -99,7 +83,7 @@ def time_shape(m: int, k: int, n: int, repeats: int) -> dict[str, float]:
         "cast_dy": lambda: cast_rows(dy),
         "cast_dy_transposed": lambda: cast_cols(dy),
     }
-    out = {name: seconds(fn, repeats) for name, fn in runs.items()}
+    out = {name: event_seconds(fn, repeats, warmup=5) for name, fn in runs.items()}
     ref = (x @ w.t()).float()
     got = torch._scaled_mm(x8, w8.t(), sx, sw.t(), out_dtype=torch.float32)
     out["forward_relative_error"] = ((got - ref).norm() / ref.norm()).item()

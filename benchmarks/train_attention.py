@@ -29,11 +29,10 @@ warm-up, and each variant's output and gradients are checked against the first o
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
-from common import format_profile, profile_cuda, write_json
+from common import event_seconds, format_profile, profile_cuda, write_json
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from tidar.layouts import flex_block_mask, key_meta, training_layout, visible
@@ -54,20 +53,6 @@ def layout_mask(layout, queries: slice, dtype=torch.long, **kernel):
 
     return create_block_mask(mask_mod, q_h.shape[0], None, q_h.shape[1], kv_p.shape[1],
                              device="cuda", _compile=True, **kernel)
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -173,8 +158,8 @@ def time_variants(variants: dict, inputs, grad_out, repeats: int, results: dict,
                 reference = got
             err = max((a - b).abs().max().item() for a, b in zip(got, reference, strict=True))
             with torch.no_grad():
-                forward = timed(lambda fn=fn: fn(q, k, v), repeats)
-            row = {"forward_ms": 1e3 * forward, "forward_backward_ms": 1e3 * timed(
+                forward = event_seconds(lambda fn=fn: fn(q, k, v), repeats)
+            row = {"forward_ms": 1e3 * forward, "forward_backward_ms": 1e3 * event_seconds(
                 step, repeats), "max_abs_diff_vs_first": err}
             if profile_calls:
                 row["profile"] = profile_cuda(step, profile_calls)
