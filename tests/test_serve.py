@@ -92,12 +92,15 @@ def test_stop_string_ends_the_text(client):
     ("/v1/completions", {"max_tokens": 4}, 422, "missing"),
     ("/v1/chat/completions", {"messages": []}, 422, "at least 1"),
     ("/v1/completions", {"prompt": "x", "beta": 0.5}, 400, "mix sampler"),
+    ("/v1/completions", {"prompt": "x", "temperature": float("inf")}, 400, "finite temperature"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "must not be empty"),
     ("/v1/completions", {"prompt": "hello " * 9000}, 400, "context"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "serves 'smollm2-135m-instruct'"),
 ])
 def test_bad_requests_get_a_clear_error(client, path, request_body, status, message):
-    reply = client.post(path, json=request_body)
+    # json.dumps writes inf as Infinity, which Python's JSON reader (and so FastAPI) takes
+    reply = client.post(path, content=json.dumps(request_body),
+                        headers={"Content-Type": "application/json"})
     assert reply.status_code == status
     assert message in reply.text
 

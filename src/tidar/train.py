@@ -98,7 +98,8 @@ class TrainConfig:
             if value < 1:
                 raise TidarError(f"{flag} must be at least 1, got {value}")
         if not 0 <= self.lr < math.inf or self.warmup < 0:
-            raise TidarError(f"need --lr >= 0 and --warmup >= 0, got {self.lr} and {self.warmup}")
+            raise TidarError(f"need a finite --lr >= 0 and --warmup >= 0, got {self.lr} and "
+                             f"{self.warmup}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TidarError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         weights = {"--weight-decay": self.weight_decay, "--alpha": self.alpha,
