@@ -6,10 +6,10 @@
 Full mode trains every weight on the doubled row (``2 * seq_len`` rows a sequence), so each
 linear layer runs three GEMMs a step over ``M = batch * 2 * seq_len`` rows: forward
 ``x @ W.T``, the input's gradient ``dy @ W`` and the weight's gradient ``dy.T @ x``. The
-head runs the same three over 4,096-row chunks (``tidar.losses``). FP8 needs its operands
-cast first, with a scale per row of the reduced dimension; for the weight's gradient that
-means transposed copies of ``x`` and ``dy``. The casts are timed as standalone compiled
-kernels, an upper bound: fused into the kernels that produce ``x`` and ``dy`` they would
+head runs the same three over chunks of ``tidar.losses.CHUNK_ROWS`` rows (4,096). FP8 needs
+its operands cast first, with a scale per row of the reduced dimension; for the weight's
+gradient that means transposed copies of ``x`` and ``dy``. The casts are timed as standalone
+compiled kernels, an upper bound: fused into the kernels that produce ``x`` and ``dy`` they would
 cost less. A GEMM's FP8 time, its casts' time and the step totals (times each shape's count
 a step) come out; compare the bf16 total with the matmul time of the step's profile
 (``train_throughput.py --profile 2``, section 4 of docs/results.md).
@@ -22,10 +22,11 @@ import argparse
 import torch
 from common import SMOLLM2, event_seconds, write_json
 
+from tidar.losses import CHUNK_ROWS
+
 torch._dynamo.config.recompile_limit = 64  # one compile of each cast per shape
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
-HEAD_CHUNK = 4096
 
 
 def layer_shapes(rows: int) -> list[tuple[str, int, int, int, int]]:
@@ -37,7 +38,7 @@ def layer_shapes(rows: int) -> list[tuple[str, int, int, int, int]]:
               ("o", hidden, hidden, layers), ("gate", hidden, inter, layers),
               ("up", hidden, inter, layers), ("down", inter, hidden, layers)]
     out = [(name, rows, k, n, count) for name, k, n, count in shapes]
-    out.append(("head", HEAD_CHUNK, hidden, SMOLLM2["vocab_size"], rows // HEAD_CHUNK))
+    out.append(("head", CHUNK_ROWS, hidden, SMOLLM2["vocab_size"], rows // CHUNK_ROWS))
     return out
 
 

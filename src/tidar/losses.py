@@ -36,6 +36,9 @@ def _loss_and_grad(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return _compiled(logits, labels)
 
 
+CHUNK_ROWS = 4096  # rows of logits a chunk of the cross-entropy computes at once
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
@@ -66,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
-                         chunk: int = 4096) -> Tensor:
+                         chunk: int = CHUNK_ROWS) -> Tensor:
     """``sum over rows of CE(hidden @ weight.T, labels)``, float32, in chunks of rows.
 
     Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would.
