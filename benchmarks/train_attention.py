@@ -3,6 +3,8 @@ over the whole doubled row (as training runs it) against variants (SmolLM2-135M 
 
     python benchmarks/train_attention.py --batch 64 --seq-len 512
     python benchmarks/train_attention.py --batch 128 --layouts frozen
+    python benchmarks/train_attention.py --batch 128 --layouts doubled \
+        --variants flex flex_tuned_64 flash_128
 
 Variants:
 
@@ -13,7 +15,9 @@ Variants:
 - ``flex_tuned``, ``split_tuned``: ``flex`` and ``split`` with flex_attention's tiles
   autotuned, as ``tidar convert --compile`` runs full mode (``train.ATTENTION_AUTOTUNE``);
 - ``flex_tuned_64``: ``flex_tuned`` over a BlockMask of 64 x 64 tiles (128 x 128 is
-  flex_attention's default), as ``tidar convert --compile`` runs full mode since session 25.
+  flex_attention's default), as ``tidar convert --compile`` runs full mode since session 25;
+- ``flash_128``: ``flex_int32`` on FlashAttention-4's kernels (``kernel_options={"BACKEND":
+  "FLASH"}``, the ``flash-attn-4`` package) over the 128 x 128 tiles its Hopper kernels take.
 
 And frozen-AR's mask half, its queries over a cache of the clean half (no gradient) and the
 mask half:
@@ -29,6 +33,7 @@ warm-up, and each variant's output and gradients are checked against the first o
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +43,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from tidar.layouts import flex_block_mask, key_meta, training_layout, visible
 from tidar.prefix_attention import PrefixBlockMask, prefix_block_attention
 from tidar.train import ATTENTION_AUTOTUNE, TUNED_FLEX_MASK_BLOCK, mask_half
+
+FLASH = {"BACKEND": "FLASH"}
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -63,6 +70,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--layouts", choices=["doubled", "frozen", "both"], default="both",
                     help="the doubled row's variants, frozen-AR's mask half's, or both")
+    ap.add_argument("--variants", nargs="+", metavar="NAME",
+                    help="time only these of the doubled row's variants (default: all)")
     ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
                     help="also profile this many forward+backward calls of each variant: GPU "
                     "time by kernel")
@@ -80,6 +89,7 @@ def main() -> None:
     grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     flex = torch.compile(flex_attention, dynamic=False)
     flex_tuned = torch.compile(flex_attention, dynamic=False, options=ATTENTION_AUTOTUNE)
+    flex_flash = torch.compile(partial(flex_attention, kernel_options=FLASH), dynamic=False)
     torch._dynamo.config.recompile_limit = 64  # a compilation per variant's mask and options
     everything = slice(None)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -106,15 +116,18 @@ def main() -> None:
     if args.layouts == "frozen":
         write_json("train_attention.json", results)
         return
-    variants = {
-        "flex": whole(layout_mask(layout, everything)),
-        "flex_int32": whole(layout_mask(layout, everything, torch.int32)),
-        "split": split(flex),
-        "flex_tuned": whole(layout_mask(layout, everything), flex_tuned),
-        "split_tuned": split(flex_tuned),
-        "flex_tuned_64": whole(layout_mask(layout, everything, BLOCK_SIZE=TUNED_FLEX_MASK_BLOCK),
-                               flex_tuned),
+    makers = {  # built only when chosen: each mask and tuned kernel costs compile time
+        "flex": lambda: whole(layout_mask(layout, everything)),
+        "flex_int32": lambda: whole(layout_mask(layout, everything, torch.int32)),
+        "split": lambda: split(flex),
+        "flex_tuned": lambda: whole(layout_mask(layout, everything), flex_tuned),
+        "split_tuned": lambda: split(flex_tuned),
+        "flex_tuned_64": lambda: whole(
+            layout_mask(layout, everything, BLOCK_SIZE=TUNED_FLEX_MASK_BLOCK), flex_tuned),
+        "flash_128": lambda: whole(layout_mask(layout, everything, torch.int32), flex_flash),
     }
+    variants = {name: make() for name, make in makers.items()
+                if args.variants is None or name in args.variants}
     time_variants(variants, (q, k, v), grad_out, args.repeats, results, args.profile)
     write_json("train_attention.json", results)
 

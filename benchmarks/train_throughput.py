@@ -5,9 +5,13 @@
     python benchmarks/train_throughput.py --batch 64 96 128 --compile on
     python benchmarks/train_throughput.py --modes full --batch 128 --autotune-attention off
     python benchmarks/train_throughput.py --modes full --batch 128 --compile on --mask-block 128
+    python benchmarks/train_throughput.py --modes full --batch 128 --compile on \
+        --attention flash triton
 
 Clean tokens per second (the ``L`` tokens of each doubled row) and model FLOPs utilisation.
-Variants (mode, batch, compile) run in one process, each compiled afresh.
+Variants (mode, batch, compile, attention) run in one process, each compiled afresh.
+``--attention flash`` runs flex_attention on FlashAttention-4's kernels (``flash-attn-4``
+installed), ``triton`` on its own.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from tidar.train import TrainConfig, compile_blocks, frozen_to, prepare, tidar_l
 
 
 def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str,
-          lora_rank: int = 64, mask_block: int | None = None):
+          lora_rank: int = 64, mask_block: int | None = None, flash: bool = False):
     """The model and one optimizer step on fresh random rows, as ``tidar convert`` runs it
     (``lora_rank``: frozen-ar's adapters; ``autotune``: flex_attention's tiles, ``auto`` as
-    ``tidar convert`` picks; ``mask_block``: its BlockMasks' tile, None as it picks)."""
+    ``tidar convert`` picks; ``mask_block``: its BlockMasks' tile, None as it picks;
+    ``flash``: flex_attention on FlashAttention-4's kernels)."""
     model = smollm2_shaped(dtype=torch.float32)
     rank = lora_rank if mode == "frozen-ar" else 0
     cfg = TrainConfig(out="", data=["-"], mode=mode, seq_len=seq_len, batch_size=batch,
@@ -38,8 +43,10 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: st
     opt = torch.optim.AdamW([p for _, p in named], lr=1e-4, fused=True)
     if compile_model:
         tune = (uses_flex(model, mode, torch.device("cuda")) if autotune == "auto"
-                else autotune == "on")
+                else autotune == "on") and not flash
         compile_blocks(model, autotune_attention=tune)
+    if flash:  # FlashAttention-4's kernels, over the 128 x 128 mask tiles they take on Hopper
+        model.flex_backend, model.flex_mask_block = "FLASH", 128
     if mask_block:
         model.flex_mask_block = mask_block
     vocab = model.cfg.vocab_size
@@ -58,9 +65,10 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: st
 
 
 def run(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str, steps: int,
-        profile_steps: int, mask_block: int | None = None) -> dict:
+        profile_steps: int, mask_block: int | None = None, attention: str = "triton") -> dict:
     torch._dynamo.reset()  # each variant compiles afresh
-    model, step = build(mode, batch, seq_len, compile_model, autotune, mask_block=mask_block)
+    model, step = build(mode, batch, seq_len, compile_model, autotune, mask_block=mask_block,
+                        flash=attention == "flash")
     times = []
     for i in range(steps + 3):
         torch.cuda.synchronize()
@@ -75,6 +83,7 @@ def run(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: str,
     flops_per_token = (6 if mode == "full" else 4) * 2 * n  # doubled rows; frozen: no weight grads
     result = {"mode": mode, "batch": batch, "seq_len": seq_len, "compile": compile_model,
               "autotune_attention": autotune, "mask_block": model.flex_mask_block,
+              "attention": attention,
               "step_seconds": sec, "clean_tokens_per_second": tok_s,
               "mfu_vs_989tflops": tok_s * flops_per_token / 989e12,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
@@ -96,18 +105,23 @@ def main() -> None:
     ap.add_argument("--mask-block", type=int, choices=[64, 128],
                     help="flex_attention's BlockMask tile (default: as tidar convert picks, 64 "
                     "where the tiles are autotuned; 64 needs them autotuned)")
+    ap.add_argument("--attention", nargs="+", choices=["triton", "flash"], default=["triton"],
+                    help="flex_attention's kernels, each a variant: its own Triton kernels, or "
+                    "FlashAttention-4's (flash-attn-4 installed)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many steps: GPU time by kernel, and GPU-busy share")
     args = ap.parse_args()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
-    for mode, batch, comp in itertools.product(args.modes, args.batch, compiles):
+    for mode, batch, comp, attention in itertools.product(args.modes, args.batch, compiles,
+                                                          args.attention):
         torch.cuda.reset_peak_memory_stats()
         try:
             r = run(mode, batch, args.seq_len, comp, args.autotune_attention, args.steps,
-                    args.profile, args.mask_block)
+                    args.profile, args.mask_block, attention)
         except Exception as exc:  # report and go on: one failing variant must not stop the rest
-            r = {"mode": mode, "batch": batch, "compile": comp, "error": repr(exc)[:300]}
+            r = {"mode": mode, "batch": batch, "compile": comp, "attention": attention,
+                 "error": repr(exc)[:300]}
         rows.append(r)
         print({k: v for k, v in r.items() if k != "profile"}, flush=True)
         write_json("train_throughput.json", rows)  # so far: a later variant may time out

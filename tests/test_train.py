@@ -363,6 +363,29 @@ def test_flex_attention_tiles_are_autotuned_where_training_uses_flex(family, mon
     assert seen[n:] == [None] * n
 
 
+def test_flex_masks_give_the_dense_masks_logits():
+    """The model over ``FlexMask``s (flex_attention, compiled, on the CPU) computes the
+    logits of its dense masks for the doubled training row, sliding windows included; the
+    masks carry the model's kernel choice."""
+    from helpers import tiny_model
+
+    from tidar.layouts import key_meta, training_layout
+
+    for family in ("llama", "mistral"):
+        model = tiny_model(family, vocab=16, seed=0)
+        tokens = torch.randint(0, 16, (2, 24), generator=torch.Generator().manual_seed(0))
+        layout = training_layout(tokens, 4, torch.tensor([0, 3]), model.cfg.mask_id)
+        keys = key_meta(layout)
+        flex = model.masks(layout, keys, flex=True)
+        assert {m.backend for m in flex.values()} == {None}
+        with torch.no_grad():
+            dense_logits = model(layout, masks=model.masks(layout, keys))
+            torch.testing.assert_close(model(layout, masks=flex), dense_logits, rtol=1e-5,
+                                       atol=1e-4)
+        model.flex_backend = "FLASH"
+        assert {m.backend for m in model.masks(layout, keys, flex=True).values()} == {"FLASH"}
+
+
 def test_autocast_keeps_the_residual_stream_in_the_compute_dtype():
     """Full mode on one device keeps float32 weights under bf16 autocast; the hidden states
     between blocks must still be bf16, as under FSDP2's param_dtype (a float32 stream

@@ -412,13 +412,22 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(batch, length, -1)
 
 
+class FlexMask(NamedTuple):
+    """A flex_attention ``BlockMask`` and the kernels its calls run: ``backend`` None for
+    flex_attention's own (Triton), ``"FLASH"`` for FlashAttention-4's (the ``flash-attn-4``
+    package, Hopper and later)."""
+
+    block_mask: object
+    backend: str | None = None
+
+
 _compiled_flex = None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """Attention with a dense boolean mask (the kernel ``dense_attention_kernel`` picks),
     causal over the first keys, frozen-AR training's mask half (``PrefixBlockMask``), or
-    flex_attention with a BlockMask (compiled once)."""
+    flex_attention over a ``FlexMask`` (compiled once)."""
     if isinstance(mask, PrefixBlockMask):
         return prefix_block_attention(q, k, v, mask)
     if isinstance(mask, CausalMask):
@@ -435,7 +444,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
         from torch.nn.attention.flex_attention import flex_attention
 
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=True)
+    options = None if mask.backend is None else {"BACKEND": mask.backend}
+    return _compiled_flex(q, k, v, block_mask=mask.block_mask, enable_gqa=True,
+                          kernel_options=options)
 
 
 def dense_attention_kernel(q: Tensor, k: Tensor) -> str:
@@ -616,6 +627,7 @@ class Transformer(nn.Module):
         # flex_attention BlockMasks' tile; compiled blocks whose attention tiles are
         # autotuned set a smaller one (``train.compile_blocks``).
         self.flex_mask_block = FLEX_MASK_BLOCK
+        self.flex_backend: str | None = None  # FlexMask.backend of the masks it builds
 
     @contextmanager
     def decode_weights(self):
@@ -655,10 +667,11 @@ class Transformer(nn.Module):
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
     def masks(self, layout: Layout, keys: KeyMeta, flex: bool = False) -> dict:
-        """One mask per distinct attention window: dense, or flex BlockMasks."""
+        """One mask per distinct attention window: dense, or ``FlexMask``s."""
         windows = set(self.cfg.sliding_windows or [None])
         if flex:
-            return {w: flex_block_mask(layout, keys, w, self.flex_mask_block) for w in windows}
+            return {w: FlexMask(flex_block_mask(layout, keys, w, self.flex_mask_block),
+                                self.flex_backend) for w in windows}
         return {w: dense_mask(layout, keys, w) for w in windows}
 
     def forward(
