@@ -4,7 +4,7 @@ over the whole doubled row (as training runs it) against variants (SmolLM2-135M 
     python benchmarks/train_attention.py --batch 64 --seq-len 512
     python benchmarks/train_attention.py --batch 128 --layouts frozen
     python benchmarks/train_attention.py --batch 128 --layouts doubled \
-        --variants flex flex_tuned_64 flash_128
+        --variants flex_tuned_64 flash_128
 
 Variants:
 
@@ -109,13 +109,6 @@ def main() -> None:
             return torch.cat([clean, rest], dim=2)
         return run
 
-    if args.layouts in ("frozen", "both"):
-        inputs = (q[:, :, length:], k[:, :, length:], v[:, :, length:])
-        time_variants(frozen_variants(layout, length, args.block_size, offsets, flex), inputs,
-                      grad_out[:, :, length:], args.repeats, results, args.profile)
-    if args.layouts == "frozen":
-        write_json("train_attention.json", results)
-        return
     makers = {  # built only when chosen: each mask and tuned kernel costs compile time
         "flex": lambda: whole(layout_mask(layout, everything)),
         "flex_int32": lambda: whole(layout_mask(layout, everything, torch.int32)),
@@ -126,6 +119,17 @@ def main() -> None:
             layout_mask(layout, everything, BLOCK_SIZE=TUNED_FLEX_MASK_BLOCK), flex_tuned),
         "flash_128": lambda: whole(layout_mask(layout, everything, torch.int32), flex_flash),
     }
+    unknown = set(args.variants or ()) - makers.keys()
+    if unknown:
+        ap.error(f"unknown --variants {', '.join(sorted(unknown))}; the doubled row's are "
+                 f"{', '.join(makers)}")
+    if args.layouts in ("frozen", "both"):
+        inputs = (q[:, :, length:], k[:, :, length:], v[:, :, length:])
+        time_variants(frozen_variants(layout, length, args.block_size, offsets, flex), inputs,
+                      grad_out[:, :, length:], args.repeats, results, args.profile)
+    if args.layouts == "frozen":
+        write_json("train_attention.json", results)
+        return
     variants = {name: make() for name, make in makers.items()
                 if args.variants is None or name in args.variants}
     time_variants(variants, (q, k, v), grad_out, args.repeats, results, args.profile)
