@@ -45,8 +45,8 @@ def build(mode: str, batch: int, seq_len: int, compile_model: bool, autotune: st
         tune = (uses_flex(model, mode, torch.device("cuda")) if autotune == "auto"
                 else autotune == "on") and not flash
         compile_blocks(model, autotune_attention=tune)
-    if flash:  # FlashAttention-4's kernels, over the 128 x 128 mask tiles they take on Hopper
-        model.flex_backend, model.flex_mask_block = "FLASH", 128
+    if flash:  # untuned, the masks keep the default 128 x 128 tiles, which its Hopper kernels take
+        model.flex_backend = "FLASH"
     if mask_block:
         model.flex_mask_block = mask_block
     vocab = model.cfg.vocab_size
