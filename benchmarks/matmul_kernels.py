@@ -46,11 +46,12 @@ def plain_op(name: str, start: int, width: int):
 def fused_op(name: str, rows: int, width: int, tile: tuple[int, int, int] | None,
              overlap: bool = True):
     """``decode_matmul`` for the op ``name`` at ``tile`` (rows, outputs, warps: twice as
-    many past 1,024 inputs) or, with None, the module's own; ``overlap`` False launches it
-    without PDL."""
+    many past 1,024 inputs; the small tile's settings, at any row count) or, with None, the
+    module's own (past ``MAX_PASS_ROWS`` its wide tile where the projection takes it);
+    ``overlap`` False launches it without PDL."""
     norm, residual, swiglu = "norm" in name, "residual" in name, "SwiGLU" in name
     settings = [] if tile is None else [
-        "ROWS_PER_BLOCK={},OUTPUTS_PER_BLOCK={},WARPS={}".format(*tile)]
+        "MAX_PASS_ROWS=4096,ROWS_PER_BLOCK={},OUTPUTS_PER_BLOCK={},WARPS={}".format(*tile)]
     settings += [] if overlap else ["PDL=False"]
 
     def run(x, w, g, r):

@@ -30,6 +30,8 @@ one process, against the AR step's floors.
         --kernel-settings engine ENABLED=True --rounds 2
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
         --kernel-settings engine ONE_HEAD_MAX_ROWS=0 --rounds 2
+    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 144 272 \
+        --adapters 48 --kernel-settings engine MAX_WIDE_ROWS=0 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
@@ -61,6 +63,7 @@ import torch
 from common import SMOLLM2, graph_seconds, kernel_settings, smollm2_shaped, write_json
 from profile_pass import kernel_table
 
+from tidar.drafter import add_row_lora
 from tidar.engine import COMPILE_OPTIONS, DecodeConfig, Engine
 from tidar.tuner import pass_shapes
 
@@ -219,6 +222,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="compile and time the variants this many times, in turn")
     ap.add_argument("--ar-only", action="store_true", help="time the AR step alone")
+    ap.add_argument("--adapters", type=int, default=0, metavar="RANK",
+                    help="random mask-row adapters of this rank on every projection, as a "
+                    "frozen-AR drafter has (its passes then read stacked weights); 0: none")
     ap.add_argument("--queries", type=int, nargs="+",
                     help="time only these pass shapes (queries per row; default all)")
     ap.add_argument("--single-replays", action="store_true",
@@ -229,6 +235,12 @@ def main() -> None:
     if args.ar_only:
         args.queries = [1]
     model = smollm2_shaped()
+    if args.adapters:
+        add_row_lora(model, args.adapters, alpha=2 * args.adapters)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        model.to(device="cuda", dtype=torch.bfloat16)
     b = args.block_size
     engines = {}
     for attention, fuse, inductor, scope, slots, short, kernel in itertools.product(
@@ -245,12 +257,13 @@ def main() -> None:
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     kv_per_token = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
     floor_bytes = params * 2 + kv_per_token * args.context
     per_kernel = graph_kernel_seconds()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "context": args.context, "block_size": b, "params": params,
+               "context": args.context, "block_size": b, "adapters_rank": args.adapters,
+               "params": params,
                "memory_floor_ms": 1e3 * floor_bytes / args.bandwidth,
                "bandwidth_bytes_per_s": args.bandwidth,
                "graph_kernel_us": 1e6 * per_kernel, "variants": {}}

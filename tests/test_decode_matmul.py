@@ -55,8 +55,33 @@ def plain(x, weight, norm_weight, bias, residual, swiglu, length, start, adapted
 ])
 def test_matches_the_plain_expressions(dtype, sequences, length, start, use_norm, use_bias,
                                        swiglu, use_residual):
+    check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swiglu,
+                        use_residual, inputs=40, outputs=24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("use_norm", "use_bias", "use_residual"), [
+    (True, False, False),  # q/k/v
+    (False, True, True),   # o, residual added
+])
+def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual, monkeypatch):
+    """Past ``MAX_PASS_ROWS`` (lowered here) q/k/v and o take the wide tile, here two tiles
+    of outputs (the second cut short) and each sequence's mask rows over several row tiles;
+    gate/up (SwiGLU) keeps the small tile."""
+    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
+    rows, inputs = 2 * 40, 48
+    wide_rows = decode_matmul.WIDE_NORMED_ROWS if use_norm else decode_matmul.WIDE_ROWS
+    assert decode_matmul.tile(rows, inputs, False, use_norm, dtype.itemsize) == (
+        wide_rows, decode_matmul.WIDE_OUTPUTS, decode_matmul.WARPS)
+    assert decode_matmul.tile(rows, inputs, True, True, dtype.itemsize)[:2] == (
+        decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK)
+    check_against_plain(dtype, 2, 40, 7, use_norm, use_bias, False, use_residual,
+                        inputs=inputs, outputs=decode_matmul.WIDE_OUTPUTS + 16)
+
+
+def check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swiglu,
+                        use_residual, inputs, outputs):
     gen = torch.Generator().manual_seed(sequences * 100 + length + start)
-    inputs, outputs = 40, 24
     width = 2 * outputs if swiglu else outputs
     stacked = start < length
     rows = sequences * length
@@ -130,9 +155,46 @@ def test_drafting_with_fused_matmuls_gives_the_same_tokens(matmuls_on_cpu, monke
 def test_thread_blocks_that_overflow_shared_memory_are_counted():
     """The H100 refused SmolLM2's gate/up (576 inputs) in float32: 294,912 bytes of shared
     memory against 232,448 a thread block may have (session 28), so ``supported`` leaves it
-    to the plain layers. Its gate/up and down (1,536 inputs) in bfloat16 ran there."""
+    to the plain layers. Its gate/up and down (1,536 inputs) in bfloat16 ran there. The
+    wide tile's outputs halve to fit: q/k/v and o (576 inputs) keep 64 in bfloat16, 32 in
+    float32."""
     limit = 232448
     assert decode_matmul.shared_bytes(576, True, 4) == 294912
     assert decode_matmul.shared_bytes(576, True, 2) <= limit
     assert decode_matmul.shared_bytes(1536, False, 2) <= limit
     assert decode_matmul.shared_bytes(1536, False, 4) > limit
+    assert decode_matmul.tile(272, 576, False, True, 2, limit)[1] == 64
+    assert decode_matmul.tile(272, 576, False, True, 4, limit)[1] == 32
+
+
+def test_wide_passes_are_taken_by_the_narrow_projections_without_swiglu(monkeypatch):
+    """SmolLM2's shapes at 272 rows (the full proposal set at batch 1): q/k/v and o go to
+    the kernel, gate/up (SwiGLU) and down (1,536 inputs) stay plain, and past
+    ``MAX_WIDE_ROWS`` every projection does."""
+    monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
+    wide = decode_matmul.MAX_WIDE_ROWS
+
+    def taken(rows, outputs, inputs, swiglu=False):
+        return decode_matmul.supported(torch.zeros(rows, inputs), torch.zeros(outputs, inputs),
+                                       swiglu)
+
+    assert taken(272, 960, 576) and taken(272, 576, 576)
+    assert not taken(272, 3072, 576, swiglu=True) and not taken(272, 576, 1536)
+    assert taken(96, 3072, 576, swiglu=True) and taken(96, 576, 1536)
+    assert not taken(wide + 1, 960, 576)
+
+
+def test_a_wide_drafting_pass_fuses_q_k_v_and_o_alone(matmuls_on_cpu, monkeypatch):
+    """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and gate/up
+    and down as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as
+    SmolLM2's down has more inputs than it), with the plain layers' logits, with mask-row
+    adapters (stacked weights)."""
+    model = with_row_lora(tiny_model("llama", vocab=8, seed=3))
+    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 0)
+    monkeypatch.setattr(decode_matmul, "WIDE_MAX_INPUTS", model.cfg.dim)
+    with monkeypatch.context() as plain_only:
+        plain_only.setattr(decode_matmul, "DEVICES", ())
+        expected = drafting_pass_logits(model)
+    matmuls_on_cpu.clear()
+    torch.testing.assert_close(drafting_pass_logits(model), expected, atol=1e-4, rtol=1e-4)
+    assert len(matmuls_on_cpu) == 2 * model.cfg.n_layers

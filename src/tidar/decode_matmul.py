@@ -1,5 +1,6 @@
 """Matmuls for drafting passes: ``decode_matvec``'s fusions for tens to hundreds of rows, as a
-Triton kernel on tensor cores (GPU only), for passes of at most ``MAX_PASS_ROWS`` rows.
+Triton kernel on tensor cores (GPU only), for passes of at most ``MAX_PASS_ROWS`` rows, and
+the narrow projections without SwiGLU (q/k/v, o) of passes up to ``MAX_WIDE_ROWS`` rows.
 
 A drafting pass at small batch has 32-272 rows a sequence, still far too few for a GEMM to be
 compute-bound: its projections ran as cuBLAS GEMMs of 3-4 us with the RMSNorm, the mask rows'
@@ -34,6 +35,17 @@ MAX_WIDTH = 4096  # inputs at most: the whole input row is one tile
 ROWS_PER_BLOCK = 16  # tl.dot needs 16
 OUTPUTS_PER_BLOCK = 32
 WARPS = 4  # twice as many past 1,024 inputs
+# Past MAX_PASS_ROWS the small tile reads each weight tile once per 16 rows and loses to
+# cuBLAS. Tiles of 64 outputs win back q/k/v (16 rows, normalised in the tile) and o (32
+# rows) at 128-272 rows, not gate/up or down (H100, session 34, benchmarks/matmul_kernels.py:
+# 272 rows 8.29 -> 5.10 and 5.92 -> 3.44 us a call over stacked weights; the pass with a
+# drafter's adapters 1-6% faster, without adapters a tie: docs/results.md section 2). Those
+# projections (no SwiGLU, at most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows.
+MAX_WIDE_ROWS = 288
+WIDE_MAX_INPUTS = 1024
+WIDE_NORMED_ROWS = 16
+WIDE_ROWS = 32
+WIDE_OUTPUTS = 64  # halved while a thread block would take more shared memory than it may
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
@@ -148,25 +160,49 @@ def widths(inputs: int) -> tuple[int, int]:
     return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
 
 
-def shared_bytes(inputs: int, swiglu: bool, itemsize: int) -> int:
-    """Shared memory a thread block takes: twice its weight tiles (gate and up with SwiGLU),
-    as Triton lays them out for ``tl.dot`` (the count matches the 294,912 bytes the H100
-    reported for SmolLM2's gate/up in float32)."""
+def shared_bytes(inputs: int, swiglu: bool, itemsize: int,
+                 outputs: int = OUTPUTS_PER_BLOCK) -> int:
+    """Shared memory a thread block of ``outputs`` takes: twice its weight tiles (gate and up
+    with SwiGLU), as Triton lays them out for ``tl.dot`` (the count matches the 294,912 bytes
+    the H100 reported for SmolLM2's gate/up in float32)."""
     main, rest = widths(inputs)
-    return 2 * OUTPUTS_PER_BLOCK * (main + rest) * (2 if swiglu else 1) * itemsize
+    return 2 * outputs * (main + rest) * (2 if swiglu else 1) * itemsize
+
+
+def _shared_limit(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def tile(rows: int, inputs: int, swiglu: bool, norm: bool, itemsize: int,
+         limit: int | None = None) -> tuple[int, int, int]:
+    """(rows, outputs, warps) of a thread block: the wide tile past ``MAX_PASS_ROWS`` rows
+    for a projection that may take it, its outputs halved (down to ``OUTPUTS_PER_BLOCK``)
+    while it would take more than ``limit`` bytes of shared memory; else the small tile."""
+    if rows > MAX_PASS_ROWS and not swiglu and inputs <= WIDE_MAX_INPUTS:
+        block_m, block_n = WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS
+        while (limit is not None and block_n > OUTPUTS_PER_BLOCK
+               and shared_bytes(inputs, swiglu, itemsize, block_n) > limit):
+            block_n //= 2
+    else:
+        block_m, block_n = ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK
+    return block_m, block_n, WARPS if inputs <= 1024 else 2 * WARPS
 
 
 def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
-    """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows and ``MAX_WIDTH`` inputs, on
-    CUDA (``decode_matvec.fits``), whose thread blocks fit the GPU's shared memory by
+    """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows (``MAX_WIDE_ROWS`` for the
+    projections that take the wide tile) and ``MAX_WIDTH`` inputs, on CUDA
+    (``decode_matvec.fits``), whose thread blocks fit the GPU's shared memory by
     ``shared_bytes`` (SmolLM2's gate/up and down do not in float32; Triton's interpreter has
     no such limit)."""
-    if not fits(x, weight, DEVICES, MAX_PASS_ROWS, MAX_WIDTH):
+    inputs = weight.shape[-1]
+    wide = not swiglu and inputs <= WIDE_MAX_INPUTS
+    if not fits(x, weight, DEVICES, MAX_WIDE_ROWS if wide else MAX_PASS_ROWS, MAX_WIDTH):
         return False
     if x.device.type != "cuda":
         return True
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    return shared_bytes(weight.shape[-1], swiglu, x.element_size()) <= limit
+    limit = _shared_limit(x.device)
+    outputs = tile(x.shape[0], inputs, swiglu, False, x.element_size(), limit)[1]  # norm: rows
+    return shared_bytes(inputs, swiglu, x.element_size(), outputs) <= limit
 
 
 @torch.library.custom_op("tidar::decode_matmul", mutates_args=())
@@ -184,16 +220,18 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     out = new_output(x, weight, swiglu, adapted)
     outputs = out.shape[1]
     main, rest = widths(inputs)
-    tiles = -(-start // ROWS_PER_BLOCK) + -(-(length - start) // ROWS_PER_BLOCK)
+    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None,
+                                   x.element_size(), _shared_limit(x.device) if x.is_cuda else None)
+    tiles = -(-start // block_m) + -(-(length - start) // block_m)
     overlap = pdl.enabled(x)
-    _matmul_kernel[(triton.cdiv(outputs, OUTPUTS_PER_BLOCK), rows // length * tiles)](
+    _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
         x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
         x if residual is None else residual, out, inputs, outputs, eps, length, start, adapted,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
-        out.stride(0), BLOCK_M=ROWS_PER_BLOCK, BLOCK_N=OUTPUTS_PER_BLOCK, BLOCK_K=main,
+        out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=main,
         BLOCK_R=rest, NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
         RESIDUAL=residual is not None, FP32=x.dtype == torch.float32, PDL=overlap,
-        num_warps=WARPS if inputs <= 1024 else 2 * WARPS, launch_pdl=overlap)
+        num_warps=warps, launch_pdl=overlap)
     return out
 
 
