@@ -30,7 +30,7 @@ one process, against the AR step's floors.
         --kernel-settings engine ENABLED=True --rounds 2
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 32 272 \
         --kernel-settings engine ONE_HEAD_MAX_ROWS=0 --rounds 2
-    python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 1 32 144 272 \
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 144 272 \
         --adapters 48 --kernel-settings engine MAX_WIDE_ROWS=0 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
