@@ -201,7 +201,8 @@ def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
     if x.device.type != "cuda":
         return True
     limit = _shared_limit(x.device)
-    outputs = tile(x.shape[0], inputs, swiglu, False, x.element_size(), limit)[1]  # norm: rows
+    # The norm picks only the tile's rows, not its outputs (what takes shared memory).
+    outputs = tile(x.shape[0], inputs, swiglu, False, x.element_size(), limit)[1]
     return shared_bytes(inputs, swiglu, x.element_size(), outputs) <= limit
 
 
