@@ -33,13 +33,30 @@ def smollm2_shaped(device=DEVICE, dtype=torch.bfloat16, seed=0) -> Transformer:
     return model.to(device=device, dtype=dtype).eval()
 
 
+def add_random_adapters(model: Transformer, rank: int, std: float) -> Transformer:
+    """Mask-row adapters of ``rank`` on every projection, as a frozen-AR drafter has, with
+    random ``lora_A`` and ``lora_B`` ~ N(0, std) (a trained drafter's mask rows read weights
+    unlike the base's; its decoding passes then read stacked weights), on the model's
+    device and dtype."""
+    from tidar.drafter import add_row_lora
+
+    first = next(model.parameters())
+    add_row_lora(model, rank, alpha=2 * rank)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p, std=std)
+    return model.to(device=first.device, dtype=first.dtype)
+
+
 def kernel_settings(spec: str) -> contextlib.ExitStack:
     """A context that sets module constants of the decode kernels: ``engine`` (their own
     settings) or ``NAME=VALUE,...`` on each of ``tidar.decode_attention``,
     ``tidar.decode_matvec``, ``tidar.decode_matmul``, ``tidar.decode_qkv``, ``tidar.pdl`` and
     ``tidar.engine`` that has the name, e.g. ``MIN_CHUNK=128``, ``MAX_ROWS=0`` (no fused
     matvecs), ``PDL=False`` (no programmatic dependent launch), ``MAX_PASS_ROWS=4096`` (fused
-    drafting matmuls), ``MAX_WIDE_ROWS=0`` (no wide tiles past 96 rows), ``ENABLED=False``
+    drafting matmuls), ``MAX_WIDE_ROWS=0`` (no wide tiles past 96 rows),
+    ``WIDE_STACKED_MAX_INPUTS=1024,WIDE_SWIGLU_MAX_ROWS=0`` (no wide down or gate/up over a
+    drafter's stacked weights: session 34's tiles), ``ENABLED=False``
     (RoPE and the cache writes out of the AR step's q/k/v matvec) or ``ONE_HEAD_MAX_ROWS=0``
     (two head GEMMs in every drafting pass)."""
     from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv, engine, pdl

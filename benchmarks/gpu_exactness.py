@@ -1,7 +1,7 @@
 """Exactness of the CUDA-graphed engine on the GPU, fp32, random weights, every family.
 
     python benchmarks/gpu_exactness.py [--runs eager|compiled|values|stops|joins]
-        [--families llama qwen3_moe ...] [--head-dim 128]
+        [--families llama qwen3_moe ...] [--head-dim 128] [--adapters 4]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone. Every family runs with eager blocks, two of them (dense and
@@ -15,7 +15,8 @@ between looks at most one pass runs after the last row ended. ``--runs joins``: 
 join a running batch (continuous batching) decode as they do alone. ``--head-dim`` gives
 the eager and compiled runs' models heads of that width (most models have 128: the attention
 kernel's tiles then take more shared memory, and the report lists the tiles the device
-refused, ``decode_attention``'s halving fallback).
+refused, ``decode_attention``'s halving fallback). ``--adapters`` gives them random mask-row
+adapters (a drafter's stacked weights: mask rows read other weights than clean rows).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import argparse
 
 import torch
 import transformers as tf
-from common import DEVICE, kernel_settings, write_json
+from common import DEVICE, add_random_adapters, kernel_settings, write_json
 
-from tidar import decode_attention
+from tidar import decode_attention, decode_matmul
 from tidar.config import from_hf_config
 from tidar.engine import DecodeConfig, Engine
 from tidar.model import Transformer, dense_attention_kernel
@@ -47,7 +48,8 @@ FAMILIES = {
 }
 
 
-def random_model(family: str, seed: int, head_dim: int | None = None) -> Transformer:
+def random_model(family: str, seed: int, head_dim: int | None = None,
+                 adapters: int = 0) -> Transformer:
     cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     if head_dim:
@@ -55,6 +57,8 @@ def random_model(family: str, seed: int, head_dim: int | None = None) -> Transfo
     model = Transformer(from_hf_config(cls(**SMALL, **extra)))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.7)
+    if adapters:
+        add_random_adapters(model, adapters, std=0.3)
     return model.to(DEVICE).eval()
 
 
@@ -164,6 +168,9 @@ def main() -> None:
                     "e.g. MAX_PASS_ROWS=4096: drafting passes through decode_matmul")
     ap.add_argument("--head-dim", type=int,
                     help="head width of the eager and compiled runs' models (default: 16)")
+    ap.add_argument("--adapters", type=int, default=0, metavar="RANK",
+                    help="random mask-row adapters of this rank in the eager and compiled "
+                    "runs' models (0: none)")
     args = ap.parse_args()
     with kernel_settings(args.kernel_settings):
         check(args)
@@ -200,7 +207,8 @@ def check(args) -> None:
         print(f"{exact}/{len(rows)} sampled configurations draw as a fresh engine does")
         return
     for family, seed, compiled in runs:
-        engine = Engine(random_model(family, seed, args.head_dim), compile=compiled)
+        model = random_model(family, seed, args.head_dim, args.adapters)
+        engine = Engine(model, compile=compiled)
         ar, _ = engine.generate(prompts, DecodeConfig(sampler="ar", max_new_tokens=40))
         configs = COMPILED_CONFIGS if compiled else CONFIGS
         for b, S in configs:
@@ -217,6 +225,7 @@ def check(args) -> None:
         # After every run: a run stopped by a time limit keeps what it checked.
         write_json("gpu_exactness.json", {"decode_attention": kernel, "runs": rows,
                                           "head_dim": args.head_dim or 16,
+                                          "adapters_rank": args.adapters,
                                           "refused_tiles": refused_tiles()})
         print(family, seed, "compiled" if compiled else "eager",
               all(r["exact"] for r in rows[-len(configs):]), flush=True)
@@ -226,10 +235,14 @@ def check(args) -> None:
 
 
 def refused_tiles() -> list[str]:
-    """The attention's row tiles the device refused for shared memory (``decode_attention``
-    halves them, then falls back to SDPA)."""
-    return sorted(f"{dtype} head dim {dim}: {rows} rows"
-                  for _, dtype, dim, rows in decode_attention._REFUSED)
+    """The tiles the device refused for shared memory: the attention's rows
+    (``decode_attention`` halves them, then falls back to SDPA) and ``decode_matmul``'s
+    outputs (it halves them)."""
+    attention = [f"attention {dtype} head dim {dim}: {rows} rows"
+                 for _, dtype, dim, rows in decode_attention._REFUSED]
+    matmul = [f"matmul {dtype} {inputs} inputs{' SwiGLU' if swiglu else ''}: {rows} x {outputs}"
+              for _, dtype, inputs, swiglu, rows, outputs, _ in decode_matmul._REFUSED]
+    return sorted(attention + matmul)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 compiled for an H100/H200 (sm_90) without a GPU (Triton's compiler and its bundled ptxas).
 
     python benchmarks/kernel_resources.py [--dtype fp32] [--head-dim 128]
+        [--matmul-tiles 16x32x4 32x64x8 ...]
 
 ``--head-dim`` sets the attention kernel's (the default's is 64; most larger models have
 128). Shared memory depends on the Triton version: the H100's (torch 2.11) gave
@@ -79,8 +80,12 @@ def resources(kernel, constexprs: dict, warps: int, dtype: str = "bf16") -> dict
             "shared_bytes": compiled.metadata.shared}
 
 
-def cases(fp32: bool = False, head_dim: int = 64) -> list[tuple[str, object, dict, int, bool]]:
-    """(name, kernel, constexprs, warps, launched by the engine)."""
+MATMUL_TILES = ((16, 16, 4), (16, 32, 4), (32, 32, 4), (16, 32, 8))  # rows, outputs, warps
+
+
+def cases(fp32: bool = False, head_dim: int = 64, matmul_tiles=MATMUL_TILES,
+          ) -> list[tuple[str, object, dict, int, bool]]:
+    """(name, kernel, constexprs, warps, launched by the engine at batch 1 and 32 rows)."""
     out = []
     for name, inputs, extra in (("q/k/v", DIM, dict(NORM=True, SWIGLU=False, RESIDUAL=False)),
                                 ("gate/up", DIM, dict(NORM=True, SWIGLU=True, RESIDUAL=False)),
@@ -94,7 +99,7 @@ def cases(fp32: bool = False, head_dim: int = 64) -> list[tuple[str, object, dic
         main, rest = decode_matmul.widths(inputs)
         own = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK,
                decode_matmul.WARPS * (1 if inputs <= 1024 else 2))
-        for rows, outputs, warps in ((16, 16, 4), (16, 32, 4), (32, 32, 4), (16, 32, 8)):
+        for rows, outputs, warps in matmul_tiles:
             engine = (rows, outputs, warps) == own
             out.append((f"matmul {name} {rows}x{outputs}", decode_matmul._matmul_kernel, dict(
                 BLOCK_M=rows, BLOCK_N=outputs, BLOCK_K=main, BLOCK_R=rest, BIAS=False,
@@ -120,9 +125,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--head-dim", type=int, default=64, choices=[16, 32, 64, 128, 256])
+    ap.add_argument("--matmul-tiles", nargs="+", metavar="ROWSxOUTPUTSxWARPS",
+                    help="decode_matmul's tiles to compile (default: the small tile's sweep)")
     args = ap.parse_args()
+    tiles = MATMUL_TILES if not args.matmul_tiles else [
+        tuple(int(v) for v in t.split("x")) for t in args.matmul_tiles]
     rows = []
-    for name, kernel, constexprs, warps, engine in cases(args.dtype == "fp32", args.head_dim):
+    for name, kernel, constexprs, warps, engine in cases(args.dtype == "fp32", args.head_dim,
+                                                        tiles):
         row = {"kernel": name, "warps": warps, "engine": engine,
                **resources(kernel, constexprs, warps, args.dtype)}
         rows.append(row)

@@ -60,10 +60,16 @@ import time
 from functools import partial
 
 import torch
-from common import SMOLLM2, graph_seconds, kernel_settings, smollm2_shaped, write_json
+from common import (
+    SMOLLM2,
+    add_random_adapters,
+    graph_seconds,
+    kernel_settings,
+    smollm2_shaped,
+    write_json,
+)
 from profile_pass import kernel_table
 
-from tidar.drafter import add_row_lora
 from tidar.engine import COMPILE_OPTIONS, DecodeConfig, Engine
 from tidar.tuner import pass_shapes
 
@@ -236,11 +242,7 @@ def main() -> None:
         args.queries = [1]
     model = smollm2_shaped()
     if args.adapters:
-        add_row_lora(model, args.adapters, alpha=2 * args.adapters)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                torch.nn.init.normal_(p, std=0.02)
-        model.to(device="cuda", dtype=torch.bfloat16)
+        add_random_adapters(model, args.adapters, std=0.02)
     b = args.block_size
     engines = {}
     for attention, fuse, inductor, scope, slots, short, kernel in itertools.product(

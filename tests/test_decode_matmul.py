@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from helpers import check_fused_logits, tiny_model, with_row_lora
 
 decode_matmul = pytest.importorskip("tidar.decode_matmul")
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
 from tidar.engine import DecodeConfig, Engine  # noqa: E402
 from tidar.layouts import decode_layout  # noqa: E402
 from tidar.model import KVCache  # noqa: E402
@@ -60,23 +62,37 @@ def test_matches_the_plain_expressions(dtype, sequences, length, start, use_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("use_norm", "use_bias", "use_residual"), [
-    (True, False, False),  # q/k/v
-    (False, True, True),   # o, residual added
+@pytest.mark.parametrize(("use_norm", "use_bias", "use_residual", "stacked"), [
+    (True, False, False, False),  # q/k/v
+    (False, True, True, False),   # o, residual added
+    (False, True, True, True),    # o or down over stacked weights
 ])
-def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual, monkeypatch):
+def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual, stacked,
+                                        monkeypatch):
     """Past ``MAX_PASS_ROWS`` (lowered here) q/k/v and o take the wide tile, here two tiles
-    of outputs (the second cut short) and each sequence's mask rows over several row tiles;
-    gate/up (SwiGLU) keeps the small tile."""
+    of outputs (the second cut short) and each sequence's mask rows over several row tiles."""
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
     rows, inputs = 2 * 40, 48
     wide_rows = decode_matmul.WIDE_NORMED_ROWS if use_norm else decode_matmul.WIDE_ROWS
-    assert decode_matmul.tile(rows, inputs, False, use_norm, dtype.itemsize) == (
+    assert decode_matmul.tile(rows, inputs, False, use_norm, stacked) == (
         wide_rows, decode_matmul.WIDE_OUTPUTS, decode_matmul.WARPS)
-    assert decode_matmul.tile(rows, inputs, True, True, dtype.itemsize)[:2] == (
-        decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK)
-    check_against_plain(dtype, 2, 40, 7, use_norm, use_bias, False, use_residual,
-                        inputs=inputs, outputs=decode_matmul.WIDE_OUTPUTS + 16)
+    check_against_plain(dtype, 2, 40, 7 if stacked else 40, use_norm, use_bias, False,
+                        use_residual, inputs=inputs, outputs=decode_matmul.WIDE_OUTPUTS + 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stacked_gate_up_takes_the_wide_tile(dtype, monkeypatch):
+    """Gate/up (norm, SwiGLU, biases) over a drafter's stacked weights takes the wide tile
+    up to ``WIDE_SWIGLU_MAX_ROWS`` rows; over plain weights, and past it, the small one."""
+    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
+    monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", 80)
+    wide = (decode_matmul.WIDE_SWIGLU_ROWS, decode_matmul.WIDE_OUTPUTS)
+    assert decode_matmul.tile(80, 48, True, True, True)[:2] == wide
+    small = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK)
+    assert decode_matmul.tile(80, 48, True, True, False)[:2] == small
+    assert decode_matmul.tile(81, 48, True, True, True)[:2] == small
+    check_against_plain(dtype, 2, 40, 7, True, True, True, False, inputs=48,
+                        outputs=decode_matmul.WIDE_OUTPUTS + 16)
 
 
 def check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swiglu,
@@ -155,46 +171,102 @@ def test_drafting_with_fused_matmuls_gives_the_same_tokens(matmuls_on_cpu, monke
 def test_thread_blocks_that_overflow_shared_memory_are_counted():
     """The H100 refused SmolLM2's gate/up (576 inputs) in float32: 294,912 bytes of shared
     memory against 232,448 a thread block may have (session 28), so ``supported`` leaves it
-    to the plain layers. Its gate/up and down (1,536 inputs) in bfloat16 ran there. The
-    wide tile's outputs halve to fit: q/k/v and o (576 inputs) keep 64 in bfloat16, 32 in
-    float32."""
+    to the plain layers. Its gate/up and down (1,536 inputs) in bfloat16 ran there."""
     limit = 232448
     assert decode_matmul.shared_bytes(576, True, 4) == 294912
     assert decode_matmul.shared_bytes(576, True, 2) <= limit
     assert decode_matmul.shared_bytes(1536, False, 2) <= limit
     assert decode_matmul.shared_bytes(1536, False, 4) > limit
-    assert decode_matmul.tile(272, 576, False, True, 2, limit)[1] == 64
-    assert decode_matmul.tile(272, 576, False, True, 4, limit)[1] == 32
 
 
-def test_wide_passes_are_taken_by_the_narrow_projections_without_swiglu(monkeypatch):
+class RefusingKernel:
+    """``_matmul_kernel`` as a device that refuses thread blocks of more than ``outputs``
+    outputs (Triton raises ``OutOfResources`` before launching), counting the tiles tried."""
+
+    def __init__(self, kernel, outputs: int):
+        self.kernel, self.outputs, self.tried = kernel, outputs, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tried.append(kwargs["BLOCK_N"])
+            if kwargs["BLOCK_N"] > self.outputs:
+                raise OutOfResources(kwargs["BLOCK_N"] * 1000, 232448, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_a_refused_wide_tile_halves_its_outputs(monkeypatch):
+    """A wide tile the device refuses runs with half its outputs, and later calls start
+    there; a small tile refused is an error (``supported`` should have said no)."""
+    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
+    monkeypatch.setattr(decode_matmul, "_REFUSED", set())
+    refusing = RefusingKernel(decode_matmul._matmul_kernel, decode_matmul.OUTPUTS_PER_BLOCK)
+    monkeypatch.setattr(decode_matmul, "_matmul_kernel", refusing)
+    for _ in range(2):
+        check_against_plain(torch.float32, 2, 40, 7, True, False, False, False, inputs=48,
+                            outputs=80)
+    wide, small = decode_matmul.WIDE_OUTPUTS, decode_matmul.OUTPUTS_PER_BLOCK
+    assert refusing.tried == [wide, small, small]
+    refusing.outputs = small // 2
+    with pytest.raises(OutOfResources):
+        check_against_plain(torch.float32, 2, 4, 1, True, False, False, False, inputs=48,
+                            outputs=80)
+
+
+@pytest.mark.parametrize("candidate", [False, True])
+def test_wide_passes_are_taken_by_the_projections_that_gain(candidate, monkeypatch):
     """SmolLM2's shapes at 272 rows (the full proposal set at batch 1): q/k/v and o go to
     the kernel, gate/up (SwiGLU) and down (1,536 inputs) stay plain, and past
-    ``MAX_WIDE_ROWS`` every projection does."""
+    ``MAX_WIDE_ROWS`` every projection does. The untimed candidate for a drafter's stacked
+    weights: down goes to the kernel too, and gate/up up to ``WIDE_SWIGLU_MAX_ROWS``."""
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
+    if candidate:
+        monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MAX_INPUTS", 4096)
+        monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", 128)
     wide = decode_matmul.MAX_WIDE_ROWS
 
-    def taken(rows, outputs, inputs, swiglu=False):
+    def taken(rows, outputs, inputs, swiglu=False, stacked=False):
         return decode_matmul.supported(torch.zeros(rows, inputs), torch.zeros(outputs, inputs),
-                                       swiglu)
+                                       swiglu, stacked)
 
-    assert taken(272, 960, 576) and taken(272, 576, 576)
-    assert not taken(272, 3072, 576, swiglu=True) and not taken(272, 576, 1536)
-    assert taken(96, 3072, 576, swiglu=True) and taken(96, 576, 1536)
-    assert not taken(wide + 1, 960, 576)
+    for stacked in (False, True):
+        assert taken(272, 960 * (1 + stacked), 576, stacked=stacked)
+        assert taken(272, 576 * (1 + stacked), 576, stacked=stacked)
+        assert not taken(272, 3072 * (1 + stacked), 576, True, stacked)
+        assert taken(96, 3072 * (1 + stacked), 576, True, stacked)
+        assert taken(96, 576 * (1 + stacked), 1536, stacked=stacked)
+        assert not taken(wide + 1, 960 * (1 + stacked), 576, stacked=stacked)
+    assert not taken(272, 576, 1536)
+    assert taken(272, 1152, 1536, stacked=True) == candidate
+    assert taken(128, 6144, 576, True, True) == candidate
+    assert not taken(129, 6144, 576, True, True)
+    assert not taken(wide + 1, 1152, 1536, stacked=True)
 
 
-def test_a_wide_drafting_pass_fuses_q_k_v_and_o_alone(matmuls_on_cpu, monkeypatch):
-    """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and gate/up
-    and down as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as
-    SmolLM2's down has more inputs than it), with the plain layers' logits, with mask-row
-    adapters (stacked weights)."""
-    model = with_row_lora(tiny_model("llama", vocab=8, seed=3))
+@pytest.mark.parametrize(("adapters", "candidate", "swiglu_rows", "per_layer"), [
+    (False, True, 4096, 2),  # plain weights: q/k/v and o
+    (True, False, 0, 2),     # a drafter's, as shipped: the same
+    (True, True, 0, 3),      # the candidate: q/k/v, o and down (gate/up plain)
+    (True, True, 4096, 4),   # and gate/up
+])
+def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, candidate, swiglu_rows,
+                                                     per_layer, matmuls_on_cpu, monkeypatch):
+    """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, with
+    the candidate over a drafter's stacked weights, down and gate/up (within
+    ``WIDE_SWIGLU_MAX_ROWS`` rows), the rest as plain layers (``WIDE_MAX_INPUTS`` set to the
+    tiny model's width, as SmolLM2's down has more inputs than it), with the plain layers'
+    logits."""
+    model = tiny_model("llama", vocab=8, seed=3)
+    if adapters:
+        model = with_row_lora(model)
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 0)
     monkeypatch.setattr(decode_matmul, "WIDE_MAX_INPUTS", model.cfg.dim)
+    monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MAX_INPUTS",
+                        4096 if candidate else model.cfg.dim)
+    monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", swiglu_rows)
     with monkeypatch.context() as plain_only:
         plain_only.setattr(decode_matmul, "DEVICES", ())
         expected = drafting_pass_logits(model)
     matmuls_on_cpu.clear()
     torch.testing.assert_close(drafting_pass_logits(model), expected, atol=1e-4, rtol=1e-4)
-    assert len(matmuls_on_cpu) == 2 * model.cfg.n_layers
+    assert len(matmuls_on_cpu) == per_layer * model.cfg.n_layers

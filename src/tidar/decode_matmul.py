@@ -1,6 +1,6 @@
 """Matmuls for drafting passes: ``decode_matvec``'s fusions for tens to hundreds of rows, as a
 Triton kernel on tensor cores (GPU only), for passes of at most ``MAX_PASS_ROWS`` rows, and
-the narrow projections without SwiGLU (q/k/v, o) of passes up to ``MAX_WIDE_ROWS`` rows.
+in wider tiles some projections of passes up to ``MAX_WIDE_ROWS`` rows (``wide``).
 
 A drafting pass at small batch has 32-272 rows a sequence, still far too few for a GEMM to be
 compute-bound: its projections ran as cuBLAS GEMMs of 3-4 us with the RMSNorm, the mask rows'
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from . import pdl
 from .decode_matvec import fits, new_output, unit_stride
@@ -37,15 +38,28 @@ OUTPUTS_PER_BLOCK = 32
 WARPS = 4  # twice as many past 1,024 inputs
 # Past MAX_PASS_ROWS the small tile reads each weight tile once per 16 rows and loses to
 # cuBLAS. Tiles of 64 outputs win back q/k/v (16 rows, normalised in the tile) and o (32
-# rows) at 128-272 rows, not gate/up or down (H100, session 34, benchmarks/matmul_kernels.py:
-# 272 rows 8.29 -> 5.10 and 5.92 -> 3.44 us a call over stacked weights; the pass with a
-# drafter's adapters 1-6% faster, without adapters a tie: docs/results.md section 2). Those
-# projections (no SwiGLU, at most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows.
+# rows) at 128-272 rows (H100, session 34, benchmarks/matmul_kernels.py: 272 rows 8.29 ->
+# 5.10 and 5.92 -> 3.44 us a call over stacked weights; the pass with a drafter's adapters
+# 1-6% faster, without adapters a tie: docs/results.md section 2). Those projections (no
+# SwiGLU, at most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows. Over a
+# drafter's stacked weights, where the plain path multiplies every row by both halves, down
+# may take them too (up to WIDE_STACKED_MAX_INPUTS inputs), and gate/up (SwiGLU,
+# WIDE_SWIGLU_ROWS rows) up to WIDE_SWIGLU_MAX_ROWS rows. Alone they won there in session 34
+# (down at 272 rows 9.70 -> 7.61 us, gate/up at 128 rows 9.22 -> 7.54); not yet timed in a
+# pass, so off: WIDE_STACKED_MAX_INPUTS=4096,WIDE_SWIGLU_MAX_ROWS=128 is the candidate
+# (benchmarks/pass_latency.py --kernel-settings; docs/results.md section 5).
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
+WIDE_STACKED_MAX_INPUTS = WIDE_MAX_INPUTS
+WIDE_SWIGLU_MAX_ROWS = 0
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
-WIDE_OUTPUTS = 64  # halved while a thread block would take more shared memory than it may
+WIDE_SWIGLU_ROWS = 32
+WIDE_OUTPUTS = 64  # halved where the device refuses the thread block (shared memory)
+# Tiles a device refused (more shared memory than a thread block may have), by (device,
+# dtype, inputs, SwiGLU, tile): the count depends on the Triton version (the H100's gave
+# float32 gate/up 2.9x the CPU's Triton 3.9), so launches find out, as decode_attention's do.
+_REFUSED: set[tuple] = set()
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
@@ -169,41 +183,42 @@ def shared_bytes(inputs: int, swiglu: bool, itemsize: int,
     return 2 * outputs * (main + rest) * (2 if swiglu else 1) * itemsize
 
 
-def _shared_limit(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+def wide(rows: int, inputs: int, swiglu: bool, stacked: bool) -> bool:
+    """Whether a projection of a pass of ``rows`` rows takes the wide tile (``stacked``: a
+    drafter's ``[W; W']`` weights, mask rows reading ``W'``)."""
+    if rows <= MAX_PASS_ROWS or rows > MAX_WIDE_ROWS:
+        return False
+    if swiglu:
+        return stacked and rows <= WIDE_SWIGLU_MAX_ROWS
+    return inputs <= (WIDE_STACKED_MAX_INPUTS if stacked else WIDE_MAX_INPUTS)
 
 
-def tile(rows: int, inputs: int, swiglu: bool, norm: bool, itemsize: int,
-         limit: int | None = None) -> tuple[int, int, int]:
-    """(rows, outputs, warps) of a thread block: the wide tile past ``MAX_PASS_ROWS`` rows
-    for a projection that may take it, its outputs halved (down to ``OUTPUTS_PER_BLOCK``)
-    while it would take more than ``limit`` bytes of shared memory; else the small tile."""
-    if rows > MAX_PASS_ROWS and not swiglu and inputs <= WIDE_MAX_INPUTS:
-        block_m, block_n = WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS
-        while (limit is not None and block_n > OUTPUTS_PER_BLOCK
-               and shared_bytes(inputs, swiglu, itemsize, block_n) > limit):
-            block_n //= 2
-    else:
-        block_m, block_n = ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK
-    return block_m, block_n, WARPS if inputs <= 1024 else 2 * WARPS
+def tile(rows: int, inputs: int, swiglu: bool, norm: bool,
+         stacked: bool) -> tuple[int, int, int]:
+    """(rows, outputs, warps) of a thread block: the wide tile where ``wide`` says so, else
+    the small tile; warps double past 1,024 inputs, and in gate/up's wide tile."""
+    warps = WARPS if inputs <= 1024 else 2 * WARPS
+    if not wide(rows, inputs, swiglu, stacked):
+        return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, warps
+    if swiglu:  # two weight tiles: 4 warps spill
+        return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, 2 * WARPS
+    return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, warps
 
 
-def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
-    """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows (``MAX_WIDE_ROWS`` for the
-    projections that take the wide tile) and ``MAX_WIDTH`` inputs, on CUDA
-    (``decode_matvec.fits``), whose thread blocks fit the GPU's shared memory by
-    ``shared_bytes`` (SmolLM2's gate/up and down do not in float32; Triton's interpreter has
-    no such limit)."""
+def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool = False) -> bool:
+    """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows (``MAX_WIDE_ROWS`` where
+    the wide tile is taken) and ``MAX_WIDTH`` inputs, on CUDA (``decode_matvec.fits``),
+    whose small tile fits the GPU's shared memory by ``shared_bytes`` (SmolLM2's gate/up
+    and down do not in float32; Triton's interpreter has no such limit). A wider tile the
+    device refuses halves its outputs down to the small tile's."""
     inputs = weight.shape[-1]
-    wide = not swiglu and inputs <= WIDE_MAX_INPUTS
-    if not fits(x, weight, DEVICES, MAX_WIDE_ROWS if wide else MAX_PASS_ROWS, MAX_WIDTH):
+    most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu, stacked) else MAX_PASS_ROWS
+    if not fits(x, weight, DEVICES, most, MAX_WIDTH):
         return False
     if x.device.type != "cuda":
         return True
-    limit = _shared_limit(x.device)
-    # The norm picks only the tile's rows, not its outputs (what takes shared memory).
-    outputs = tile(x.shape[0], inputs, swiglu, False, x.element_size(), limit)[1]
-    return shared_bytes(inputs, swiglu, x.element_size(), outputs) <= limit
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    return shared_bytes(inputs, swiglu, x.element_size()) <= limit
 
 
 @torch.library.custom_op("tidar::decode_matmul", mutates_args=())
@@ -215,25 +230,36 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     weight (and bias) rows from ``adapted`` on. Without mask rows ``start`` is ``length``
     (``adapted`` then goes unread). An opaque custom op, as ``decode_matvec``."""
     rows, inputs = x.shape
-    if start == length:  # every row reads the base half: tile all sequences' rows together,
+    stacked = start < length
+    if not stacked:  # every row reads the base half: tile all sequences' rows together,
         length = start = rows  # not one tile a sequence (the AR step of 5-96 sequences)
     x, weight, residual = unit_stride(x, weight, residual)
     out = new_output(x, weight, swiglu, adapted)
     outputs = out.shape[1]
     main, rest = widths(inputs)
-    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None,
-                                   x.element_size(), _shared_limit(x.device) if x.is_cuda else None)
+    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
     tiles = -(-start // block_m) + -(-(length - start) // block_m)
     overlap = pdl.enabled(x)
-    _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
-        x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
-        x if residual is None else residual, out, inputs, outputs, eps, length, start, adapted,
-        x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
-        out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=main,
-        BLOCK_R=rest, NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
-        RESIDUAL=residual is not None, FP32=x.dtype == torch.float32, PDL=overlap,
-        num_warps=warps, launch_pdl=overlap)
-    return out
+    while True:
+        refused = (x.device, x.dtype, inputs, swiglu, block_m, block_n, warps)
+        if refused not in _REFUSED:
+            try:
+                _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
+                    x, x if norm_weight is None else norm_weight, weight,
+                    x if bias is None else bias, x if residual is None else residual, out,
+                    inputs, outputs, eps, length, start, adapted, x.stride(0),
+                    weight.stride(0), 0 if residual is None else residual.stride(0),
+                    out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=main,
+                    BLOCK_R=rest, NORM=norm_weight is not None, SWIGLU=swiglu,
+                    BIAS=bias is not None, RESIDUAL=residual is not None,
+                    FP32=x.dtype == torch.float32, PDL=overlap, num_warps=warps,
+                    launch_pdl=overlap)
+                return out
+            except OutOfResources:  # raised before anything is launched
+                if block_n <= OUTPUTS_PER_BLOCK:
+                    raise
+                _REFUSED.add(refused)
+        block_n //= 2
 
 
 @decode_matmul.register_fake

@@ -225,7 +225,8 @@ def fused_weights(group: DecodeLinear, plain: nn.Module | None, x: Tensor,
     rows = x.flatten(0, -2)
     if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
         return weights._replace(matvec=True)
-    return weights if decode_matmul.supported(rows, weights.weight, swiglu) else None
+    stacked = weights.adapted > 0
+    return weights if decode_matmul.supported(rows, weights.weight, swiglu, stacked) else None
 
 
 def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
@@ -484,20 +485,29 @@ class MLP(nn.Module):
         return [(self.gate_up, [self.gate_proj, self.up_proj]), (self.down, [self.down_proj])]
 
     def residual_step(self, x: Tensor, norm: RMSNorm) -> Tensor | None:
-        """``x + self(norm(x))`` as two fused projections (``fused_weights``); None where that
-        does not apply."""
-        gate_up = fused_weights(self.gate_up, None, x, swiglu=True)
+        """``x + self(norm(x))`` with the residual fused into the down projection
+        (``fused_weights``) and the norm and SwiGLU into gate/up's. Down runs fused on its own
+        where only it takes ``decode_matmul``'s wide tile. None where down's fusion does not
+        apply, or gate/up's does not and down would be a matvec (the AR step fuses both or
+        neither, as timed)."""
         down = fused_weights(self.down, self.down_proj, x)
-        if gate_up is None or down is None:
+        gate_up = fused_weights(self.gate_up, None, x, swiglu=True)
+        if down is None or (gate_up is None and down.matvec):
             return None
-        return fused(fused(x, gate_up, norm=norm, swiglu=True), down, residual=x)
+        hidden = (self.hidden(norm(x)) if gate_up is None
+                  else fused(x, gate_up, norm=norm, swiglu=True))
+        return fused(hidden, down, residual=x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
+        """SwiGLU of gate and up: the down projection's input."""
         if self.gate_up.active():
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        hidden = F.silu(gate) * up
+        return F.silu(gate) * up
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.hidden(x)
         return self.down(hidden)[0] if self.down.active() else self.down_proj(hidden)
 
 
