@@ -45,6 +45,22 @@ MERGE_ALWAYS = False  # benchmarks only: merge even one slice (pass_latency --sh
 _REFUSED: set[tuple] = set()
 
 
+def launch_halving(launch, size: int, smallest: int, key, refused: set) -> int | None:
+    """``launch(size)`` with the largest tile size from ``size`` down to ``smallest``
+    (halving) that the device accepts: Triton raises ``OutOfResources`` (shared memory)
+    before it launches anything. Refused sizes go into ``refused`` as ``key(size)`` and are
+    skipped later. The size launched, or None where every size was refused."""
+    while size >= smallest:
+        if key(size) not in refused:
+            try:
+                launch(size)
+                return size
+            except OutOfResources:
+                refused.add(key(size))
+        size //= 2
+    return None
+
+
 @triton.jit
 def _slice_kernel(Q, K, V, Mask, Out, Lse, Final,
                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_t, sm_s,
@@ -205,25 +221,22 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     lse = q.new_empty(batch, kv_heads, parts, rows, dtype=torch.float32)
     one_slice = parts == 1 and not MERGE_ALWAYS
     overlap = pdl.enabled(q)
-    while block_m >= FEW_ROWS:  # a tile the device refuses halves; past FEW_ROWS, SDPA
-        refused = (q.device, q.dtype, dim, block_m)
-        if refused not in _REFUSED:
-            try:
-                _slice_kernel[(-(-rows // block_m), parts, batch * kv_heads)](
-                    q, k, v, mask, part, lse, out,
-                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
-                    mask.stride(2), mask.stride(3), part.stride(0), part.stride(1),
-                    part.stride(2), part.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
-                    out.stride(0), out.stride(1), out.stride(2), length, slots, rows, kv_heads,
-                    group, chunk, dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m,
-                    BLOCK_N=BLOCK_N, FP32=q.dtype == torch.float32, ONE_SLICE=one_slice,
-                    PDL=overlap, num_warps=NUM_WARPS, launch_pdl=overlap)
-                break
-            except OutOfResources:  # raised before anything is launched
-                _REFUSED.add(refused)
-        block_m //= 2
-    else:
+
+    def launch(block_m: int) -> None:
+        _slice_kernel[(-(-rows // block_m), parts, batch * kv_heads)](
+            q, k, v, mask, part, lse, out,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(2),
+            mask.stride(3), part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+            lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), length, slots, rows, kv_heads, group, chunk,
+            dim**-0.5 * math.log2(math.e), HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            FP32=q.dtype == torch.float32, ONE_SLICE=one_slice, PDL=overlap,
+            num_warps=NUM_WARPS, launch_pdl=overlap)
+
+    # A row tile the device refuses halves; past FEW_ROWS, SDPA computes it.
+    if launch_halving(launch, block_m, FEW_ROWS,
+                      lambda block_m: (q.device, q.dtype, dim, block_m), _REFUSED) is None:
         from .model import dense_attention  # the model imports this module
 
         return out.copy_(dense_attention(q, k, v, mask))

@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
 from . import pdl
+from .decode_attention import launch_halving
 from .decode_matvec import fits, new_output, unit_stride
 
 # Rows a pass (all sequences) at most. On the H200 a pass of 32 rows took 0.91 ms against
@@ -56,9 +56,9 @@ WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 32
 WIDE_OUTPUTS = 64  # halved where the device refuses the thread block (shared memory)
-# Tiles a device refused (more shared memory than a thread block may have), by (device,
+# Wide tiles a device refused (more shared memory than a thread block may have), by (device,
 # dtype, inputs, SwiGLU, tile): the count depends on the Triton version (the H100's gave
-# float32 gate/up 2.9x the CPU's Triton 3.9), so launches find out, as decode_attention's do.
+# float32 gate/up 2.9x the CPU's Triton 3.9), so launches find out (launch_halving).
 _REFUSED: set[tuple] = set()
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
@@ -240,26 +240,24 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
     tiles = -(-start // block_m) + -(-(length - start) // block_m)
     overlap = pdl.enabled(x)
-    while True:
-        refused = (x.device, x.dtype, inputs, swiglu, block_m, block_n, warps)
-        if refused not in _REFUSED:
-            try:
-                _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
-                    x, x if norm_weight is None else norm_weight, weight,
-                    x if bias is None else bias, x if residual is None else residual, out,
-                    inputs, outputs, eps, length, start, adapted, x.stride(0),
-                    weight.stride(0), 0 if residual is None else residual.stride(0),
-                    out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=main,
-                    BLOCK_R=rest, NORM=norm_weight is not None, SWIGLU=swiglu,
-                    BIAS=bias is not None, RESIDUAL=residual is not None,
-                    FP32=x.dtype == torch.float32, PDL=overlap, num_warps=warps,
-                    launch_pdl=overlap)
-                return out
-            except OutOfResources:  # raised before anything is launched
-                if block_n <= OUTPUTS_PER_BLOCK:
-                    raise
-                _REFUSED.add(refused)
-        block_n //= 2
+
+    def launch(block_n: int) -> None:
+        _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
+            x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
+            x if residual is None else residual, out, inputs, outputs, eps, length, start,
+            adapted, x.stride(0), weight.stride(0),
+            0 if residual is None else residual.stride(0), out.stride(0), BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=main, BLOCK_R=rest, NORM=norm_weight is not None,
+            SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
+            FP32=x.dtype == torch.float32, PDL=overlap, num_warps=warps, launch_pdl=overlap)
+
+    # A wide tile the device refuses halves its outputs; the small tile is launched as it is
+    # (``supported`` checked it), so a refusal there is an error.
+    if launch_halving(launch, block_n, 2 * OUTPUTS_PER_BLOCK,
+                      lambda block_n: (x.device, x.dtype, inputs, swiglu, block_m, block_n, warps),
+                      _REFUSED) is None:
+        launch(OUTPUTS_PER_BLOCK)
+    return out
 
 
 @decode_matmul.register_fake
