@@ -222,7 +222,7 @@ def test_wide_passes_are_taken_by_the_projections_that_gain(candidate, monkeypat
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
     if candidate:
         monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MAX_INPUTS", 4096)
-        monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", 128)
+        monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", 144)
     wide = decode_matmul.MAX_WIDE_ROWS
 
     def taken(rows, outputs, inputs, swiglu=False, stacked=False):
@@ -238,8 +238,8 @@ def test_wide_passes_are_taken_by_the_projections_that_gain(candidate, monkeypat
         assert not taken(wide + 1, 960 * (1 + stacked), 576, stacked=stacked)
     assert not taken(272, 576, 1536)
     assert taken(272, 1152, 1536, stacked=True) == candidate
-    assert taken(128, 6144, 576, True, True) == candidate
-    assert not taken(129, 6144, 576, True, True)
+    assert taken(144, 6144, 576, True, True) == candidate
+    assert not taken(145, 6144, 576, True, True)
     assert not taken(wide + 1, 1152, 1536, stacked=True)
 
 

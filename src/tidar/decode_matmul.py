@@ -44,10 +44,11 @@ WARPS = 4  # twice as many past 1,024 inputs
 # SwiGLU, at most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows. Over a
 # drafter's stacked weights, where the plain path multiplies every row by both halves, down
 # may take them too (up to WIDE_STACKED_MAX_INPUTS inputs), and gate/up (SwiGLU,
-# WIDE_SWIGLU_ROWS rows) up to WIDE_SWIGLU_MAX_ROWS rows. Alone they won there in session 34
-# (down at 272 rows 9.70 -> 7.61 us, gate/up at 128 rows 9.22 -> 7.54); not yet timed in a
-# pass, so off: WIDE_STACKED_MAX_INPUTS=4096,WIDE_SWIGLU_MAX_ROWS=128 is the candidate
-# (benchmarks/pass_latency.py --kernel-settings; docs/results.md section 5).
+# WIDE_SWIGLU_ROWS rows) up to WIDE_SWIGLU_MAX_ROWS rows. Alone they win there (H100,
+# session 37: down at 272 rows 8.96 -> 7.75 us, gate/up at 144 rows 9.67 -> 7.50; gate/up
+# loses at 272, and both lose at 272 rows over plain weights); not yet timed in a pass, so
+# off: WIDE_STACKED_MAX_INPUTS=4096,WIDE_SWIGLU_MAX_ROWS=144 is the candidate
+# (benchmarks/pass_latency.py --kernel-settings; docs/results.md section 2).
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
 WIDE_STACKED_MAX_INPUTS = WIDE_MAX_INPUTS
