@@ -74,25 +74,25 @@ def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual,
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
     rows, inputs = 2 * 40, 48
     wide_rows = decode_matmul.WIDE_NORMED_ROWS if use_norm else decode_matmul.WIDE_ROWS
-    assert decode_matmul.tile(rows, inputs, False, use_norm, stacked) == (
+    assert decode_matmul.tile(rows, inputs, False, use_norm) == (
         wide_rows, decode_matmul.WIDE_OUTPUTS, decode_matmul.WARPS)
     check_against_plain(dtype, 2, 40, 7 if stacked else 40, use_norm, use_bias, False,
                         use_residual, inputs=inputs, outputs=decode_matmul.WIDE_OUTPUTS + 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_stacked_gate_up_takes_the_wide_tile(dtype, monkeypatch):
-    """Gate/up (norm, SwiGLU, biases) over a drafter's stacked weights takes the wide tile
-    up to ``WIDE_SWIGLU_MAX_ROWS`` rows; over plain weights, and past it, the small one."""
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gate_up_takes_the_wide_tile_up_to_the_mlp_rows(dtype, stacked, monkeypatch):
+    """Gate/up (norm, SwiGLU, biases), over plain or a drafter's stacked weights, takes the
+    wide tile up to ``WIDE_MLP_MAX_ROWS`` rows (lowered here) and the small one past them."""
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
-    monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", 80)
+    monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", 80)
     wide = (decode_matmul.WIDE_SWIGLU_ROWS, decode_matmul.WIDE_OUTPUTS)
-    assert decode_matmul.tile(80, 48, True, True, True)[:2] == wide
+    assert decode_matmul.tile(80, 48, True, True)[:2] == wide
     small = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK)
-    assert decode_matmul.tile(80, 48, True, True, False)[:2] == small
-    assert decode_matmul.tile(81, 48, True, True, True)[:2] == small
-    check_against_plain(dtype, 2, 40, 7, True, True, True, False, inputs=48,
-                        outputs=decode_matmul.WIDE_OUTPUTS + 16)
+    assert decode_matmul.tile(81, 48, True, True)[:2] == small
+    check_against_plain(dtype, 2, 40, 7 if stacked else 40, True, True, True, False,
+                        inputs=48, outputs=decode_matmul.WIDE_OUTPUTS + 16)
 
 
 def check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swiglu,
@@ -213,57 +213,48 @@ def test_a_refused_wide_tile_halves_its_outputs(monkeypatch):
                             outputs=80)
 
 
-@pytest.mark.parametrize("candidate", [False, True])
-def test_wide_passes_are_taken_by_the_projections_that_gain(candidate, monkeypatch):
-    """SmolLM2's shapes at 272 rows (the full proposal set at batch 1): q/k/v and o go to
-    the kernel, gate/up (SwiGLU) and down (1,536 inputs) stay plain, and past
-    ``MAX_WIDE_ROWS`` every projection does. The untimed candidate for a drafter's stacked
-    weights: down goes to the kernel too, and gate/up up to ``WIDE_SWIGLU_MAX_ROWS``."""
+@pytest.mark.parametrize("stacked", [False, True])
+def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, monkeypatch):
+    """SmolLM2's shapes, over plain or a drafter's stacked weights: up to
+    ``WIDE_MLP_MAX_ROWS`` rows (144: eight proposed blocks at batch 1) every projection goes
+    to the kernel; past them q/k/v and o do, gate/up (SwiGLU) and down (1,536 inputs) stay
+    plain; and past ``MAX_WIDE_ROWS`` all stay plain."""
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
-    if candidate:
-        monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MAX_INPUTS", 4096)
-        monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", 144)
-    wide = decode_matmul.MAX_WIDE_ROWS
+    most, wide = decode_matmul.WIDE_MLP_MAX_ROWS, decode_matmul.MAX_WIDE_ROWS
+    assert most == 144
 
-    def taken(rows, outputs, inputs, swiglu=False, stacked=False):
+    def taken(rows, outputs, inputs, swiglu=False):
+        outputs *= 1 + stacked
         return decode_matmul.supported(torch.zeros(rows, inputs), torch.zeros(outputs, inputs),
-                                       swiglu, stacked)
+                                       swiglu)
 
-    for stacked in (False, True):
-        assert taken(272, 960 * (1 + stacked), 576, stacked=stacked)
-        assert taken(272, 576 * (1 + stacked), 576, stacked=stacked)
-        assert not taken(272, 3072 * (1 + stacked), 576, True, stacked)
-        assert taken(96, 3072 * (1 + stacked), 576, True, stacked)
-        assert taken(96, 576 * (1 + stacked), 1536, stacked=stacked)
-        assert not taken(wide + 1, 960 * (1 + stacked), 576, stacked=stacked)
-    assert not taken(272, 576, 1536)
-    assert taken(272, 1152, 1536, stacked=True) == candidate
-    assert taken(144, 6144, 576, True, True) == candidate
-    assert not taken(145, 6144, 576, True, True)
-    assert not taken(wide + 1, 1152, 1536, stacked=True)
+    for rows in (96, most):  # the small tile, then the wide one
+        assert taken(rows, 960, 576) and taken(rows, 576, 576)
+        assert taken(rows, 3072, 576, True) and taken(rows, 576, 1536)
+    for rows in (most + 1, 272):
+        assert taken(rows, 960, 576) and taken(rows, 576, 576)
+        assert not taken(rows, 3072, 576, True) and not taken(rows, 576, 1536)
+    assert not taken(wide + 1, 960, 576)
 
 
-@pytest.mark.parametrize(("adapters", "candidate", "swiglu_rows", "per_layer"), [
-    (False, True, 4096, 2),  # plain weights: q/k/v and o
-    (True, False, 0, 2),     # a drafter's, as shipped: the same
-    (True, True, 0, 3),      # the candidate: q/k/v, o and down (gate/up plain)
-    (True, True, 4096, 4),   # and gate/up
+@pytest.mark.parametrize(("adapters", "mlp_rows", "per_layer"), [
+    (False, 0, 2),     # q/k/v and o
+    (False, 4096, 4),  # and gate/up and down
+    (True, 0, 2),      # over a drafter's stacked weights
+    (True, 4096, 4),
 ])
-def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, candidate, swiglu_rows,
-                                                     per_layer, matmuls_on_cpu, monkeypatch):
-    """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, with
-    the candidate over a drafter's stacked weights, down and gate/up (within
-    ``WIDE_SWIGLU_MAX_ROWS`` rows), the rest as plain layers (``WIDE_MAX_INPUTS`` set to the
-    tiny model's width, as SmolLM2's down has more inputs than it), with the plain layers'
-    logits."""
+def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, per_layer,
+                                                     matmuls_on_cpu, monkeypatch):
+    """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, within
+    ``WIDE_MLP_MAX_ROWS`` rows, gate/up and down, the rest as plain layers
+    (``WIDE_MAX_INPUTS`` set to the tiny model's width, as SmolLM2's down has more inputs
+    than it), with the plain layers' logits."""
     model = tiny_model("llama", vocab=8, seed=3)
     if adapters:
         model = with_row_lora(model)
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 0)
     monkeypatch.setattr(decode_matmul, "WIDE_MAX_INPUTS", model.cfg.dim)
-    monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MAX_INPUTS",
-                        4096 if candidate else model.cfg.dim)
-    monkeypatch.setattr(decode_matmul, "WIDE_SWIGLU_MAX_ROWS", swiglu_rows)
+    monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", mlp_rows)
     with monkeypatch.context() as plain_only:
         plain_only.setattr(decode_matmul, "DEVICES", ())
         expected = drafting_pass_logits(model)

@@ -40,19 +40,16 @@ WARPS = 4  # twice as many past 1,024 inputs
 # cuBLAS. Tiles of 64 outputs win back q/k/v (16 rows, normalised in the tile) and o (32
 # rows) at 128-272 rows (H100, session 34, benchmarks/matmul_kernels.py: 272 rows 8.29 ->
 # 5.10 and 5.92 -> 3.44 us a call over stacked weights; the pass with a drafter's adapters
-# 1-6% faster, without adapters a tie: docs/results.md section 2). Those projections (no
-# SwiGLU, at most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows. Over a
-# drafter's stacked weights, where the plain path multiplies every row by both halves, down
-# may take them too (up to WIDE_STACKED_MAX_INPUTS inputs), and gate/up (SwiGLU,
-# WIDE_SWIGLU_ROWS rows) up to WIDE_SWIGLU_MAX_ROWS rows. Alone they win there (H100,
-# session 37: down at 272 rows 8.96 -> 7.75 us, gate/up at 144 rows 9.67 -> 7.50; gate/up
-# loses at 272, and both lose at 272 rows over plain weights); not yet timed in a pass, so
-# off: WIDE_STACKED_MAX_INPUTS=4096,WIDE_SWIGLU_MAX_ROWS=144 is the candidate
-# (benchmarks/pass_latency.py --kernel-settings; docs/results.md section 2).
+# 1-6% faster, without adapters a tie: docs/results.md section 2). Those projections (at
+# most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows. Gate/up (SwiGLU,
+# WIDE_SWIGLU_ROWS rows) and down win alone at 144 rows but lose at 272, over plain or
+# stacked weights (session 37), so every projection takes the wide tile up to
+# WIDE_MLP_MAX_ROWS rows: the 144-row pass at batch 1 10-12% faster, with or without a
+# drafter's adapters, the others a tie (H100, session 38; timed at SmolLM2's 576 and 1,536
+# inputs only). Down over stacked weights up to 288 rows as well cost the 272-query pass 1%.
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
-WIDE_STACKED_MAX_INPUTS = WIDE_MAX_INPUTS
-WIDE_SWIGLU_MAX_ROWS = 0
+WIDE_MLP_MAX_ROWS = 144
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 32
@@ -184,36 +181,32 @@ def shared_bytes(inputs: int, swiglu: bool, itemsize: int,
     return 2 * outputs * (main + rest) * (2 if swiglu else 1) * itemsize
 
 
-def wide(rows: int, inputs: int, swiglu: bool, stacked: bool) -> bool:
-    """Whether a projection of a pass of ``rows`` rows takes the wide tile (``stacked``: a
-    drafter's ``[W; W']`` weights, mask rows reading ``W'``)."""
+def wide(rows: int, inputs: int, swiglu: bool) -> bool:
+    """Whether a projection of a pass of ``rows`` rows takes the wide tile."""
     if rows <= MAX_PASS_ROWS or rows > MAX_WIDE_ROWS:
         return False
-    if swiglu:
-        return stacked and rows <= WIDE_SWIGLU_MAX_ROWS
-    return inputs <= (WIDE_STACKED_MAX_INPUTS if stacked else WIDE_MAX_INPUTS)
+    return rows <= WIDE_MLP_MAX_ROWS or (not swiglu and inputs <= WIDE_MAX_INPUTS)
 
 
-def tile(rows: int, inputs: int, swiglu: bool, norm: bool,
-         stacked: bool) -> tuple[int, int, int]:
+def tile(rows: int, inputs: int, swiglu: bool, norm: bool) -> tuple[int, int, int]:
     """(rows, outputs, warps) of a thread block: the wide tile where ``wide`` says so, else
     the small tile; warps double past 1,024 inputs, and in gate/up's wide tile."""
     warps = WARPS if inputs <= 1024 else 2 * WARPS
-    if not wide(rows, inputs, swiglu, stacked):
+    if not wide(rows, inputs, swiglu):
         return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, warps
     if swiglu:  # two weight tiles: 4 warps spill
         return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, 2 * WARPS
     return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, warps
 
 
-def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool = False) -> bool:
+def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
     """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows (``MAX_WIDE_ROWS`` where
     the wide tile is taken) and ``MAX_WIDTH`` inputs, on CUDA (``decode_matvec.fits``),
     whose small tile fits the GPU's shared memory by ``shared_bytes`` (SmolLM2's gate/up
     and down do not in float32; Triton's interpreter has no such limit). A wider tile the
     device refuses halves its outputs down to the small tile's."""
     inputs = weight.shape[-1]
-    most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu, stacked) else MAX_PASS_ROWS
+    most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu) else MAX_PASS_ROWS
     if not fits(x, weight, DEVICES, most, MAX_WIDTH):
         return False
     if x.device.type != "cuda":
@@ -238,7 +231,7 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     out = new_output(x, weight, swiglu, adapted)
     outputs = out.shape[1]
     main, rest = widths(inputs)
-    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
+    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None)
     tiles = -(-start // block_m) + -(-(length - start) // block_m)
     overlap = pdl.enabled(x)
 
