@@ -45,14 +45,18 @@ WARPS = 4  # twice as many past 1,024 inputs
 # WIDE_SWIGLU_ROWS rows) and down win alone at 144 rows but lose at 272, over plain or
 # stacked weights (session 37), so every projection takes the wide tile up to
 # WIDE_MLP_MAX_ROWS rows: the 144-row pass at batch 1 10-12% faster, with or without a
-# drafter's adapters, the others a tie (H100, session 38; timed at SmolLM2's 576 and 1,536
-# inputs only). Down over stacked weights up to 288 rows as well cost the 272-query pass 1%.
+# drafter's adapters (session 38), the 160-row pass at batch 2 12% without and 4% with them;
+# at 192 rows 2% slower without them, a tie with them (H100, session 39; timed at SmolLM2's
+# 576 and 1,536 inputs only), perhaps as gate/up's 32-row tiles there are 144 thread blocks
+# for 132 SMs.
+# Down over stacked weights up to 288 rows as well cost the 272-query pass 1%.
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
-WIDE_MLP_MAX_ROWS = 144
+WIDE_MLP_MAX_ROWS = 160
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 32
+WIDE_SWIGLU_WARPS = 8  # two weight tiles: 4 warps spill
 WIDE_OUTPUTS = 64  # halved where the device refuses the thread block (shared memory)
 # Wide tiles a device refused (more shared memory than a thread block may have), by (device,
 # dtype, inputs, SwiGLU, tile): the count depends on the Triton version (the H100's gave
@@ -190,12 +194,12 @@ def wide(rows: int, inputs: int, swiglu: bool) -> bool:
 
 def tile(rows: int, inputs: int, swiglu: bool, norm: bool) -> tuple[int, int, int]:
     """(rows, outputs, warps) of a thread block: the wide tile where ``wide`` says so, else
-    the small tile; warps double past 1,024 inputs, and in gate/up's wide tile."""
+    the small tile; warps double past 1,024 inputs (gate/up's wide tile has its own)."""
     warps = WARPS if inputs <= 1024 else 2 * WARPS
     if not wide(rows, inputs, swiglu):
         return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, warps
-    if swiglu:  # two weight tiles: 4 warps spill
-        return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, 2 * WARPS
+    if swiglu:
+        return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, WIDE_SWIGLU_WARPS
     return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, warps
 
 
