@@ -48,15 +48,14 @@ WARPS = 4  # twice as many past 1,024 inputs
 # drafter's adapters (session 38), the 160-row pass at batch 2 12% without and 4% with them;
 # at 192 rows 2% slower without them, a tie with them (H100, session 39; timed at SmolLM2's
 # 576 and 1,536 inputs only), perhaps as gate/up's 32-row tiles there are 144 thread blocks
-# for 132 SMs.
-# Down over stacked weights up to 288 rows as well cost the 272-query pass 1%.
+# for 132 SMs. Down over stacked weights up to 288 rows as well cost the 272-query pass 1%.
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
 WIDE_MLP_MAX_ROWS = 160
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 32
-WIDE_SWIGLU_WARPS = 8  # two weight tiles: 4 warps spill
+WIDE_SWIGLU_WARPS = 8  # two weight tiles: 4 warps spill in the 32-row tile
 WIDE_OUTPUTS = 64  # halved where the device refuses the thread block (shared memory)
 # Wide tiles a device refused (more shared memory than a thread block may have), by (device,
 # dtype, inputs, SwiGLU, tile): the count depends on the Triton version (the H100's gave
