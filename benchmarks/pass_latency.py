@@ -33,7 +33,7 @@ one process, against the AR step's floors.
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 1 144 272 \
         --adapters 48 --kernel-settings engine MAX_WIDE_ROWS=0 --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 32 144 272 \
-        --adapters 48 --kernel-settings engine WIDE_MLP_MAX_ROWS=0 --rounds 2
+        --adapters 48 --kernel-settings engine WIDE_STACKED_MLP_MAX_ROWS=0 --rounds 2
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;

@@ -74,7 +74,7 @@ def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual,
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
     rows, inputs = 2 * 40, 48
     wide_rows = decode_matmul.WIDE_NORMED_ROWS if use_norm else decode_matmul.WIDE_ROWS
-    assert decode_matmul.tile(rows, inputs, False, use_norm) == (
+    assert decode_matmul.tile(rows, inputs, False, use_norm, stacked) == (
         wide_rows, decode_matmul.WIDE_OUTPUTS, decode_matmul.WARPS)
     check_against_plain(dtype, 2, 40, 7 if stacked else 40, use_norm, use_bias, False,
                         use_residual, inputs=inputs, outputs=decode_matmul.WIDE_OUTPUTS + 16)
@@ -84,13 +84,15 @@ def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual,
 @pytest.mark.parametrize("stacked", [False, True])
 def test_gate_up_takes_the_wide_tile_up_to_the_mlp_rows(dtype, stacked, monkeypatch):
     """Gate/up (norm, SwiGLU, biases), over plain or a drafter's stacked weights, takes the
-    wide tile up to ``WIDE_MLP_MAX_ROWS`` rows (lowered here) and the small one past them."""
+    wide tile up to ``WIDE_MLP_MAX_ROWS`` rows (``WIDE_STACKED_MLP_MAX_ROWS`` over stacked
+    weights; both lowered here) and the small one past them."""
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
-    monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", 80)
+    monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", 88 if stacked else 80)
+    monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MLP_MAX_ROWS", 80 if stacked else 88)
     wide = (decode_matmul.WIDE_SWIGLU_ROWS, decode_matmul.WIDE_OUTPUTS)
-    assert decode_matmul.tile(80, 48, True, True)[:2] == wide
+    assert decode_matmul.tile(80, 48, True, True, stacked)[:2] == wide
     small = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK)
-    assert decode_matmul.tile(81, 48, True, True)[:2] == small
+    assert decode_matmul.tile(81, 48, True, True, stacked)[:2] == small
     check_against_plain(dtype, 2, 40, 7 if stacked else 40, True, True, True, False,
                         inputs=48, outputs=decode_matmul.WIDE_OUTPUTS + 16)
 
@@ -215,18 +217,21 @@ def test_a_refused_wide_tile_halves_its_outputs(monkeypatch):
 
 @pytest.mark.parametrize("stacked", [False, True])
 def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, monkeypatch):
-    """SmolLM2's shapes, over plain or a drafter's stacked weights: up to
-    ``WIDE_MLP_MAX_ROWS`` rows (160: batch 2 at four proposed blocks) every projection goes
-    to the kernel; past them q/k/v and o do, gate/up (SwiGLU) and down (1,536 inputs) stay
-    plain; and past ``MAX_WIDE_ROWS`` all stay plain."""
+    """SmolLM2's shapes: up to ``WIDE_MLP_MAX_ROWS`` rows (192: batch 4 at two proposed
+    blocks) over plain weights, ``WIDE_STACKED_MLP_MAX_ROWS`` (160: batch 2 at four) over a
+    drafter's stacked ones, every projection goes to the kernel; past them q/k/v and o do,
+    gate/up (SwiGLU) and down (1,536 inputs) stay plain; and past ``MAX_WIDE_ROWS`` all
+    stay plain."""
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
-    most, wide = decode_matmul.WIDE_MLP_MAX_ROWS, decode_matmul.MAX_WIDE_ROWS
-    assert most == 160
+    most = (decode_matmul.WIDE_STACKED_MLP_MAX_ROWS if stacked
+            else decode_matmul.WIDE_MLP_MAX_ROWS)
+    assert most == (160 if stacked else 192)
+    wide = decode_matmul.MAX_WIDE_ROWS
 
     def taken(rows, outputs, inputs, swiglu=False):
         outputs *= 1 + stacked
         return decode_matmul.supported(torch.zeros(rows, inputs), torch.zeros(outputs, inputs),
-                                       swiglu)
+                                       swiglu, stacked)
 
     for rows in (96, most):  # the small tile, then the wide one
         assert taken(rows, 960, 576) and taken(rows, 576, 576)
@@ -237,16 +242,17 @@ def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, monkeypatch
     assert not taken(wide + 1, 960, 576)
 
 
-@pytest.mark.parametrize(("adapters", "mlp_rows", "per_layer"), [
-    (False, 0, 2),     # q/k/v and o
-    (False, 4096, 4),  # and gate/up and down
-    (True, 0, 2),      # over a drafter's stacked weights
-    (True, 4096, 4),
+@pytest.mark.parametrize(("adapters", "mlp_rows", "stacked_mlp_rows", "per_layer"), [
+    (False, 0, 4096, 2),  # q/k/v and o
+    (False, 4096, 0, 4),  # and gate/up and down
+    (True, 4096, 0, 2),   # over a drafter's stacked weights
+    (True, 0, 4096, 4),
 ])
-def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, per_layer,
-                                                     matmuls_on_cpu, monkeypatch):
+def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, stacked_mlp_rows,
+                                                     per_layer, matmuls_on_cpu, monkeypatch):
     """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, within
-    ``WIDE_MLP_MAX_ROWS`` rows, gate/up and down, the rest as plain layers
+    ``WIDE_MLP_MAX_ROWS`` rows (``WIDE_STACKED_MLP_MAX_ROWS`` with adapters), gate/up and
+    down, the rest as plain layers
     (``WIDE_MAX_INPUTS`` set to the tiny model's width, as SmolLM2's down has more inputs
     than it), with the plain layers' logits."""
     model = tiny_model("llama", vocab=8, seed=3)
@@ -255,6 +261,7 @@ def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, per_lay
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 0)
     monkeypatch.setattr(decode_matmul, "WIDE_MAX_INPUTS", model.cfg.dim)
     monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", mlp_rows)
+    monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MLP_MAX_ROWS", stacked_mlp_rows)
     with monkeypatch.context() as plain_only:
         plain_only.setattr(decode_matmul, "DEVICES", ())
         expected = drafting_pass_logits(model)

@@ -44,18 +44,23 @@ WARPS = 4  # twice as many past 1,024 inputs
 # most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows. Gate/up (SwiGLU,
 # WIDE_SWIGLU_ROWS rows) and down win alone at 144 rows but lose at 272, over plain or
 # stacked weights (session 37), so every projection takes the wide tile up to
-# WIDE_MLP_MAX_ROWS rows: the 144-row pass at batch 1 10-12% faster, with or without a
-# drafter's adapters (session 38), the 160-row pass at batch 2 12% without and 4% with them;
-# at 192 rows 2% slower without them, a tie with them (H100, session 39; timed at SmolLM2's
-# 576 and 1,536 inputs only), perhaps as gate/up's 32-row tiles there are 144 thread blocks
-# for 132 SMs. Down over stacked weights up to 288 rows as well cost the 272-query pass 1%.
+# WIDE_MLP_MAX_ROWS rows (WIDE_STACKED_MLP_MAX_ROWS over a drafter's stacked weights): the
+# 144-row pass at batch 1 10-12% faster, with or without a drafter's adapters (session 38),
+# the 160-row pass at batch 2 12% without and 4% with them (session 39). Gate/up's tile of
+# 64 rows at 4 warps beats 32 rows at 8 by a further 2% without adapters and 4-6% with them
+# at 144-160 rows, and takes the 192-row pass at batch 4 without them from 2% slower than
+# cuBLAS to 8% faster; with them it stays 4% slower there, hence two bounds. At 240-272
+# rows without them a tie; with them the 272-query pass's noise hides any difference
+# (H100, session 40; timed at SmolLM2's 576 and 1,536 inputs only). Down over stacked
+# weights up to 288 rows as well cost the 272-query pass 1%.
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
-WIDE_MLP_MAX_ROWS = 160
+WIDE_MLP_MAX_ROWS = 192
+WIDE_STACKED_MLP_MAX_ROWS = 160
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
-WIDE_SWIGLU_ROWS = 32
-WIDE_SWIGLU_WARPS = 8  # two weight tiles: 4 warps spill in the 32-row tile
+WIDE_SWIGLU_ROWS = 64
+WIDE_SWIGLU_WARPS = 4
 WIDE_OUTPUTS = 64  # halved where the device refuses the thread block (shared memory)
 # Wide tiles a device refused (more shared memory than a thread block may have), by (device,
 # dtype, inputs, SwiGLU, tile): the count depends on the Triton version (the H100's gave
@@ -184,32 +189,35 @@ def shared_bytes(inputs: int, swiglu: bool, itemsize: int,
     return 2 * outputs * (main + rest) * (2 if swiglu else 1) * itemsize
 
 
-def wide(rows: int, inputs: int, swiglu: bool) -> bool:
-    """Whether a projection of a pass of ``rows`` rows takes the wide tile."""
+def wide(rows: int, inputs: int, swiglu: bool, stacked: bool) -> bool:
+    """Whether a projection of a pass of ``rows`` rows takes the wide tile (``stacked``: its
+    mask rows read the adapted half of stacked weights)."""
     if rows <= MAX_PASS_ROWS or rows > MAX_WIDE_ROWS:
         return False
-    return rows <= WIDE_MLP_MAX_ROWS or (not swiglu and inputs <= WIDE_MAX_INPUTS)
+    mlp_rows = WIDE_STACKED_MLP_MAX_ROWS if stacked else WIDE_MLP_MAX_ROWS
+    return rows <= mlp_rows or (not swiglu and inputs <= WIDE_MAX_INPUTS)
 
 
-def tile(rows: int, inputs: int, swiglu: bool, norm: bool) -> tuple[int, int, int]:
+def tile(rows: int, inputs: int, swiglu: bool, norm: bool,
+         stacked: bool) -> tuple[int, int, int]:
     """(rows, outputs, warps) of a thread block: the wide tile where ``wide`` says so, else
     the small tile; warps double past 1,024 inputs (gate/up's wide tile has its own)."""
     warps = WARPS if inputs <= 1024 else 2 * WARPS
-    if not wide(rows, inputs, swiglu):
+    if not wide(rows, inputs, swiglu, stacked):
         return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, warps
     if swiglu:
         return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, WIDE_SWIGLU_WARPS
     return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, warps
 
 
-def supported(x: Tensor, weight: Tensor, swiglu: bool) -> bool:
+def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool) -> bool:
     """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows (``MAX_WIDE_ROWS`` where
     the wide tile is taken) and ``MAX_WIDTH`` inputs, on CUDA (``decode_matvec.fits``),
     whose small tile fits the GPU's shared memory by ``shared_bytes`` (SmolLM2's gate/up
     and down do not in float32; Triton's interpreter has no such limit). A wider tile the
     device refuses halves its outputs down to the small tile's."""
     inputs = weight.shape[-1]
-    most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu) else MAX_PASS_ROWS
+    most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu, stacked) else MAX_PASS_ROWS
     if not fits(x, weight, DEVICES, most, MAX_WIDTH):
         return False
     if x.device.type != "cuda":
@@ -234,7 +242,7 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     out = new_output(x, weight, swiglu, adapted)
     outputs = out.shape[1]
     main, rest = widths(inputs)
-    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None)
+    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
     tiles = -(-start // block_m) + -(-(length - start) // block_m)
     overlap = pdl.enabled(x)
 

@@ -225,7 +225,8 @@ def fused_weights(group: DecodeLinear, plain: nn.Module | None, x: Tensor,
     rows = x.flatten(0, -2)
     if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
         return weights._replace(matvec=True)
-    return weights if decode_matmul.supported(rows, weights.weight, swiglu) else None
+    stacked = weights.adapted > 0
+    return weights if decode_matmul.supported(rows, weights.weight, swiglu, stacked) else None
 
 
 def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
