@@ -183,16 +183,18 @@ def test_thread_blocks_that_overflow_shared_memory_are_counted():
 
 class RefusingKernel:
     """``_matmul_kernel`` as a device that refuses thread blocks of more than ``outputs``
-    outputs (Triton raises ``OutOfResources`` before launching), counting the tiles tried."""
+    outputs or ``rows`` rows (Triton raises ``OutOfResources`` before launching), counting
+    the tiles tried as (rows, outputs)."""
 
-    def __init__(self, kernel, outputs: int):
-        self.kernel, self.outputs, self.tried = kernel, outputs, []
+    def __init__(self, kernel, outputs: int, rows: int = 4096):
+        self.kernel, self.outputs, self.rows, self.tried = kernel, outputs, rows, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.tried.append(kwargs["BLOCK_N"])
-            if kwargs["BLOCK_N"] > self.outputs:
-                raise OutOfResources(kwargs["BLOCK_N"] * 1000, 232448, "shared memory")
+            block = kwargs["BLOCK_M"], kwargs["BLOCK_N"]
+            self.tried.append(block)
+            if block[0] > self.rows or block[1] > self.outputs:
+                raise OutOfResources(block[0] * block[1] * 100, 232448, "shared memory")
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -207,12 +209,31 @@ def test_a_refused_wide_tile_halves_its_outputs(monkeypatch):
     for _ in range(2):
         check_against_plain(torch.float32, 2, 40, 7, True, False, False, False, inputs=48,
                             outputs=80)
+    rows = decode_matmul.WIDE_NORMED_ROWS
     wide, small = decode_matmul.WIDE_OUTPUTS, decode_matmul.OUTPUTS_PER_BLOCK
-    assert refusing.tried == [wide, small, small]
+    assert refusing.tried == [(rows, wide), (rows, small), (rows, small)]
     refusing.outputs = small // 2
     with pytest.raises(OutOfResources):
         check_against_plain(torch.float32, 2, 4, 1, True, False, False, False, inputs=48,
                             outputs=80)
+
+
+def test_a_wide_tile_refused_at_every_width_gives_way_to_the_small_tile(monkeypatch):
+    """Gate/up's wide tile (64 rows) on a device that refuses more than 16 rows a thread
+    block: both its widths refused, the pass runs in the small tile, with the plain result;
+    later calls go straight there."""
+    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
+    monkeypatch.setattr(decode_matmul, "_REFUSED", set())
+    small_rows, small = decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK
+    refusing = RefusingKernel(decode_matmul._matmul_kernel, 4096, rows=small_rows)
+    monkeypatch.setattr(decode_matmul, "_matmul_kernel", refusing)
+    for _ in range(2):
+        check_against_plain(torch.float32, 2, 40, 7, True, True, True, False, inputs=48,
+                            outputs=80)
+    rows, wide = decode_matmul.WIDE_SWIGLU_ROWS, decode_matmul.WIDE_OUTPUTS
+    assert rows > small_rows
+    assert refusing.tried == [(rows, wide), (rows, small), (small_rows, small),
+                              (small_rows, small)]
 
 
 @pytest.mark.parametrize("stacked", [False, True])

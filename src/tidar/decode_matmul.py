@@ -198,16 +198,21 @@ def wide(rows: int, inputs: int, swiglu: bool, stacked: bool) -> bool:
     return rows <= mlp_rows or (not swiglu and inputs <= WIDE_MAX_INPUTS)
 
 
+def small_tile(inputs: int) -> tuple[int, int, int]:
+    """(rows, outputs, warps) of the small tile: warps double past 1,024 inputs."""
+    return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, WARPS if inputs <= 1024 else 2 * WARPS
+
+
 def tile(rows: int, inputs: int, swiglu: bool, norm: bool,
          stacked: bool) -> tuple[int, int, int]:
     """(rows, outputs, warps) of a thread block: the wide tile where ``wide`` says so, else
-    the small tile; warps double past 1,024 inputs (gate/up's wide tile has its own)."""
-    warps = WARPS if inputs <= 1024 else 2 * WARPS
+    the small tile (gate/up's wide tile has its own warps)."""
+    small = small_tile(inputs)
     if not wide(rows, inputs, swiglu, stacked):
-        return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, warps
+        return small
     if swiglu:
         return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, WIDE_SWIGLU_WARPS
-    return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, warps
+    return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, small[2]
 
 
 def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool) -> bool:
@@ -215,7 +220,7 @@ def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool) -> bool:
     the wide tile is taken) and ``MAX_WIDTH`` inputs, on CUDA (``decode_matvec.fits``),
     whose small tile fits the GPU's shared memory by ``shared_bytes`` (SmolLM2's gate/up
     and down do not in float32; Triton's interpreter has no such limit). A wider tile the
-    device refuses halves its outputs down to the small tile's."""
+    device refuses halves its outputs, then gives way to the small tile."""
     inputs = weight.shape[-1]
     most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu, stacked) else MAX_PASS_ROWS
     if not fits(x, weight, DEVICES, most, MAX_WIDTH):
@@ -243,10 +248,11 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     outputs = out.shape[1]
     main, rest = widths(inputs)
     block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
-    tiles = -(-start // block_m) + -(-(length - start) // block_m)
+    small = small_tile(inputs)
     overlap = pdl.enabled(x)
 
-    def launch(block_n: int) -> None:
+    def launch(block_m: int, block_n: int, warps: int) -> None:
+        tiles = -(-start // block_m) + -(-(length - start) // block_m)
         _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
             x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
             x if residual is None else residual, out, inputs, outputs, eps, length, start,
@@ -256,12 +262,14 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
             SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
             FP32=x.dtype == torch.float32, PDL=overlap, num_warps=warps, launch_pdl=overlap)
 
-    # A wide tile the device refuses halves its outputs; the small tile is launched as it is
-    # (``supported`` checked it), so a refusal there is an error.
-    if launch_halving(launch, block_n, 2 * OUTPUTS_PER_BLOCK,
-                      lambda block_n: (x.device, x.dtype, inputs, swiglu, block_m, block_n, warps),
-                      _REFUSED) is None:
-        launch(OUTPUTS_PER_BLOCK)
+    # A wide tile the device refuses halves its outputs, then gives way to the small tile.
+    # The small tile is launched as it is (``supported`` checked it): a refusal there is an
+    # error.
+    if (block_m, block_n, warps) == small or launch_halving(
+            lambda block_n: launch(block_m, block_n, warps), block_n, OUTPUTS_PER_BLOCK,
+            lambda block_n: (x.device, x.dtype, inputs, swiglu, block_m, block_n, warps),
+            _REFUSED) is None:
+        launch(*small)
     return out
 
 
