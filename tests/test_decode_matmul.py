@@ -273,9 +273,8 @@ def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, stacked
                                                      per_layer, matmuls_on_cpu, monkeypatch):
     """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, within
     ``WIDE_MLP_MAX_ROWS`` rows (``WIDE_STACKED_MLP_MAX_ROWS`` with adapters), gate/up and
-    down, the rest as plain layers
-    (``WIDE_MAX_INPUTS`` set to the tiny model's width, as SmolLM2's down has more inputs
-    than it), with the plain layers' logits."""
+    down, the rest as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as
+    SmolLM2's down has more inputs than it), with the plain layers' logits."""
     model = tiny_model("llama", vocab=8, seed=3)
     if adapters:
         model = with_row_lora(model)
