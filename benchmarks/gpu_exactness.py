@@ -240,8 +240,8 @@ def refused_tiles() -> list[str]:
     outputs (it halves them)."""
     attention = [f"attention {dtype} head dim {dim}: {rows} rows"
                  for _, dtype, dim, rows in decode_attention._REFUSED]
-    matmul = [f"matmul {dtype} {inputs} inputs{' ' + fusion if fusion else ''}: {rows} x {outputs}"
-              for _, dtype, inputs, fusion, rows, outputs, _ in decode_matmul._REFUSED]
+    matmul = [f"matmul {dtype} {inputs} inputs{' SwiGLU' if swiglu else ''}: {rows} x {outputs}"
+              for _, dtype, inputs, swiglu, rows, outputs, _ in decode_matmul._REFUSED]
     return sorted(attention + matmul)
 
 

@@ -99,18 +99,11 @@ def cases(fp32: bool = False, head_dim: int = 64, matmul_tiles=MATMUL_TILES,
         main, rest = decode_matmul.widths(inputs)
         own = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK,
                decode_matmul.WARPS * (1 if inputs <= 1024 else 2))
-        # q/k/v with RoPE and the cache writes (decode_matmul_qkv): pairs of outputs
-        rotary = [(False, "", {})] + [(True, "+RoPE", dict(HEADS=9, KV_HEADS=3, HEAD_DIM=64))
-                                      for _ in range(name == "q/k/v")]
         for rows, outputs, warps in matmul_tiles:
-            for rope, suffix, heads in rotary:
-                engine = (rows, outputs, warps) == own and rope == decode_matmul.ROPE
-                out.append((f"matmul {name}{suffix} {rows}x{outputs}",
-                            decode_matmul._matmul_kernel, dict(
-                                BLOCK_M=rows, BLOCK_N=outputs // (2 if rope else 1),
-                                BLOCK_K=main, BLOCK_R=rest, BIAS=False, FP32=fp32, PDL=True,
-                                ROPE=rope, **{"HEADS": 0, "KV_HEADS": 0, "HEAD_DIM": 0,
-                                              **heads}, **extra), warps, engine))
+            engine = (rows, outputs, warps) == own
+            out.append((f"matmul {name} {rows}x{outputs}", decode_matmul._matmul_kernel, dict(
+                BLOCK_M=rows, BLOCK_N=outputs, BLOCK_K=main, BLOCK_R=rest, BIAS=False,
+                FP32=fp32, PDL=True, **extra), warps, engine))
     qkv_warps = decode_matvec.plan(960, DIM)[1]
     for rows in (1, 4):
         out.append((f"q/k/v+RoPE rows={rows}", decode_qkv._qkv_kernel, dict(

@@ -15,7 +15,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from tidar.engine import DecodeConfig, Engine  # noqa: E402
 from tidar.layouts import decode_layout  # noqa: E402
-from tidar.model import KVCache, rotate, write_kv  # noqa: E402
+from tidar.model import KVCache  # noqa: E402
 
 
 def plain(x, weight, norm_weight, bias, residual, swiglu, length, start, adapted):
@@ -118,80 +118,16 @@ def check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swi
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
-class Calls(list):
-    """Rows of each call of ``decode_matmul`` and ``decode_matmul_qkv``, and how many of them
-    were the latter (``rotary``)."""
-
-    rotary = 0
-
-    def clear(self):
-        super().clear()
-        self.rotary = 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("sequences", "length", "start"), [
-    (1, 32, 16),  # one proposal block: clean rows, then mask rows
-    (2, 7, 3),    # tiles cut short on both sides
-    (3, 5, 5),    # no mask rows: every sequence's rows tiled together
-    (17, 1, 1),   # the AR step of 17 sequences
-])
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_qkv_matches_the_projection_rotation_and_cache_writes(dtype, sequences, length, start,
-                                                              use_bias):
-    """``decode_matmul_qkv`` against the plain projection (mask rows reading the adapted
-    half), the model's ``rotate`` and a cache write at each row's slot: three q heads over
-    one KV head of 8 dims, so a tile's pairs straddle q, k and v; other slots keep their
-    values."""
-    heads, kv_heads, dim, inputs, slots = 3, 1, 8, 24, 40
-    gen = torch.Generator().manual_seed(sequences * 100 + length + start + use_bias)
-    rows, width = sequences * length, (heads + 2 * kv_heads) * dim
-    stacked = start < length
-    adapted = width if stacked else 0
-    x = torch.randn(rows, inputs, generator=gen).to(dtype)
-    weight = (torch.randn(2 * width if stacked else width, inputs, generator=gen)
-              / inputs**0.5).to(dtype)
-    norm_weight = (torch.rand(inputs, generator=gen) + 0.5).to(dtype)
-    bias = torch.randn(weight.shape[0], generator=gen).to(dtype) if use_bias else None
-    angles = torch.rand(sequences, 1, length, dim // 2, generator=gen) * 6
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
-    caches = [torch.randn(sequences, kv_heads, slots, dim, generator=gen).to(dtype)
-              for _ in range(2)]
-    at = torch.stack([torch.randperm(slots, generator=gen)[:length] for _ in range(sequences)])
-
-    projected = plain(x, weight, norm_weight, bias, None, False, length, start, adapted)
-    q, k, v = projected.to(dtype).view(sequences, length, heads + 2 * kv_heads, dim).transpose(
-        1, 2).split([heads, kv_heads, kv_heads], dim=1)
-    q_expected = rotate(q.float(), cos.float(), sin.float()).to(dtype)
-    expected = [c.clone() for c in caches]
-    write_kv(expected, at, rotate(k.float(), cos.float(), sin.float()).to(dtype), v)
-
-    got = decode_matmul.decode_matmul_qkv(x, weight, norm_weight, bias, 1e-5, length, start,
-                                          adapted, cos, sin, *caches, at, heads)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert got.shape == (rows, heads * dim) and got.dtype == dtype
-    torch.testing.assert_close(got.view(sequences, length, heads, dim).transpose(1, 2),
-                               q_expected, atol=tol, rtol=tol)
-    for cache, want in zip(caches, expected, strict=True):
-        torch.testing.assert_close(cache, want, atol=tol, rtol=tol)
-
-
 @pytest.fixture
 def matmuls_on_cpu(monkeypatch):
     """Let drafting passes take the fused path on the CPU (the interpreter), counting its
-    calls (``Calls``)."""
-    calls = Calls()
-    op, rotary_op = decode_matmul.decode_matmul, decode_matmul.decode_matmul_qkv
-
-    def rotary(*args):
-        calls.rotary += 1
-        return calls.append(args[0].shape[0]) or rotary_op(*args)
-
+    calls by rows."""
+    calls = []
+    op = decode_matmul.decode_matmul
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 4096)
     monkeypatch.setattr(decode_matmul, "decode_matmul",
                         lambda *args: calls.append(args[0].shape[0]) or op(*args))
-    monkeypatch.setattr(decode_matmul, "decode_matmul_qkv", rotary)
     return calls
 
 
@@ -352,4 +288,3 @@ def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, stacked
     matmuls_on_cpu.clear()
     torch.testing.assert_close(drafting_pass_logits(model), expected, atol=1e-4, rtol=1e-4)
     assert len(matmuls_on_cpu) == per_layer * model.cfg.n_layers
-    assert matmuls_on_cpu.rotary == model.cfg.n_layers  # q/k/v with RoPE and the cache writes

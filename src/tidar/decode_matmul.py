@@ -62,15 +62,9 @@ WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 64
 WIDE_SWIGLU_WARPS = 4
 WIDE_OUTPUTS = 64  # halved where the device refuses the thread block (shared memory)
-# The q/k/v projection of a pass with a cache (``decode_matmul_qkv``) also rotates q and k and
-# writes k and v to the cache, which inductor did in a kernel of its own after it (2.8 us a
-# layer in session 39's profile of the 272-query pass on the H100).
-ROPE = True
-SMALL_ROPE_PAIRS = 16
 # Wide tiles a device refused (more shared memory than a thread block may have), by (device,
-# dtype, inputs, fusion: "SwiGLU", "RoPE" or "", tile): the count depends on the Triton
-# version (the H100's gave float32 gate/up 2.9x the CPU's Triton 3.9), so launches find out
-# (launch_halving).
+# dtype, inputs, SwiGLU, tile): the count depends on the Triton version (the H100's gave
+# float32 gate/up 2.9x the CPU's Triton 3.9), so launches find out (launch_halving).
 _REFUSED: set[tuple] = set()
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
@@ -105,60 +99,17 @@ def _dot(x, w, FP32: tl.constexpr):
 
 
 @triton.jit
-def _rotary_store(lo, hi, rows, row_ok, pair, pair_ok, Q, stride_q, Cos, Sin, Slots, KCache,
-                  VCache, seq_len, sc_b, sc_h, sc_s, HEADS: tl.constexpr,
-                  KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Output pairs ``lo``, ``hi`` (half a head apart) of q, k and v heads, rounded as the
-    projection's output; q and k rotated (RoPE from ``Cos, Sin`` ``[rows, HEAD_DIM]``) in
-    float32 and rounded once, as decode_qkv's kernel. q goes to ``Q`` ``[rows, HEADS *
-    HEAD_DIM]``, k and v to the caches (strides ``sc_*``, shared) at the row's slot
-    (``Slots`` ``[rows]``; sequences of ``seq_len`` rows)."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    head, j = pair // HALF, pair % HALF
-    a = lo.to(Q.dtype.element_ty).to(tl.float32)
-    b = hi.to(Q.dtype.element_ty).to(tl.float32)
-    ok = row_ok[:, None] & pair_ok[None, :]
-    at = rows[:, None] * HEAD_DIM + j[None, :]
-    cos_lo = tl.load(Cos + at, mask=ok, other=0.0).to(tl.float32)
-    cos_hi = tl.load(Cos + at + HALF, mask=ok, other=0.0).to(tl.float32)
-    sin_lo = tl.load(Sin + at, mask=ok, other=0.0).to(tl.float32)
-    sin_hi = tl.load(Sin + at + HALF, mask=ok, other=0.0).to(tl.float32)
-    rotary = (head < HEADS + KV_HEADS)[None, :]
-    out_lo = tl.where(rotary, a * cos_lo - b * sin_lo, a)
-    out_hi = tl.where(rotary, b * cos_hi + a * sin_hi, b)
-    is_q = ok & (head < HEADS)[None, :]
-    q = Q + rows[:, None] * stride_q + (head * HEAD_DIM + j)[None, :]
-    tl.store(q, out_lo.to(Q.dtype.element_ty), mask=is_q)
-    tl.store(q + HALF, out_hi.to(Q.dtype.element_ty), mask=is_q)
-    slot = tl.load(Slots + rows, mask=row_ok, other=0)
-    is_k = ok & ((head >= HEADS) & (head < HEADS + KV_HEADS))[None, :]
-    is_v = ok & (head >= HEADS + KV_HEADS)[None, :]
-    kv_head = tl.where(head >= HEADS + KV_HEADS, head - HEADS - KV_HEADS,
-                       tl.maximum(head - HEADS, 0))
-    cache = ((rows // seq_len)[:, None] * sc_b + kv_head[None, :] * sc_h
-             + slot[:, None] * sc_s + j[None, :])
-    tl.store(KCache + cache, out_lo.to(KCache.dtype.element_ty), mask=is_k)
-    tl.store(KCache + cache + HALF, out_hi.to(KCache.dtype.element_ty), mask=is_k)
-    tl.store(VCache + cache, out_lo.to(VCache.dtype.element_ty), mask=is_v)
-    tl.store(VCache + cache + HALF, out_hi.to(VCache.dtype.element_ty), mask=is_v)
-
-
-@triton.jit
 def _matmul_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, length, start, adapted,
                    stride_x, stride_w, stride_res, stride_out,
-                   Cos, Sin, Slots, KCache, VCache, seq_len, sc_b, sc_h, sc_s,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_R: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                    BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FP32: tl.constexpr,
-                   PDL: tl.constexpr, ROPE: tl.constexpr, HEADS: tl.constexpr,
-                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   PDL: tl.constexpr):
     """Outputs ``n`` of this program for one tile of rows: ``W @ f(x) (+ bias)`` as
     ``decode_matvec``'s kernel. Rows are ``length`` a sequence; those from ``start`` on
     (mask rows) read the weight rows from ``adapted`` on (the stacked adapted half). The
     inputs come as two tiles, ``BLOCK_K`` then ``BLOCK_R`` wide (0: none), so that a width
-    such as 576 pads to 512 + 64, not to 1024 (registers). With ``ROPE`` the weight is q,
-    k then v heads and ``N`` counts output pairs half a head apart, ``BLOCK_N`` of them a
-    program (``_rotary_store``)."""
+    such as 576 pads to 512 + 64, not to 1024 (registers)."""
     clean_tiles = tl.cdiv(start, BLOCK_M)
     tiles = clean_tiles + tl.cdiv(length - start, BLOCK_M)
     seq, tile = tl.program_id(1) // tiles, tl.program_id(1) % tiles
@@ -169,20 +120,14 @@ def _matmul_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, length, start, adapte
     rows = (seq * length + t).to(tl.int64)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    if ROPE:  # pairs: weight rows ``lo`` (the first half of a head) and ``lo + HALF``
-        pair = n
-        n = pair // (HEAD_DIM // 2) * HEAD_DIM + pair % (HEAD_DIM // 2)
-        second = HEAD_DIM // 2
-    else:  # SwiGLU: gate rows then up rows
-        second = N
     offset = tl.where(masked, adapted, 0)  # first weight row of this tile's half
     w = _weights(W, offset, n, n_ok, stride_w, 0, K, BLOCK_K)
     if BLOCK_R:
         w_rest = _weights(W, offset, n, n_ok, stride_w, BLOCK_K, K, BLOCK_R)
-    if SWIGLU or ROPE:
-        w_up = _weights(W, offset + second, n, n_ok, stride_w, 0, K, BLOCK_K)
+    if SWIGLU:
+        w_up = _weights(W, offset + N, n, n_ok, stride_w, 0, K, BLOCK_K)
         if BLOCK_R:
-            w_up_rest = _weights(W, offset + second, n, n_ok, stride_w, BLOCK_K, K, BLOCK_R)
+            w_up_rest = _weights(W, offset + N, n, n_ok, stride_w, BLOCK_K, K, BLOCK_R)
     if NORM:
         k_main = tl.arange(0, BLOCK_K)
         norm_w = tl.load(NormW + k_main, mask=k_main < K, other=0.0)
@@ -191,9 +136,8 @@ def _matmul_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, length, start, adapte
             norm_w_rest = tl.load(NormW + k_rest, mask=k_rest < K, other=0.0)
     if BIAS:
         bias = tl.load(Bias + offset + n, mask=n_ok, other=0.0).to(tl.float32)
-        if SWIGLU or ROPE:
-            bias_up = tl.load(Bias + offset + second + n, mask=n_ok,
-                              other=0.0).to(tl.float32)
+        if SWIGLU:
+            bias_up = tl.load(Bias + offset + N + n, mask=n_ok, other=0.0).to(tl.float32)
     if PDL:  # the input and residual are earlier kernels' outputs
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -213,24 +157,19 @@ def _matmul_kernel(X, NormW, W, Bias, Res, Out, K, N, eps, length, start, adapte
         acc += _dot(x_rest, w_rest, FP32)
     if BIAS:
         acc += bias[None, :]
-    if SWIGLU or ROPE:
+    if SWIGLU:
         up = _dot(x, w_up, FP32)
         if BLOCK_R:
             up += _dot(x_rest, w_up_rest, FP32)
         if BIAS:
             up += bias_up[None, :]
-    if SWIGLU:
         acc = acc * tl.sigmoid(acc) * up
     out_ok = row_ok[:, None] & n_ok[None, :]
-    if ROPE:
-        _rotary_store(acc, up, rows, row_ok, pair, n_ok, Out, stride_out, Cos, Sin, Slots,
-                      KCache, VCache, seq_len, sc_b, sc_h, sc_s, HEADS, KV_HEADS, HEAD_DIM)
-    else:
-        if RESIDUAL:
-            acc += tl.load(Res + rows[:, None] * stride_res + n[None, :], mask=out_ok,
-                           other=0.0).to(tl.float32)
-        tl.store(Out + rows[:, None] * stride_out + n[None, :], acc.to(Out.dtype.element_ty),
-                 mask=out_ok)
+    if RESIDUAL:
+        acc += tl.load(Res + rows[:, None] * stride_res + n[None, :], mask=out_ok,
+                       other=0.0).to(tl.float32)
+    tl.store(Out + rows[:, None] * stride_out + n[None, :], acc.to(Out.dtype.element_ty),
+             mask=out_ok)
 
 
 def widths(inputs: int) -> tuple[int, int]:
@@ -292,51 +231,6 @@ def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool) -> bool:
     return shared_bytes(inputs, swiglu, x.element_size()) <= limit
 
 
-def _project(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: Tensor | None,
-             residual: Tensor | None, swiglu: bool, eps: float, length: int, start: int,
-             adapted: int, out: Tensor, outputs: int, rope: dict | None = None) -> None:
-    """Launch the kernel for ``decode_matmul`` (``outputs`` columns of ``out``), or for
-    ``decode_matmul_qkv`` with ``rope`` (its RoPE and cache arguments): pairs of outputs, so
-    a tile takes half as many, in two weight tiles as gate/up's."""
-    rows, inputs = x.shape
-    stacked = start < length
-    if not stacked:  # every row reads the base half: tile all sequences' rows together,
-        length = start = rows  # not one tile a sequence (the AR step of 5-96 sequences)
-    main, rest = widths(inputs)
-    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
-    small = small_tile(inputs)
-    is_small = (block_m, block_n, warps) == small
-    if rope:
-        small = (small[0], 2 * SMALL_ROPE_PAIRS, small[2])
-    overlap = pdl.enabled(x)
-    rope = rope or dict(Cos=x, Sin=x, Slots=x, KCache=x, VCache=x, seq_len=1, sc_b=0, sc_h=0,
-                        sc_s=0, ROPE=False, HEADS=0, KV_HEADS=0, HEAD_DIM=0)
-    per_output = 2 if rope["ROPE"] else 1
-    fusion = "SwiGLU" if swiglu else "RoPE" if rope["ROPE"] else ""
-
-    def launch(block_m: int, block_n: int, warps: int) -> None:
-        tiles = -(-start // block_m) + -(-(length - start) // block_m)
-        block_n //= per_output
-        _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
-            x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
-            x if residual is None else residual, out, inputs, outputs, eps, length, start,
-            adapted, x.stride(0), weight.stride(0),
-            0 if residual is None else residual.stride(0), out.stride(0), **rope,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=main, BLOCK_R=rest,
-            NORM=norm_weight is not None, SWIGLU=swiglu, BIAS=bias is not None,
-            RESIDUAL=residual is not None, FP32=x.dtype == torch.float32, PDL=overlap,
-            num_warps=warps, launch_pdl=overlap)
-
-    # A wide tile the device refuses halves its outputs, then gives way to the small tile.
-    # The small tile is launched as it is (``supported`` checked it): a refusal there is an
-    # error.
-    if is_small or launch_halving(
-            lambda block_n: launch(block_m, block_n, warps), block_n, OUTPUTS_PER_BLOCK,
-            lambda block_n: (x.device, x.dtype, inputs, fusion, block_m, block_n, warps),
-            _REFUSED) is None:
-        launch(*small)
-
-
 @torch.library.custom_op("tidar::decode_matmul", mutates_args=())
 def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: Tensor | None,
                   residual: Tensor | None, swiglu: bool, eps: float, length: int, start: int,
@@ -345,44 +239,40 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     ``decode_matvec`` does, except that rows from ``start`` on in each sequence read the
     weight (and bias) rows from ``adapted`` on. Without mask rows ``start`` is ``length``
     (``adapted`` then goes unread). An opaque custom op, as ``decode_matvec``."""
+    rows, inputs = x.shape
+    stacked = start < length
+    if not stacked:  # every row reads the base half: tile all sequences' rows together,
+        length = start = rows  # not one tile a sequence (the AR step of 5-96 sequences)
     x, weight, residual = unit_stride(x, weight, residual)
     out = new_output(x, weight, swiglu, adapted)
-    _project(x, weight, norm_weight, bias, residual, swiglu, eps, length, start, adapted, out,
-             out.shape[1])
+    outputs = out.shape[1]
+    main, rest = widths(inputs)
+    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
+    small = small_tile(inputs)
+    overlap = pdl.enabled(x)
+
+    def launch(block_m: int, block_n: int, warps: int) -> None:
+        tiles = -(-start // block_m) + -(-(length - start) // block_m)
+        _matmul_kernel[(triton.cdiv(outputs, block_n), rows // length * tiles)](
+            x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
+            x if residual is None else residual, out, inputs, outputs, eps, length, start,
+            adapted, x.stride(0), weight.stride(0),
+            0 if residual is None else residual.stride(0), out.stride(0), BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=main, BLOCK_R=rest, NORM=norm_weight is not None,
+            SWIGLU=swiglu, BIAS=bias is not None, RESIDUAL=residual is not None,
+            FP32=x.dtype == torch.float32, PDL=overlap, num_warps=warps, launch_pdl=overlap)
+
+    # A wide tile the device refuses halves its outputs, then gives way to the small tile.
+    # The small tile is launched as it is (``supported`` checked it): a refusal there is an
+    # error.
+    if (block_m, block_n, warps) == small or launch_halving(
+            lambda block_n: launch(block_m, block_n, warps), block_n, OUTPUTS_PER_BLOCK,
+            lambda block_n: (x.device, x.dtype, inputs, swiglu, block_m, block_n, warps),
+            _REFUSED) is None:
+        launch(*small)
     return out
 
 
 @decode_matmul.register_fake
 def _(x, weight, norm_weight, bias, residual, swiglu, eps, length, start, adapted):
     return new_output(x, weight, swiglu, adapted)
-
-
-@torch.library.custom_op("tidar::decode_matmul_qkv", mutates_args=("k_cache", "v_cache"))
-def decode_matmul_qkv(x: Tensor, weight: Tensor, norm_weight: Tensor, bias: Tensor | None,
-                      eps: float, length: int, start: int, adapted: int, cos: Tensor,
-                      sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
-                      heads: int) -> Tensor:
-    """q ``[rows, heads * D]`` of ``x`` ``[rows, K]`` (sequences of ``length`` rows, mask
-    rows from ``start`` reading weight rows from ``adapted`` as ``decode_matmul``): the
-    RMSNorm with ``norm_weight``, ``weight`` (q, k then v heads) plus ``bias``, RoPE from
-    ``cos, sin`` ``[B, 1, T, D]`` on q and k. k and v are written to ``k_cache, v_cache``
-    ``[B, Hkv, S, D]`` at ``slots`` ``[B, T]``, as ``decode_qkv`` does for the AR step."""
-    rows, dim = x.shape[0], k_cache.shape[3]
-    if v_cache.stride() != k_cache.stride():
-        raise ValueError("decode_matmul_qkv: the k and v caches must share their strides")
-    x, weight = unit_stride(x, weight)
-    q = x.new_empty(rows, heads * dim)
-    pairs = (heads + 2 * k_cache.shape[1]) * dim // 2
-    rope = dict(Cos=cos.reshape(rows, dim), Sin=sin.reshape(rows, dim),
-                Slots=slots.reshape(rows), KCache=k_cache, VCache=v_cache, seq_len=length,
-                sc_b=k_cache.stride(0), sc_h=k_cache.stride(1), sc_s=k_cache.stride(2),
-                ROPE=True, HEADS=heads, KV_HEADS=k_cache.shape[1], HEAD_DIM=dim)
-    _project(x, weight, norm_weight, bias, None, False, eps, length, start, adapted, q, pairs,
-             rope)
-    return q
-
-
-@decode_matmul_qkv.register_fake
-def _(x, weight, norm_weight, bias, eps, length, start, adapted, cos, sin, k_cache, v_cache,
-      slots, heads):
-    return x.new_empty(x.shape[0], heads * k_cache.shape[3])

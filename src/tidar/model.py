@@ -365,18 +365,12 @@ class Attention(nn.Module):
         qkv, out = fused_weights(self.qkv, None, x), fused_weights(self.out, self.o_proj, x)
         if qkv is None or out is None:
             return None
-        cfg, rows, (batch, length, _) = self.cfg, x.flatten(0, -2), x.shape
-        rotary = kv is not None and cfg.qk_norm is None and cfg.clip_qkv is None
-        if rotary and qkv.matvec and decode_qkv.supported(rows, qkv.weight, length):
+        cfg, rows = self.cfg, x.flatten(0, -2)
+        if (kv is not None and qkv.matvec and cfg.qk_norm is None and cfg.clip_qkv is None
+                and decode_qkv.supported(rows, qkv.weight, x.shape[-2])):
             # The AR step: RoPE and the cache writes in the projection's kernel.
             q = decode_qkv.decode_qkv(rows, qkv.weight, norm.weight, qkv.bias, norm.eps,
                                       cos, sin, *kv, slots, cfg.n_heads)
-            return fused(self.attend_heads(q, *kv, masks), out, residual=x)
-        if rotary and not qkv.matvec and decode_matmul.ROPE:  # likewise for more rows
-            q = decode_matmul.decode_matmul_qkv(
-                rows, qkv.weight, norm.weight, qkv.bias, norm.eps, length, qkv.start,
-                qkv.adapted, cos, sin, *kv, slots, cfg.n_heads)
-            q = q.view(batch, length, cfg.n_heads, cfg.head_dim).transpose(1, 2)
             return fused(self.attend_heads(q, *kv, masks), out, residual=x)
         q, k, v = fused(x, qkv, norm=norm).split(self.qkv.sizes, dim=-1)
         return fused(self.context(q, k, v, cos, sin, masks, kv, slots), out, residual=x)
