@@ -74,27 +74,38 @@ def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual,
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
     rows, inputs = 2 * 40, 48
     wide_rows = decode_matmul.WIDE_NORMED_ROWS if use_norm else decode_matmul.WIDE_ROWS
-    assert decode_matmul.tile(rows, inputs, False, use_norm, stacked) == (
+    assert decode_matmul.tile(rows, inputs, False, use_norm, stacked, 2) == (
         wide_rows, decode_matmul.WIDE_OUTPUTS, decode_matmul.WARPS)
     check_against_plain(dtype, 2, 40, 7 if stacked else 40, use_norm, use_bias, False,
                         use_residual, inputs=inputs, outputs=decode_matmul.WIDE_OUTPUTS + 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("stacked", [False, True])
-def test_gate_up_takes_the_wide_tile_up_to_the_mlp_rows(dtype, stacked, monkeypatch):
-    """Gate/up (norm, SwiGLU, biases), over plain or a drafter's stacked weights, takes the
-    wide tile up to ``WIDE_MLP_MAX_ROWS`` rows (``WIDE_STACKED_MLP_MAX_ROWS`` over stacked
-    weights; both lowered here) and the small one past them."""
+@pytest.mark.parametrize(("stacked", "sequences", "bound"), [
+    (False, 2, "WIDE_MLP_MAX_ROWS"),
+    (False, 1, "WIDE_MLP_MAX_ROWS"),
+    (True, 2, "WIDE_STACKED_MLP_MAX_ROWS"),
+    (True, 1, "WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE"),
+])
+def test_gate_up_takes_the_wide_tile_up_to_the_mlp_rows(dtype, stacked, sequences, bound,
+                                                        monkeypatch):
+    """Gate/up (norm, SwiGLU, biases) takes the wide tile up to ``WIDE_MLP_MAX_ROWS`` rows
+    over plain weights, and over a drafter's stacked ones up to
+    ``WIDE_STACKED_MLP_MAX_ROWS`` (several sequences) or
+    ``WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE`` (one), and the small tile past them (the
+    three bounds lowered here, and set apart so that the wrong one fails)."""
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
-    monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", 88 if stacked else 80)
-    monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MLP_MAX_ROWS", 80 if stacked else 88)
+    bounds = ["WIDE_MLP_MAX_ROWS", "WIDE_STACKED_MLP_MAX_ROWS",
+              "WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE"]
+    for name in bounds:
+        monkeypatch.setattr(decode_matmul, name, 88 if name != bound else 80)
     wide = (decode_matmul.WIDE_SWIGLU_ROWS, decode_matmul.WIDE_OUTPUTS)
-    assert decode_matmul.tile(80, 48, True, True, stacked)[:2] == wide
+    assert decode_matmul.tile(80, 48, True, True, stacked, sequences)[:2] == wide
     small = (decode_matmul.ROWS_PER_BLOCK, decode_matmul.OUTPUTS_PER_BLOCK)
-    assert decode_matmul.tile(81, 48, True, True, stacked)[:2] == small
-    check_against_plain(dtype, 2, 40, 7 if stacked else 40, True, True, True, False,
-                        inputs=48, outputs=decode_matmul.WIDE_OUTPUTS + 16)
+    assert decode_matmul.tile(81, 48, True, True, stacked, sequences)[:2] == small
+    length = 80 // sequences
+    check_against_plain(dtype, sequences, length, 7 if stacked else length, True, True, True,
+                        False, inputs=48, outputs=decode_matmul.WIDE_OUTPUTS + 16)
 
 
 def check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swiglu,
@@ -131,15 +142,16 @@ def matmuls_on_cpu(monkeypatch):
     return calls
 
 
-def drafting_pass_logits(model):
+def drafting_pass_logits(model, sequences: int = 2):
     """Logits of a drafting pass (block size 4, proposals for 0 and 1 accepted drafts) over
-    random caches, for two sequences."""
+    random caches, for two sequences (or the first of them)."""
     gen = torch.Generator().manual_seed(0)
-    cache = KVCache(model.cfg, 2, 16, 12, torch.float32, "cpu")
+    cache = KVCache(model.cfg, sequences, 16, 12, torch.float32, "cpu")
     for buffer in cache.k + cache.v:
         buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    layout = decode_layout(torch.tensor([3, 5]), torch.randint(0, 8, (2, 4), generator=gen),
-                           [0, 1], 4, 16, model.cfg.mask_id)
+    drafts = torch.randint(0, 8, (2, 4), generator=gen)[:sequences]
+    layout = decode_layout(torch.tensor([3, 5])[:sequences], drafts, [0, 1], 4, 16,
+                           model.cfg.mask_id)
     with torch.inference_mode(), model.decode_weights():
         return model(layout, cache)
 
@@ -236,55 +248,63 @@ def test_a_wide_tile_refused_at_every_width_gives_way_to_the_small_tile(monkeypa
                               (small_rows, small)]
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, monkeypatch):
+@pytest.mark.parametrize(("stacked", "sequences"), [(False, 2), (True, 2), (True, 1)])
+def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, sequences, monkeypatch):
     """SmolLM2's shapes: up to ``WIDE_MLP_MAX_ROWS`` rows (192: batch 4 at two proposed
-    blocks) over plain weights, ``WIDE_STACKED_MLP_MAX_ROWS`` (160: batch 2 at four) over a
-    drafter's stacked ones, every projection goes to the kernel; past them q/k/v and o do,
+    blocks) over plain weights, over a drafter's stacked ones ``WIDE_STACKED_MLP_MAX_ROWS``
+    (160: batch 2 at four) for several sequences and ``MAX_WIDE_ROWS`` (288) for one (272:
+    every block proposed), every projection goes to the kernel; past them q/k/v and o do,
     gate/up (SwiGLU) and down (1,536 inputs) stay plain; and past ``MAX_WIDE_ROWS`` all
     stay plain."""
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
-    most = (decode_matmul.WIDE_STACKED_MLP_MAX_ROWS if stacked
-            else decode_matmul.WIDE_MLP_MAX_ROWS)
-    assert most == (160 if stacked else 192)
     wide = decode_matmul.MAX_WIDE_ROWS
+    most = {(False, 2): decode_matmul.WIDE_MLP_MAX_ROWS,
+            (True, 2): decode_matmul.WIDE_STACKED_MLP_MAX_ROWS,
+            (True, 1): decode_matmul.WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE}[stacked, sequences]
+    assert most == {(False, 2): 192, (True, 2): 160, (True, 1): wide}[stacked, sequences]
 
     def taken(rows, outputs, inputs, swiglu=False):
         outputs *= 1 + stacked
         return decode_matmul.supported(torch.zeros(rows, inputs), torch.zeros(outputs, inputs),
-                                       swiglu, stacked)
+                                       swiglu, stacked, sequences)
 
-    for rows in (96, most):  # the small tile, then the wide one
+    for rows in (96, 144, 272, most + 1):  # the small tile, then the wide one
+        if rows > wide:
+            continue
         assert taken(rows, 960, 576) and taken(rows, 576, 576)
-        assert taken(rows, 3072, 576, True) and taken(rows, 576, 1536)
-    for rows in (most + 1, 272):
-        assert taken(rows, 960, 576) and taken(rows, 576, 576)
-        assert not taken(rows, 3072, 576, True) and not taken(rows, 576, 1536)
-    assert not taken(wide + 1, 960, 576)
+        mlp = rows <= most
+        assert taken(rows, 3072, 576, True) == mlp and taken(rows, 576, 1536) == mlp
+    assert not taken(wide + 1, 960, 576) and not taken(wide + 1, 3072, 576, True)
 
 
-@pytest.mark.parametrize(("adapters", "mlp_rows", "stacked_mlp_rows", "per_layer"), [
-    (False, 0, 4096, 2),  # q/k/v and o
-    (False, 4096, 0, 4),  # and gate/up and down
-    (True, 4096, 0, 2),   # over a drafter's stacked weights
-    (True, 0, 4096, 4),
+@pytest.mark.parametrize(("adapters", "sequences", "bounds", "per_layer"), [
+    (False, 2, (0, 4096, 4096), 2),  # q/k/v and o
+    (False, 2, (4096, 0, 0), 4),     # and gate/up and down
+    (True, 2, (4096, 0, 4096), 2),   # over a drafter's stacked weights, several sequences
+    (True, 2, (0, 4096, 0), 4),
+    (True, 1, (4096, 4096, 0), 2),   # one sequence
+    (True, 1, (0, 0, 4096), 4),
 ])
-def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, mlp_rows, stacked_mlp_rows,
-                                                     per_layer, matmuls_on_cpu, monkeypatch):
+def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, sequences, bounds, per_layer,
+                                                     matmuls_on_cpu, monkeypatch):
     """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, within
-    ``WIDE_MLP_MAX_ROWS`` rows (``WIDE_STACKED_MLP_MAX_ROWS`` with adapters), gate/up and
-    down, the rest as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as
-    SmolLM2's down has more inputs than it), with the plain layers' logits."""
+    ``WIDE_MLP_MAX_ROWS`` rows (with adapters ``WIDE_STACKED_MLP_MAX_ROWS``, or
+    ``WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence), gate/up and down, the
+    rest as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as SmolLM2's
+    down has more inputs than it), with the plain layers' logits. Each case opens only the
+    bound it should read."""
     model = tiny_model("llama", vocab=8, seed=3)
     if adapters:
         model = with_row_lora(model)
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 0)
     monkeypatch.setattr(decode_matmul, "WIDE_MAX_INPUTS", model.cfg.dim)
-    monkeypatch.setattr(decode_matmul, "WIDE_MLP_MAX_ROWS", mlp_rows)
-    monkeypatch.setattr(decode_matmul, "WIDE_STACKED_MLP_MAX_ROWS", stacked_mlp_rows)
+    for name, rows in zip(("WIDE_MLP_MAX_ROWS", "WIDE_STACKED_MLP_MAX_ROWS",
+                           "WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE"), bounds, strict=True):
+        monkeypatch.setattr(decode_matmul, name, rows)
     with monkeypatch.context() as plain_only:
         plain_only.setattr(decode_matmul, "DEVICES", ())
-        expected = drafting_pass_logits(model)
+        expected = drafting_pass_logits(model, sequences)
     matmuls_on_cpu.clear()
-    torch.testing.assert_close(drafting_pass_logits(model), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(drafting_pass_logits(model, sequences), expected, atol=1e-4,
+                               rtol=1e-4)
     assert len(matmuls_on_cpu) == per_layer * model.cfg.n_layers

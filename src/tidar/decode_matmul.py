@@ -51,12 +51,16 @@ WARPS = 4  # twice as many past 1,024 inputs
 # at 144-160 rows, and takes the 192-row pass at batch 4 without them from 2% slower than
 # cuBLAS to 8% faster; with them it stays 4% slower there, hence two bounds. At 240-272
 # rows without them a tie; with them the 272-query pass's noise hides any difference
-# (H100, session 40; timed at SmolLM2's 576 and 1,536 inputs only). Down over stacked
-# weights up to 288 rows as well cost the 272-query pass 1%.
+# (H100, session 40; timed at SmolLM2's 576 and 1,536 inputs only). Over stacked weights
+# one sequence's 272-row pass is 8-9% faster with gate/up and down in the wide tile (six
+# rounds), where several sequences' passes past 160 rows are not (240 rows a tie, 288 rows
+# 3% slower; session 41), hence WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE. Not measured: why;
+# each sequence's rows take whole tiles, so several sequences make more, part-empty tiles.
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
 WIDE_MLP_MAX_ROWS = 192
 WIDE_STACKED_MLP_MAX_ROWS = 160
+WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE = 288
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 64
@@ -189,12 +193,17 @@ def shared_bytes(inputs: int, swiglu: bool, itemsize: int,
     return 2 * outputs * (main + rest) * (2 if swiglu else 1) * itemsize
 
 
-def wide(rows: int, inputs: int, swiglu: bool, stacked: bool) -> bool:
-    """Whether a projection of a pass of ``rows`` rows takes the wide tile (``stacked``: its
-    mask rows read the adapted half of stacked weights)."""
+def wide(rows: int, inputs: int, swiglu: bool, stacked: bool, sequences: int) -> bool:
+    """Whether a projection of a pass of ``rows`` rows of ``sequences`` sequences takes the
+    wide tile (``stacked``: its mask rows read the adapted half of stacked weights)."""
     if rows <= MAX_PASS_ROWS or rows > MAX_WIDE_ROWS:
         return False
-    mlp_rows = WIDE_STACKED_MLP_MAX_ROWS if stacked else WIDE_MLP_MAX_ROWS
+    if not stacked:
+        mlp_rows = WIDE_MLP_MAX_ROWS
+    elif sequences == 1:
+        mlp_rows = WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE
+    else:
+        mlp_rows = WIDE_STACKED_MLP_MAX_ROWS
     return rows <= mlp_rows or (not swiglu and inputs <= WIDE_MAX_INPUTS)
 
 
@@ -203,26 +212,27 @@ def small_tile(inputs: int) -> tuple[int, int, int]:
     return ROWS_PER_BLOCK, OUTPUTS_PER_BLOCK, WARPS if inputs <= 1024 else 2 * WARPS
 
 
-def tile(rows: int, inputs: int, swiglu: bool, norm: bool,
-         stacked: bool) -> tuple[int, int, int]:
+def tile(rows: int, inputs: int, swiglu: bool, norm: bool, stacked: bool,
+         sequences: int) -> tuple[int, int, int]:
     """(rows, outputs, warps) of a thread block: the wide tile where ``wide`` says so, else
     the small tile (gate/up's wide tile has its own warps)."""
     small = small_tile(inputs)
-    if not wide(rows, inputs, swiglu, stacked):
+    if not wide(rows, inputs, swiglu, stacked, sequences):
         return small
     if swiglu:
         return WIDE_SWIGLU_ROWS, WIDE_OUTPUTS, WIDE_SWIGLU_WARPS
     return WIDE_NORMED_ROWS if norm else WIDE_ROWS, WIDE_OUTPUTS, small[2]
 
 
-def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool) -> bool:
+def supported(x: Tensor, weight: Tensor, swiglu: bool, stacked: bool, sequences: int) -> bool:
     """The matmul takes passes of at most ``MAX_PASS_ROWS`` rows (``MAX_WIDE_ROWS`` where
     the wide tile is taken) and ``MAX_WIDTH`` inputs, on CUDA (``decode_matvec.fits``),
     whose small tile fits the GPU's shared memory by ``shared_bytes`` (SmolLM2's gate/up
     and down do not in float32; Triton's interpreter has no such limit). A wider tile the
     device refuses halves its outputs, then gives way to the small tile."""
     inputs = weight.shape[-1]
-    most = MAX_WIDE_ROWS if wide(x.shape[0], inputs, swiglu, stacked) else MAX_PASS_ROWS
+    taken = wide(x.shape[0], inputs, swiglu, stacked, sequences)
+    most = MAX_WIDE_ROWS if taken else MAX_PASS_ROWS
     if not fits(x, weight, DEVICES, most, MAX_WIDTH):
         return False
     if x.device.type != "cuda":
@@ -240,14 +250,15 @@ def decode_matmul(x: Tensor, weight: Tensor, norm_weight: Tensor | None, bias: T
     weight (and bias) rows from ``adapted`` on. Without mask rows ``start`` is ``length``
     (``adapted`` then goes unread). An opaque custom op, as ``decode_matvec``."""
     rows, inputs = x.shape
-    stacked = start < length
+    stacked, sequences = start < length, rows // length
     if not stacked:  # every row reads the base half: tile all sequences' rows together,
         length = start = rows  # not one tile a sequence (the AR step of 5-96 sequences)
     x, weight, residual = unit_stride(x, weight, residual)
     out = new_output(x, weight, swiglu, adapted)
     outputs = out.shape[1]
     main, rest = widths(inputs)
-    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked)
+    block_m, block_n, warps = tile(rows, inputs, swiglu, norm_weight is not None, stacked,
+                                   sequences)
     small = small_tile(inputs)
     overlap = pdl.enabled(x)
 

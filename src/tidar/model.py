@@ -225,8 +225,9 @@ def fused_weights(group: DecodeLinear, plain: nn.Module | None, x: Tensor,
     rows = x.flatten(0, -2)
     if weights.adapted == 0 and decode_matvec.supported(rows, weights.weight):
         return weights._replace(matvec=True)
-    stacked = weights.adapted > 0
-    return weights if decode_matmul.supported(rows, weights.weight, swiglu, stacked) else None
+    stacked, sequences = weights.adapted > 0, rows.shape[0] // length
+    taken = decode_matmul.supported(rows, weights.weight, swiglu, stacked, sequences)
+    return weights if taken else None
 
 
 def fused(x: Tensor, weights: FusedWeights, norm: RMSNorm | None = None,
