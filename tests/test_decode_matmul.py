@@ -291,8 +291,8 @@ def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, sequences, bounds
     ``WIDE_MLP_MAX_ROWS`` rows (with adapters ``WIDE_STACKED_MLP_MAX_ROWS``, or
     ``WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence), gate/up and down, the
     rest as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as SmolLM2's
-    down has more inputs than it), with the plain layers' logits. Each case opens only the
-    bound it should read."""
+    down has more inputs than it), with the plain layers' logits. Each case sets the bound
+    it should read apart from the other two, so that reading the wrong one fails."""
     model = tiny_model("llama", vocab=8, seed=3)
     if adapters:
         model = with_row_lora(model)
