@@ -50,7 +50,7 @@ WARPS = 4  # twice as many past 1,024 inputs
 # 64 rows at 4 warps beats 32 rows at 8 by a further 2% without adapters and 4-6% with them
 # at 144-160 rows, and takes the 192-row pass at batch 4 without them from 2% slower than
 # cuBLAS to 8% faster; with them it stays 4% slower there, hence two bounds. At 240-272
-# rows without them a tie; with them the 272-query pass's noise hides any difference
+# rows without them a tie; with them the 272-query pass's noise hid any difference
 # (H100, session 40; timed at SmolLM2's 576 and 1,536 inputs only). Over stacked weights
 # one sequence's 272-row pass is 8-9% faster with gate/up and down in the wide tile (six
 # rounds), where several sequences' passes past 160 rows are not (240 rows a tie, 288 rows
