@@ -37,25 +37,16 @@ ROWS_PER_BLOCK = 16  # tl.dot needs 16
 OUTPUTS_PER_BLOCK = 32
 WARPS = 4  # twice as many past 1,024 inputs
 # Past MAX_PASS_ROWS the small tile reads each weight tile once per 16 rows and loses to
-# cuBLAS. Tiles of 64 outputs win back q/k/v (16 rows, normalised in the tile) and o (32
-# rows) at 128-272 rows (H100, session 34, benchmarks/matmul_kernels.py: 272 rows 8.29 ->
-# 5.10 and 5.92 -> 3.44 us a call over stacked weights; the pass with a drafter's adapters
-# 1-6% faster, without adapters a tie: docs/results.md section 2). Those projections (at
-# most WIDE_MAX_INPUTS inputs) take them up to MAX_WIDE_ROWS rows. Gate/up (SwiGLU,
-# WIDE_SWIGLU_ROWS rows) and down win alone at 144 rows but lose at 272, over plain or
-# stacked weights (session 37), so every projection takes the wide tile up to
-# WIDE_MLP_MAX_ROWS rows (WIDE_STACKED_MLP_MAX_ROWS over a drafter's stacked weights): the
-# 144-row pass at batch 1 10-12% faster, with or without a drafter's adapters (session 38),
-# the 160-row pass at batch 2 12% without and 4% with them (session 39). Gate/up's tile of
-# 64 rows at 4 warps beats 32 rows at 8 by a further 2% without adapters and 4-6% with them
-# at 144-160 rows, and takes the 192-row pass at batch 4 without them from 2% slower than
-# cuBLAS to 8% faster; with them it stays 4% slower there, hence two bounds. At 240-272
-# rows without them a tie; with them the 272-query pass's noise hid any difference
-# (H100, session 40; timed at SmolLM2's 576 and 1,536 inputs only). Over stacked weights
-# one sequence's 272-row pass is 8-9% faster with gate/up and down in the wide tile (six
-# rounds), where several sequences' passes past 160 rows are not (240 rows a tie, 288 rows
-# 3% slower; session 41), hence WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE. Not measured: why;
-# each sequence's rows take whole tiles, so several sequences make more, part-empty tiles.
+# cuBLAS; wide tiles of 64 outputs win it back up to MAX_WIDE_ROWS rows. q/k/v (16 rows,
+# normalised in the tile) and o (32 rows), at most WIDE_MAX_INPUTS inputs, take them at every
+# such row count (session 34). Gate/up (64 rows at 4 warps) and down take them only up to a
+# bound, past which they lose or tie: WIDE_MLP_MAX_ROWS over plain weights (192: batch 4's
+# 192-row pass 8% faster), WIDE_STACKED_MLP_MAX_ROWS over a drafter's stacked weights for
+# several sequences (160: 4% slower at 192 rows, 3% at 288), and
+# WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE for one (288: the 272-query pass 8-9% faster). Each
+# sequence's rows take whole tiles, so several sequences make more, part-empty ones; that
+# this is why was not measured. All timed on the H100 at SmolLM2's 576 and 1,536 inputs
+# (sessions 34-41, docs/results.md section 2).
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
 WIDE_MLP_MAX_ROWS = 192
