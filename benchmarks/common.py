@@ -56,8 +56,8 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     matvecs), ``PDL=False`` (no programmatic dependent launch), ``MAX_PASS_ROWS=4096`` (fused
     drafting matmuls), ``MAX_WIDE_ROWS=0`` (no wide tiles past 96 rows),
     ``WIDE_STACKED_MLP_MAX_ROWS=0`` (gate/up and down out of the wide tile over stacked
-    weights for several sequences; ``..._ONE_SEQUENCE`` for one, ``WIDE_MLP_MAX_ROWS`` over
-    plain weights), ``ENABLED=False``
+    weights for several sequences; ``WIDE_MLP_MAX_ROWS`` over plain weights,
+    ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence over either), ``ENABLED=False``
     (RoPE and the cache writes out of the AR step's q/k/v matvec) or ``ONE_HEAD_MAX_ROWS=0``
     (two head GEMMs in every drafting pass)."""
     from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv, engine, pdl

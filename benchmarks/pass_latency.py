@@ -34,8 +34,8 @@ one process, against the AR step's floors.
         --adapters 48 --kernel-settings engine MAX_WIDE_ROWS=0 --rounds 2
     python benchmarks/pass_latency.py --batch 1 4 --compiled-only --queries 32 144 272 \
         --adapters 48 --kernel-settings engine WIDE_STACKED_MLP_MAX_ROWS=0 --rounds 2
-    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 272 --adapters 48 \
-        --kernel-settings engine WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE=160 --rounds 6
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 272 [--adapters 48] \
+        --kernel-settings engine WIDE_MLP_MAX_ROWS_ONE_SEQUENCE=192 --rounds 4
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;

@@ -83,20 +83,19 @@ def test_wide_passes_take_the_wide_tile(dtype, use_norm, use_bias, use_residual,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("stacked", "sequences", "bound"), [
     (False, 2, "WIDE_MLP_MAX_ROWS"),
-    (False, 1, "WIDE_MLP_MAX_ROWS"),
     (True, 2, "WIDE_STACKED_MLP_MAX_ROWS"),
-    (True, 1, "WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE"),
+    (False, 1, "WIDE_MLP_MAX_ROWS_ONE_SEQUENCE"),
+    (True, 1, "WIDE_MLP_MAX_ROWS_ONE_SEQUENCE"),
 ])
 def test_gate_up_takes_the_wide_tile_up_to_the_mlp_rows(dtype, stacked, sequences, bound,
                                                         monkeypatch):
-    """Gate/up (norm, SwiGLU, biases) takes the wide tile up to ``WIDE_MLP_MAX_ROWS`` rows
-    over plain weights, and over a drafter's stacked ones up to
-    ``WIDE_STACKED_MLP_MAX_ROWS`` (several sequences) or
-    ``WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE`` (one), and the small tile past them (the
-    three bounds lowered here, and set apart so that the wrong one fails)."""
+    """Gate/up (norm, SwiGLU, biases) takes the wide tile up to
+    ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` rows in one sequence's pass, and in several
+    sequences' up to ``WIDE_MLP_MAX_ROWS`` over plain weights or
+    ``WIDE_STACKED_MLP_MAX_ROWS`` over a drafter's stacked ones, and the small tile past them
+    (the three bounds lowered here, and set apart so that the wrong one fails)."""
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 8)
-    bounds = ["WIDE_MLP_MAX_ROWS", "WIDE_STACKED_MLP_MAX_ROWS",
-              "WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE"]
+    bounds = ["WIDE_MLP_MAX_ROWS", "WIDE_STACKED_MLP_MAX_ROWS", "WIDE_MLP_MAX_ROWS_ONE_SEQUENCE"]
     for name in bounds:
         monkeypatch.setattr(decode_matmul, name, 88 if name != bound else 80)
     wide = (decode_matmul.WIDE_SWIGLU_ROWS, decode_matmul.WIDE_OUTPUTS)
@@ -248,20 +247,19 @@ def test_a_wide_tile_refused_at_every_width_gives_way_to_the_small_tile(monkeypa
                               (small_rows, small)]
 
 
-@pytest.mark.parametrize(("stacked", "sequences"), [(False, 2), (True, 2), (True, 1)])
+@pytest.mark.parametrize(("stacked", "sequences"), [(False, 2), (True, 2), (False, 1),
+                                                   (True, 1)])
 def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, sequences, monkeypatch):
-    """SmolLM2's shapes: up to ``WIDE_MLP_MAX_ROWS`` rows (192: batch 4 at two proposed
-    blocks) over plain weights, over a drafter's stacked ones ``WIDE_STACKED_MLP_MAX_ROWS``
-    (160: batch 2 at four) for several sequences and ``MAX_WIDE_ROWS`` (288) for one (272:
-    every block proposed), every projection goes to the kernel; past them q/k/v and o do,
-    gate/up (SwiGLU) and down (1,536 inputs) stay plain; and past ``MAX_WIDE_ROWS`` all
-    stay plain."""
+    """SmolLM2's shapes: for several sequences up to ``WIDE_MLP_MAX_ROWS`` rows (192:
+    batch 4 at two proposed blocks) over plain weights and ``WIDE_STACKED_MLP_MAX_ROWS``
+    (160: batch 2 at four) over a drafter's stacked ones, for one sequence up to
+    ``MAX_WIDE_ROWS`` (288) over either (272: every block proposed), every projection goes
+    to the kernel; past them q/k/v and o do, gate/up (SwiGLU) and down (1,536 inputs) stay
+    plain; and past ``MAX_WIDE_ROWS`` all stay plain."""
     monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
     wide = decode_matmul.MAX_WIDE_ROWS
-    most = {(False, 2): decode_matmul.WIDE_MLP_MAX_ROWS,
-            (True, 2): decode_matmul.WIDE_STACKED_MLP_MAX_ROWS,
-            (True, 1): decode_matmul.WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE}[stacked, sequences]
-    assert most == {(False, 2): 192, (True, 2): 160, (True, 1): wide}[stacked, sequences]
+    assert wide == 288
+    most = {(False, 2): 192, (True, 2): 160, (False, 1): wide, (True, 1): wide}[stacked, sequences]
 
     def taken(rows, outputs, inputs, swiglu=False):
         outputs *= 1 + stacked
@@ -282,14 +280,16 @@ def test_wide_passes_are_taken_by_the_projections_that_gain(stacked, sequences, 
     (False, 2, (4096, 0, 0), 4),     # and gate/up and down
     (True, 2, (4096, 0, 4096), 2),   # over a drafter's stacked weights, several sequences
     (True, 2, (0, 4096, 0), 4),
-    (True, 1, (4096, 4096, 0), 2),   # one sequence
+    (False, 1, (4096, 4096, 0), 2),  # one sequence, plain or stacked weights
+    (False, 1, (0, 0, 4096), 4),
+    (True, 1, (4096, 4096, 0), 2),
     (True, 1, (0, 0, 4096), 4),
 ])
 def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, sequences, bounds, per_layer,
                                                      matmuls_on_cpu, monkeypatch):
     """Past ``MAX_PASS_ROWS`` a drafting pass runs q/k/v and o in the wide tile and, within
-    ``WIDE_MLP_MAX_ROWS`` rows (with adapters ``WIDE_STACKED_MLP_MAX_ROWS``, or
-    ``WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence), gate/up and down, the
+    ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` rows for one sequence (for several
+    ``WIDE_MLP_MAX_ROWS``, with adapters ``WIDE_STACKED_MLP_MAX_ROWS``), gate/up and down, the
     rest as plain layers (``WIDE_MAX_INPUTS`` set to the tiny model's width, as SmolLM2's
     down has more inputs than it), with the plain layers' logits. Each case sets the bound
     it should read apart from the other two, so that reading the wrong one fails."""
@@ -299,7 +299,7 @@ def test_a_wide_drafting_pass_gives_the_plain_logits(adapters, sequences, bounds
     monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 0)
     monkeypatch.setattr(decode_matmul, "WIDE_MAX_INPUTS", model.cfg.dim)
     for name, rows in zip(("WIDE_MLP_MAX_ROWS", "WIDE_STACKED_MLP_MAX_ROWS",
-                           "WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE"), bounds, strict=True):
+                           "WIDE_MLP_MAX_ROWS_ONE_SEQUENCE"), bounds, strict=True):
         monkeypatch.setattr(decode_matmul, name, rows)
     with monkeypatch.context() as plain_only:
         plain_only.setattr(decode_matmul, "DEVICES", ())

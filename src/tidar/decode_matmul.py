@@ -40,18 +40,18 @@ WARPS = 4  # twice as many past 1,024 inputs
 # cuBLAS; wide tiles of 64 outputs win it back up to MAX_WIDE_ROWS rows. q/k/v (16 rows,
 # normalised in the tile) and o (32 rows), at most WIDE_MAX_INPUTS inputs, take them at every
 # such row count (session 34). Gate/up (64 rows at 4 warps) and down take them only up to a
-# bound, past which they lose or tie: WIDE_MLP_MAX_ROWS over plain weights (192: batch 4's
-# 192-row pass 8% faster), WIDE_STACKED_MLP_MAX_ROWS over a drafter's stacked weights for
-# several sequences (160: 4% slower at 192 rows, 3% at 288), and
-# WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE for one (288: the 272-query pass 8-9% faster). Each
-# sequence's rows take whole tiles, so several sequences make more, part-empty ones; that
-# this is why was not measured. All timed on the H100 at SmolLM2's 576 and 1,536 inputs
-# (sessions 34-41, docs/results.md section 2).
+# bound, past which they lose or tie: for one sequence's pass WIDE_MLP_MAX_ROWS_ONE_SEQUENCE
+# (288: the 272-query pass 8-9% faster over a drafter's stacked weights, 1-1.5% over plain
+# ones); for several, WIDE_MLP_MAX_ROWS over plain weights (192: batch 4's 192-row pass 8%
+# faster) and WIDE_STACKED_MLP_MAX_ROWS over stacked ones (160: 4% slower at 192 rows, 3% at
+# 288). Each sequence's rows take whole tiles, so several sequences make more, part-empty
+# ones; that this is why was not measured. All timed on the H100 at SmolLM2's 576 and 1,536
+# inputs (sessions 34-42, docs/results.md section 2).
 MAX_WIDE_ROWS = 288
 WIDE_MAX_INPUTS = 1024
+WIDE_MLP_MAX_ROWS_ONE_SEQUENCE = 288
 WIDE_MLP_MAX_ROWS = 192
 WIDE_STACKED_MLP_MAX_ROWS = 160
-WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE = 288
 WIDE_NORMED_ROWS = 16
 WIDE_ROWS = 32
 WIDE_SWIGLU_ROWS = 64
@@ -189,12 +189,12 @@ def wide(rows: int, inputs: int, swiglu: bool, stacked: bool, sequences: int) ->
     wide tile (``stacked``: its mask rows read the adapted half of stacked weights)."""
     if rows <= MAX_PASS_ROWS or rows > MAX_WIDE_ROWS:
         return False
-    if not stacked:
-        mlp_rows = WIDE_MLP_MAX_ROWS
-    elif sequences == 1:
-        mlp_rows = WIDE_STACKED_MLP_MAX_ROWS_ONE_SEQUENCE
-    else:
+    if sequences == 1:
+        mlp_rows = WIDE_MLP_MAX_ROWS_ONE_SEQUENCE
+    elif stacked:
         mlp_rows = WIDE_STACKED_MLP_MAX_ROWS
+    else:
+        mlp_rows = WIDE_MLP_MAX_ROWS
     return rows <= mlp_rows or (not swiglu and inputs <= WIDE_MAX_INPUTS)
 
 
