@@ -36,6 +36,8 @@ one process, against the AR step's floors.
         --adapters 48 --kernel-settings engine WIDE_STACKED_MLP_MAX_ROWS=0 --rounds 2
     python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 272 [--adapters 48] \
         --kernel-settings engine WIDE_MLP_MAX_ROWS_ONE_SEQUENCE=192 --rounds 4
+    python benchmarks/pass_latency.py --batch 1 --compiled-only --queries 208 240 \
+        --kernel-settings engine WIDE_MLP_MAX_ROWS_ONE_SEQUENCE=192
 
 ``--attention`` runs one variant per choice, each compiled and captured under it (see
 ``attention_context``). ``--fuse off`` decodes with separate q/k/v and gate/up projections;
@@ -201,6 +203,26 @@ def matmul_split_kv():
             tidar.model.dense_attention = sdpa
 
 
+def timed_shapes(block_size: int, queries: list[int] | None) -> dict:
+    """The passes to time by query tokens per sequence: the tuner's (``pass_shapes``) by
+    default, else ``queries``, each 1 (the AR step) or a block and 1 to ``block_size``
+    proposal blocks, as ``--proposals N`` decodes (the tuner weighs only some counts)."""
+    if not queries:
+        return pass_shapes(block_size)
+    shapes = {}
+    for q in queries:
+        blocks, rest = divmod(q - block_size, block_size)
+        if q == 1:
+            shapes[q] = DecodeConfig(sampler="ar")
+        elif rest == 0 and 1 <= blocks <= block_size:
+            shapes[q] = DecodeConfig(block_size=block_size, proposals=tuple(range(blocks)))
+        else:
+            raise SystemExit(f"pass_latency: no pass has {q} queries at block size "
+                             f"{block_size} (1, or {2 * block_size} to "
+                             f"{block_size * (block_size + 1)} in steps of {block_size})")
+    return shapes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=1024)
@@ -236,7 +258,8 @@ def main() -> None:
                     help="random mask-row adapters of this rank on every projection, as a "
                     "frozen-AR drafter has (its passes then read stacked weights); 0: none")
     ap.add_argument("--queries", type=int, nargs="+",
-                    help="time only these pass shapes (queries per row; default all)")
+                    help="time only these pass shapes, by queries per row: 1 (the AR step) or "
+                    "a block and 1 to block-size proposal blocks (default: the tuner's shapes)")
     ap.add_argument("--single-replays", action="store_true",
                     help="also time each pass as one replay right after a prefill, on the "
                     "same graphs (not the tuner's old timing, which did not prefill between "
@@ -244,6 +267,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.ar_only:
         args.queries = [1]
+    timed_shapes(args.block_size, args.queries)  # a query count no pass has: fail before compiling
     model = smollm2_shaped()
     if args.adapters:
         add_random_adapters(model, args.adapters, std=0.02)
@@ -285,8 +309,7 @@ def main() -> None:
                             kernels_per_pass(make_engine, DecodeConfig(block_size=b), args.context))
             variant = {"kernels_ar_pass": ar_kernels, "kernels_272_pass": full_kernels,
                        "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
-            shapes = {q: cfg for q, cfg in pass_shapes(b).items()
-                      if q in (args.queries or [q])}
+            shapes = timed_shapes(b, args.queries)
             for batch in args.batch:
                 started = time.perf_counter()
                 variant["curves"][batch] = curve = engine.time_passes(
