@@ -76,7 +76,7 @@ from common import (
 )
 from profile_pass import kernel_table
 
-from tidar.engine import COMPILE_OPTIONS, DecodeConfig, Engine
+from tidar.engine import COMPILE_OPTIONS, DecodeConfig, Engine, proposal_set
 from tidar.tuner import pass_shapes
 
 
@@ -215,7 +215,8 @@ def timed_shapes(block_size: int, queries: list[int] | None) -> dict:
         if q == 1:
             shapes[q] = DecodeConfig(sampler="ar")
         elif rest == 0 and 1 <= blocks <= block_size:
-            shapes[q] = DecodeConfig(block_size=block_size, proposals=tuple(range(blocks)))
+            shapes[q] = DecodeConfig(block_size=block_size,
+                                     proposals=proposal_set(blocks, block_size))
         else:
             raise SystemExit(f"pass_latency: no pass has {q} queries at block size "
                              f"{block_size} (1, or {2 * block_size} to "
