@@ -268,7 +268,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.ar_only:
         args.queries = [1]
-    timed_shapes(args.block_size, args.queries)  # a query count no pass has: fail before compiling
+    shapes = timed_shapes(args.block_size, args.queries)  # fails before compiling
+    full = args.block_size * (args.block_size + 1)  # the full set's pass: 272 queries at b = 16
     model = smollm2_shaped()
     if args.adapters:
         add_random_adapters(model, args.adapters, std=0.02)
@@ -306,10 +307,8 @@ def main() -> None:
         with variant_context(*spec), model.decode_weights():
             engine = make_engine()
             ar_kernels = kernels_per_pass(make_engine, DecodeConfig(sampler="ar"), args.context)
-            shapes = timed_shapes(b, args.queries)
-            full = b + b * b  # the full proposal set's pass (272 queries at b = 16)
-            full_kernels = (kernels_per_pass(make_engine, DecodeConfig(block_size=b),
-                                             args.context) if full in shapes else None)
+            full_kernels = (kernels_per_pass(make_engine, shapes[full], args.context)
+                            if full in shapes else None)
             variant = {"kernels_ar_pass": ar_kernels, f"kernels_{full}_pass": full_kernels,
                        "launch_floor_ms": 1e3 * ar_kernels * per_kernel, "curves": {}}
             for batch in args.batch:
