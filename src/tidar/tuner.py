@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from .engine import DecodeConfig, batch_bucket, proposal_set
 from .files import write_text_atomic
 
 # The least expected gain over AR for which the tuner picks drafting. Benches measured
@@ -112,7 +113,7 @@ def choose(
             queries = b + n * b
             if queries not in pass_seconds:
                 continue
-            proposals = tuple(range(n))
+            proposals = proposal_set(n, b)
             tpp, variance = tokens_per_pass_moments(reach, b, proposals)
             if tpp <= 1.0:  # no more tokens than an AR step: faster only by timing noise
                 continue
@@ -127,11 +128,10 @@ def choose(
 def pass_shapes(block_size: int) -> dict:
     """The passes the tuner weighs, by query tokens per sequence: AR, and proposal sets of
     1, 2, 4, .. blocks (up to all ``block_size``)."""
-    from .engine import DecodeConfig
-
     counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size})
     return {1: DecodeConfig(sampler="ar")} | {
-        block_size + n * block_size: DecodeConfig(block_size=block_size, proposals=tuple(range(n)))
+        block_size + n * block_size: DecodeConfig(block_size=block_size,
+                                                 proposals=proposal_set(n, block_size))
         for n in counts}
 
 
@@ -176,7 +176,8 @@ def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
     if 1 not in seconds:
         return True
     n = queries // block_size - 1
-    tokens, variance = tokens_per_pass_moments(reach, block_size, tuple(range(n)))
+    tokens, variance = tokens_per_pass_moments(reach, block_size,
+                                                proposal_set(n, block_size))
     if tokens <= 1.0:  # as in choose: never a pick
         return False
     tokens /= batch_slowdown(tokens, variance, new_tokens, rows)
@@ -194,10 +195,6 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     Only the shapes that could be picked are measured (each costs a compile with
     ``--compile``); a later drafter that could use more shapes adds them to the cache.
     Returns the configuration and a summary."""
-    from dataclasses import replace
-
-    from .engine import DecodeConfig, batch_bucket
-
     device, dtype = engine.device, str(engine.dtype).replace("torch.", "")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu{torch.get_num_threads()}")
