@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from tidar.config import ModelConfig, from_hf_config
-from tidar.layouts import Layout, causal_layout
-from tidar.model import RowGate, Transformer
+from tidar.layouts import Layout, causal_layout, decode_layout
+from tidar.model import KVCache, RowGate, Transformer
 from tidar.sampling import accepted_prefix, sample, verify_sampled
 
 MOE = dict(num_experts_per_tok=2)
@@ -129,6 +129,30 @@ def with_row_lora(model: Transformer, rank: int = 4) -> Transformer:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         model.mask_embedding.normal_(generator=gen)
     return model
+
+
+def ar_step_logits(model):
+    """Logits of an AR step (one token per row, no proposals) over random caches."""
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(model.cfg, 2, 16, 8, torch.float32, "cpu")
+    for buffer in cache.k + cache.v:
+        buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    layout = decode_layout(torch.tensor([3, 5]), torch.tensor([[2], [6]]), [], 1, 16,
+                           model.cfg.mask_id)
+    with torch.inference_mode(), model.decode_weights():
+        return model(layout, cache)
+
+
+def kernel_on_cpu(monkeypatch, module, name: str, **settings) -> list[int]:
+    """Let the Triton kernel ``module.name`` run on the CPU (the interpreter) with the
+    module's ``settings``, recording the rows of each call in the returned list."""
+    calls: list[int] = []
+    op = getattr(module, name)
+    monkeypatch.setattr(module, "DEVICES", ("cpu",))
+    for setting, value in settings.items():
+        monkeypatch.setattr(module, setting, value)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args[0].shape[0]) or op(*args))
+    return calls
 
 
 def check_fused_logits(kernels, logits, family: str, calls: list, monkeypatch,

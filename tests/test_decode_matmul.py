@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_fused_logits, tiny_model, with_row_lora
+from helpers import check_fused_logits, kernel_on_cpu, tiny_model, with_row_lora
 
 decode_matmul = pytest.importorskip("tidar.decode_matmul")
 from triton.runtime.errors import OutOfResources  # noqa: E402
@@ -132,13 +132,7 @@ def check_against_plain(dtype, sequences, length, start, use_norm, use_bias, swi
 def matmuls_on_cpu(monkeypatch):
     """Let drafting passes take the fused path on the CPU (the interpreter), counting its
     calls by rows."""
-    calls = []
-    op = decode_matmul.decode_matmul
-    monkeypatch.setattr(decode_matmul, "DEVICES", ("cpu",))
-    monkeypatch.setattr(decode_matmul, "MAX_PASS_ROWS", 4096)
-    monkeypatch.setattr(decode_matmul, "decode_matmul",
-                        lambda *args: calls.append(args[0].shape[0]) or op(*args))
-    return calls
+    return kernel_on_cpu(monkeypatch, decode_matmul, "decode_matmul", MAX_PASS_ROWS=4096)
 
 
 def drafting_pass_logits(model, sequences: int = 2):

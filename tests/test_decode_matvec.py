@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_fused_logits, tiny_model, with_row_lora
+from helpers import (
+    ar_step_logits,
+    check_fused_logits,
+    kernel_on_cpu,
+    tiny_model,
+    with_row_lora,
+)
 
 decode_matvec = pytest.importorskip("tidar.decode_matvec")
 from tidar.engine import DecodeConfig, Engine  # noqa: E402
@@ -79,24 +85,7 @@ def test_the_plan_follows_its_settings_and_every_tile_gives_the_same_result(monk
 @pytest.fixture
 def fused_on_cpu(monkeypatch):
     """Let the model take the fused path on the CPU (the interpreter), counting its calls."""
-    calls = []
-    op = decode_matvec.decode_matvec
-    monkeypatch.setattr(decode_matvec, "DEVICES", ("cpu",))
-    monkeypatch.setattr(decode_matvec, "decode_matvec",
-                        lambda *args: calls.append(args[0].shape[0]) or op(*args))
-    return calls
-
-
-def ar_step_logits(model):
-    """Logits of an AR step (one token per row, no proposals) over random caches."""
-    gen = torch.Generator().manual_seed(0)
-    cache = KVCache(model.cfg, 2, 16, 8, torch.float32, "cpu")
-    for buffer in cache.k + cache.v:
-        buffer.copy_(torch.randn(buffer.shape, generator=gen))
-    layout = decode_layout(torch.tensor([3, 5]), torch.tensor([[2], [6]]), [], 1, 16,
-                           model.cfg.mask_id)
-    with torch.inference_mode(), model.decode_weights():
-        return model(layout, cache)
+    return kernel_on_cpu(monkeypatch, decode_matvec, "decode_matvec")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmoe"])

@@ -34,9 +34,9 @@ try:
 except ImportError:  # no Triton (CPU builds of torch): SDPA everywhere
     decode_attention = None
 try:
-    from . import decode_matmul, decode_matvec, decode_qkv
+    from . import decode_matmul, decode_matvec, decode_moe, decode_qkv
 except ImportError:  # no Triton: plain projections everywhere
-    decode_matmul = decode_matvec = decode_qkv = None
+    decode_matmul = decode_matvec = decode_moe = decode_qkv = None
 
 KV_SLOT_MULTIPLE = 256  # CUDA caches come in whole slices of this many slots
 DECODE_LINEAR_MAX_ELEMENTS = 1 << 24  # largest weight group decoding runs as one DecodeLinear
@@ -557,6 +557,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, gate: RowGate):
         super().__init__()
         moe = cfg.moe
+        self.row_gate = gate
         self.top_k = moe.top_k
         self.normalize = moe.normalize_top_k
         self.gate = nn.Linear(cfg.dim, moe.num_experts, bias=False)
@@ -578,9 +579,20 @@ class MoE(nn.Module):
             weight = weight / weight.sum(-1, keepdim=True)
         return expert, weight.to(x.dtype)
 
-    def residual_step(self, x: Tensor, norm: RMSNorm) -> None:
-        """Experts always run as they are (``MLP.residual_step`` fuses dense layers)."""
-        return None
+    def residual_step(self, x: Tensor, norm: RMSNorm) -> Tensor | None:
+        """``x + self(norm(x))`` with the routed experts in ``decode_moe``'s kernels, the
+        residual added in them, for the AR step's few rows while decoding; None elsewhere,
+        and with a shared expert."""
+        rows = x.flatten(0, -2)
+        experts = self.experts
+        if (decode_moe is None or not self.row_gate.decoding or self.shared_expert is not None
+                or not decode_moe.supported(rows, experts.gate_up_proj, experts.down_proj)):
+            return None
+        normed = norm(rows)
+        expert, weight = self.route(normed)
+        out = decode_moe.decode_moe(normed, experts.gate_up_proj, experts.down_proj, expert,
+                                    weight, rows)
+        return out.view(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

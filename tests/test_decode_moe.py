@@ -1,0 +1,105 @@
+"""The AR step's routed experts in two kernels (``tidar.decode_moe``), run in Triton's CPU
+interpreter (``conftest.py``): against the plain expression, and inside the model, where
+decoding with them must give the grouped-matmul path's logits and tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ar_step_logits, kernel_on_cpu, tiny_model
+
+decode_moe = pytest.importorskip("tidar.decode_moe")
+from tidar.engine import DecodeConfig, Engine  # noqa: E402
+from tidar.model import MoE  # noqa: E402
+from tidar.sampling import SamplingParams  # noqa: E402
+
+
+def plain(x, gate_up, down, expert, weight, residual):
+    out = residual.clone()
+    for r in range(x.shape[0]):
+        for j in range(expert.shape[1]):
+            gate, up = (gate_up[expert[r, j]] @ x[r]).chunk(2)
+            out[r] += weight[r, j] * (down[expert[r, j]] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "top_k"), [(1, 2), (2, 3)])
+@pytest.mark.parametrize(("dim", "hidden"), [(48, 20), (1100, 36)])  # 4 and 2 outputs a block
+def test_matches_the_plain_expression(dtype, rows, top_k, dim, hidden):
+    gen = torch.Generator().manual_seed(rows * 100 + top_k + dim)
+    experts = 5
+    x = torch.randn(rows, dim, generator=gen).to(dtype)
+    gate_up = (torch.randn(experts, 2 * hidden, dim, generator=gen) / dim**0.5).to(dtype)
+    down = (torch.randn(experts, dim, hidden, generator=gen) / hidden**0.5).to(dtype)
+    expert = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(rows)])
+    weight = torch.rand(rows, top_k, generator=gen).to(dtype)
+    residual = torch.randn(rows, dim, generator=gen).to(dtype)
+    got = decode_moe.decode_moe(x, gate_up, down, expert, weight, residual)
+    expected = plain(*(t.float() if t.is_floating_point() else t
+                       for t in (x, gate_up, down, expert, weight, residual)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and got.shape == (rows, dim)
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+def test_the_custom_op_traces():
+    """Its schema and fake tensor agree with the kernels (what torch.compile and CUDA graphs
+    trace the AR step with)."""
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 48, generator=gen), torch.randn(5, 40, 48, generator=gen),
+            torch.randn(5, 48, 20, generator=gen), torch.tensor([[0, 3], [4, 1]]),
+            torch.rand(2, 2, generator=gen), torch.randn(2, 48, generator=gen))
+    torch.library.opcheck(decode_moe.decode_moe, args)
+
+
+@pytest.fixture
+def moe_on_cpu(monkeypatch):
+    """Let the MoE layers take the kernels on the CPU (the interpreter), counting calls."""
+    return kernel_on_cpu(monkeypatch, decode_moe, "decode_moe", MOE_MAX_ROWS=2)
+
+
+def sparse_layers(model) -> int:
+    return sum(isinstance(block.mlp, MoE) for block in model.layers)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
+def test_the_ar_step_with_the_kernels_gives_the_plain_logits(family, moe_on_cpu, monkeypatch):
+    model = tiny_model(family, vocab=8, seed=3)
+    with monkeypatch.context() as plain_only:
+        plain_only.setattr(decode_moe, "DEVICES", ())
+        expected = ar_step_logits(model)
+    moe_on_cpu.clear()
+    torch.testing.assert_close(ar_step_logits(model), expected, atol=1e-5, rtol=1e-5)
+    assert moe_on_cpu == [2] * sparse_layers(model) and sparse_layers(model) > 0
+
+
+def test_off_by_default_and_past_its_rows_and_with_a_shared_expert(moe_on_cpu, monkeypatch):
+    """``MOE_MAX_ROWS`` 0 (the shipped setting) and rows past it keep the grouped matmuls, and
+    so does a layer with a shared expert (qwen2_moe)."""
+    model = tiny_model("olmoe", vocab=8, seed=3)
+    monkeypatch.setattr(decode_moe, "MOE_MAX_ROWS", 0)
+    ar_step_logits(model)
+    monkeypatch.setattr(decode_moe, "MOE_MAX_ROWS", 1)  # the step has 2 rows
+    ar_step_logits(model)
+    monkeypatch.setattr(decode_moe, "MOE_MAX_ROWS", 2)
+    ar_step_logits(tiny_model("qwen2_moe", vocab=8, seed=3))
+    assert not moe_on_cpu
+
+
+def test_decoding_with_the_kernels_gives_the_same_tokens(moe_on_cpu, monkeypatch):
+    """Greedy and sampled `ar` decode the same tokens with the kernels as without."""
+    model = tiny_model("olmoe", vocab=16, seed=5)
+    prompts = [torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 3)]
+    configs = [DecodeConfig(sampler="ar", max_new_tokens=8, sampling=sampling)
+               for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9))]
+    for cfg in configs:
+        moe_on_cpu.clear()
+        got, _ = Engine(model).generate(prompts, cfg)
+        assert len(moe_on_cpu) == 7 * sparse_layers(model)  # every step after the prefill
+        with monkeypatch.context() as plain_only:
+            plain_only.setattr(decode_moe, "DEVICES", ())
+            expected, _ = Engine(model).generate(prompts, cfg)
+        assert got == expected
