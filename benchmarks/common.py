@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, OlmoeConfig
 
 from tidar.config import from_hf_config
 from tidar.model import Transformer
@@ -22,15 +22,60 @@ SMOLLM2 = dict(
 )
 
 
+# Larger models' shapes, from their published configs (RoPE scaling left out: timings do not
+# depend on it), for where the pass costs stand past the default's size.
+LLAMA_1B = dict(  # Llama-3.2-1B
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+)
+LLAMA_8B = LLAMA_1B | dict(  # Llama-3.1-8B
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+    tie_word_embeddings=False,
+)
+OLMOE_7B = dict(  # OLMoE-1B-7B: 64 experts, 8 a token, 1.3B parameters active of 6.9B
+    vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+    num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+    norm_topk_prob=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, rope_theta=10000.0,
+)
+SHAPES = {
+    "smollm2-135m": (LlamaConfig, SMOLLM2),
+    "llama-1b": (LlamaConfig, LLAMA_1B),
+    "llama-8b": (LlamaConfig, LLAMA_8B),
+    "olmoe-7b": (OlmoeConfig, OLMOE_7B),
+}
+
 DEVICE = os.environ.get("TIDAR_BENCH_DEVICE", "cuda")
 
 
-def smollm2_shaped(device=DEVICE, dtype=torch.bfloat16, seed=0) -> Transformer:
+def random_model(shape: str, device=DEVICE, dtype=torch.bfloat16, seed=0) -> Transformer:
+    """A model of ``SHAPES[shape]`` with weights ~ N(0, 0.02), built on ``device`` (an 8B
+    model's float32 weights would take minutes to draw on the CPU)."""
     torch.manual_seed(seed)
-    model = Transformer(from_hf_config(LlamaConfig(**SMOLLM2)))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return model.to(device=device, dtype=dtype).eval()
+    config_class, fields = SHAPES[shape]
+    with torch.device(device):
+        model = Transformer(from_hf_config(config_class(**fields))).to(dtype)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+def smollm2_shaped(device=DEVICE, dtype=torch.bfloat16, seed=0) -> Transformer:
+    return random_model("smollm2-135m", device, dtype, seed)
+
+
+def step_bytes(model: Transformer, context: int) -> int:
+    """Bytes one AR step of one sequence must read: every weight it uses, once (of an MoE
+    layer only the active experts; of an untied input embedding one row, counted as none),
+    and ``context`` tokens' keys and values in every layer."""
+    cfg = model.cfg
+    weights = model.num_parameters()[1] - sum(
+        p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    if not cfg.tie_embeddings:
+        weights -= model.embed_tokens.weight.numel()
+    size = model.embed_tokens.weight.element_size()
+    return size * (weights + 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context)
 
 
 def add_random_adapters(model: Transformer, rank: int, std: float) -> Transformer:
@@ -49,18 +94,27 @@ def add_random_adapters(model: Transformer, rank: int, std: float) -> Transforme
 
 
 def kernel_settings(spec: str) -> contextlib.ExitStack:
-    """A context that sets module constants of the decode kernels: ``engine`` (their own
-    settings) or ``NAME=VALUE,...`` on each of ``tidar.decode_attention``,
-    ``tidar.decode_matvec``, ``tidar.decode_matmul``, ``tidar.decode_qkv``, ``tidar.pdl`` and
+    """A context that sets module constants of the decode kernels: ``engine`` (their own settings)
+    or ``NAME=VALUE,...`` on each of ``tidar.decode_attention``, ``tidar.decode_matvec``,
+    ``tidar.decode_matmul``, ``tidar.decode_moe``, ``tidar.decode_qkv``, ``tidar.pdl`` and
     ``tidar.engine`` that has the name, e.g. ``MIN_CHUNK=128``, ``MAX_ROWS=0`` (no fused
     matvecs), ``PDL=False`` (no programmatic dependent launch), ``MAX_PASS_ROWS=4096`` (fused
     drafting matmuls), ``MAX_WIDE_ROWS=0`` (no wide tiles past 96 rows),
-    ``WIDE_STACKED_MLP_MAX_ROWS=0`` (gate/up and down out of the wide tile over stacked
-    weights for several sequences; ``WIDE_MLP_MAX_ROWS`` over plain weights,
-    ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence over either), ``ENABLED=False``
-    (RoPE and the cache writes out of the AR step's q/k/v matvec) or ``ONE_HEAD_MAX_ROWS=0``
-    (two head GEMMs in every drafting pass)."""
-    from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv, engine, pdl
+    ``WIDE_STACKED_MLP_MAX_ROWS=0`` (gate/up and down out of the wide tile over stacked weights
+    for several sequences; ``WIDE_MLP_MAX_ROWS`` over plain weights,
+    ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence over either), ``ENABLED=False`` (RoPE
+    and the cache writes out of the AR step's q/k/v matvec), ``ONE_HEAD_MAX_ROWS=0`` (two head
+    GEMMs in every drafting pass) or ``MOE_MAX_ROWS=2`` (``tidar.decode_moe``'s experts in the
+    AR step of one or two sequences)."""
+    from tidar import (
+        decode_attention,
+        decode_matmul,
+        decode_matvec,
+        decode_moe,
+        decode_qkv,
+        engine,
+        pdl,
+    )
 
     stack = contextlib.ExitStack()
     if spec == "engine":
@@ -68,8 +122,8 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     for item in spec.split(","):
         name, value = item.split("=", 1)
         value = value == "True" if value in ("True", "False") else int(value)
-        modules = [m for m in (decode_attention, decode_matvec, decode_matmul, decode_qkv, pdl,
-                               engine) if hasattr(m, name)]
+        modules = [m for m in (decode_attention, decode_matvec, decode_matmul, decode_moe,
+                               decode_qkv, pdl, engine) if hasattr(m, name)]
         if not modules:
             raise SystemExit(f"kernel settings: no decode kernel module has {name}")
         for module in modules:

@@ -52,9 +52,15 @@ before it kept it symbolic (one graph for every capacity bucket). ``--short-cach
 gives AR caches an unused scratch slot (a 256-slot capacity then takes 512 slots) and merges
 a single key slice in a second kernel, as the engine did before it wrote one slice directly.
 
-Floors of one AR step (batch 1): memory, every weight and the context's KV read once at the
-device's bandwidth; launch, the pass's kernel count times the measured cost of one tiny kernel
-replayed in a CUDA graph (kernels of the whole pass: inputs, blocks, head and bookkeeping).
+``--shape`` times random weights of a larger model's shape (``common.SHAPES``: Llama-3.2-1B,
+Llama-3.1-8B, OLMoE-1B-7B), whose AR step reads far more weights than the default's:
+
+    python benchmarks/pass_latency.py --shape llama-8b --batch 1 4 --compiled-only
+
+Floors of one AR step (batch 1): memory, every weight it uses (an MoE's active experts) and
+the context's KV read once at the device's bandwidth (``common.step_bytes``); launch, the
+pass's kernel count times the measured cost of one tiny kernel replayed in a CUDA graph
+(kernels of the whole pass: inputs, blocks, head and bookkeeping).
 """
 
 from __future__ import annotations
@@ -67,11 +73,12 @@ from functools import partial
 
 import torch
 from common import (
-    SMOLLM2,
+    SHAPES,
     add_random_adapters,
     graph_seconds,
     kernel_settings,
-    smollm2_shaped,
+    random_model,
+    step_bytes,
     write_json,
 )
 from profile_pass import kernel_table
@@ -226,6 +233,9 @@ def timed_shapes(block_size: int, queries: list[int] | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES),
+                    help="the random-weight model's shape (common.SHAPES): the embedded "
+                    "default's, or a larger dense or MoE model's")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--block-size", type=int, default=16)
@@ -270,7 +280,7 @@ def main() -> None:
         args.queries = [1]
     shapes = timed_shapes(args.block_size, args.queries)  # fails before compiling
     full = args.block_size * (args.block_size + 1)  # the full set's pass: 272 queries at b = 16
-    model = smollm2_shaped()
+    model = random_model(args.shape)
     if args.adapters:
         add_random_adapters(model, args.adapters, std=0.02)
     b = args.block_size
@@ -289,13 +299,11 @@ def main() -> None:
         if not args.compiled_only:
             engines["graphed" + suffix] = (partial(Engine, model), spec)
         engines["graphed+compiled" + suffix] = (partial(Engine, model, compile=True), spec)
-    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    kv_per_token = 2 * SMOLLM2["num_hidden_layers"] * SMOLLM2["num_key_value_heads"] * 64 * 2
-    floor_bytes = params * 2 + kv_per_token * args.context
+    floor_bytes = step_bytes(model, args.context)
     per_kernel = graph_kernel_seconds()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "context": args.context, "block_size": b, "adapters_rank": args.adapters,
-               "params": params,
+               "shape": args.shape, "context": args.context, "block_size": b,
+               "adapters_rank": args.adapters, "step_bytes": floor_bytes,
                "memory_floor_ms": 1e3 * floor_bytes / args.bandwidth,
                "bandwidth_bytes_per_s": args.bandwidth,
                "graph_kernel_us": 1e6 * per_kernel, "variants": {}}

@@ -1,8 +1,9 @@
 """Where a decode pass spends its GPU time: CUDA kernel time by kernel name, for the AR step,
 a 32-query pass (one proposal block) and the full 272-query pass, eager and with compiled
-blocks (batch 1, SmolLM2 shape).
+blocks (batch 1, random weights of SmolLM2's shape, or another of ``common.SHAPES``).
 
     python benchmarks/profile_pass.py --context 1024
+    python benchmarks/profile_pass.py --compiled-only --ar-only --shape olmoe-7b
     python benchmarks/profile_pass.py --compiled-only
     python benchmarks/profile_pass.py --compiled-only --ar-only \
         --kernel-settings engine NARROW_OUTPUTS=16
@@ -17,7 +18,7 @@ import argparse
 import itertools
 
 import torch
-from common import format_profile, kernel_settings, profile_cuda, smollm2_shaped, write_json
+from common import SHAPES, format_profile, kernel_settings, profile_cuda, random_model, write_json
 
 from tidar.engine import DecodeConfig, Engine
 
@@ -36,14 +37,17 @@ def kernel_table(engine: Engine, cfg: DecodeConfig, context: int, passes: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES),
+                    help="the random-weight model's shape (common.SHAPES)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--compiled-only", action="store_true", help="skip the eager blocks")
     ap.add_argument("--ar-only", action="store_true", help="profile the AR step alone")
     ap.add_argument("--kernel-settings", nargs="+", default=["engine"],
                     help="NAME=VALUE,... (see common.kernel_settings), one profile each")
     args = ap.parse_args()
-    model = smollm2_shaped()
-    report = {"device": torch.cuda.get_device_name(), "context": args.context}
+    model = random_model(args.shape)
+    report = {"device": torch.cuda.get_device_name(), "shape": args.shape,
+              "context": args.context}
     kinds = ["compiled"] if args.compiled_only else ["eager", "compiled"]
     configs = {"ar": DecodeConfig(sampler="ar"),
                "lossless_b16_one_block": DecodeConfig(block_size=16, proposals=(0,)),
