@@ -5,9 +5,9 @@ residual added.
 The grouped-matmul path (``model.Experts``) sorts the rows by expert, counts, gathers, runs
 two grouped GEMMs and scatters the result back, a chain of small kernels for one or two rows.
 On the H100, random weights of OLMoE-1B-7B's shape took 2.16 ms an AR step in 412 kernels,
-against 1.21 ms in 124 for Llama-3.2-1B's, whose step reads as many bytes (session 45,
+against 1.21 ms in 124 for Llama-3.2-1B's, whose step reads about as many bytes (session 45,
 docs/results.md section 2). Here each thread block reads the expert ids of its row and loads
-that expert's weight tile, as ``decode_matvec`` loads a dense one. Off (``MAX_ROWS`` 0)
+that expert's weight tile, as ``decode_matvec`` loads a dense one. Off (``MOE_MAX_ROWS`` 0)
 until timed on the GPU: ``pass_latency.py --shape olmoe-7b --kernel-settings engine
 MOE_MAX_ROWS=2``. Importing this module needs Triton; the tests run it in Triton's
 interpreter.
@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import decode_matvec
 from .decode_matvec import fits, plan, unit_stride
 
 MOE_MAX_ROWS = 0  # rows (sequences of one query) at most; 0: the grouped-matmul path always
-MAX_INPUTS = 8192  # a whole input row is one register tile, as in decode_matvec
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 
 
@@ -78,9 +78,10 @@ def _down_kernel(H, W, Expert, Weight, Res, Out, K, N, stride_e, stride_w, strid
 def supported(x: Tensor, gate_up: Tensor, down: Tensor) -> bool:
     """The kernels take 1 to ``MOE_MAX_ROWS`` rows ``x`` ``[rows, D]`` against experts'
     ``gate_up`` ``[E, 2H, D]`` and ``down`` ``[E, D, H]``, on CUDA, each input row one
-    register tile (``decode_matvec.fits``)."""
-    return (fits(x, gate_up[0], DEVICES, MOE_MAX_ROWS, MAX_INPUTS)
-            and down.shape[-1] <= MAX_INPUTS and down.dtype == x.dtype
+    register tile as in the matvec (``decode_matvec.fits``, its ``MAX_INPUTS``)."""
+    most = decode_matvec.MAX_INPUTS
+    return (fits(x, gate_up[0], DEVICES, MOE_MAX_ROWS, most)
+            and down.shape[-1] <= most and down.dtype == x.dtype
             and gate_up.stride(-1) == 1 and down.stride(-1) == 1)
 
 
