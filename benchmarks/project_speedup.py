@@ -93,8 +93,6 @@ def main() -> None:
         row = {"shape": shape, "variant": variant, "batch": batch, "ar_ms": 1e3 * ar,
                "ar_over_memory_floor": 1e3 * ar / data["memory_floor_ms"],
                "full_pass_over_ar": curve[full] / ar if full in curve else None,
-               "tokens_per_pass_for_target": (args.target * curve[full] / ar
-                                              if full in curve else None),
                "curve_ms": {q: 1e3 * t for q, t in sorted(curve.items())},
                "profiles": {name: project(curve, reach, b, batch, args.new_tokens)
                             for name, reach in found.items()}}
@@ -115,7 +113,7 @@ def main() -> None:
         print(f"| {shape} | {r['batch']} | {r['ar_ms']:.3f} | "
               f"{r['ar_over_memory_floor']:.2f}x | "
               + ("–" if full_ratio is None else f"{full_ratio:.2f}") + " | "
-              + ("–" if full_ratio is None else f"{r['tokens_per_pass_for_target']:.1f}")
+              + ("–" if full_ratio is None else f"{args.target * full_ratio:.1f}")
               + " | " + " | ".join(cells) + " |")
     for name in names:
         tokens = next(iter(rows))["profiles"][name]["full_set_tokens_per_pass"]

@@ -21,17 +21,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import decode_matvec
-from .decode_matvec import fits, plan, unit_stride
+from .decode_matvec import fits, load_tile, plan, unit_stride
 
 MOE_MAX_ROWS = 0  # rows (sequences of one query) at most; 0: the grouped-matmul path always
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
-
-
-@triton.jit
-def _expert_tile(W, expert, rows, rows_ok, k, k_ok, stride_e, stride_w):
-    """Rows ``rows`` of expert ``expert``'s weight by inputs ``k``."""
-    return tl.load(W + expert.to(tl.int64) * stride_e + rows[:, None] * stride_w + k[None, :],
-                   mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -46,10 +39,10 @@ def _gate_up_kernel(X, W, Expert, Out, K, N, top_k, stride_x, stride_e, stride_w
     slot = tl.program_id(1)  # row * top_k + j
     expert = tl.load(Expert + slot)
     x = tl.load(X + (slot // top_k) * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-    gate = tl.sum(_expert_tile(W, expert, n, n_ok, k, k_ok, stride_e, stride_w).to(tl.float32)
-                  * x[None, :], 1)
-    up = tl.sum(_expert_tile(W, expert, n + N, n_ok, k, k_ok, stride_e, stride_w)
-                .to(tl.float32) * x[None, :], 1)
+    weights = W + expert.to(tl.int64) * stride_e
+    gate = tl.sum(load_tile(weights, n, n_ok, k, k_ok, stride_w).to(tl.float32) * x[None, :], 1)
+    up = tl.sum(load_tile(weights, n + N, n_ok, k, k_ok, stride_w).to(tl.float32) * x[None, :],
+                1)
     tl.store(Out + slot * N + n, (gate * tl.sigmoid(gate) * up).to(Out.dtype.element_ty),
              mask=n_ok)
 
@@ -70,7 +63,8 @@ def _down_kernel(H, W, Expert, Weight, Res, Out, K, N, stride_e, stride_w, strid
         slot = row * TOP_K + j
         expert = tl.load(Expert + slot)
         h = tl.load(H + slot * K + k, mask=k_ok, other=0.0).to(tl.float32)
-        w = _expert_tile(W, expert, n, n_ok, k, k_ok, stride_e, stride_w).to(tl.float32)
+        w = load_tile(W + expert.to(tl.int64) * stride_e, n, n_ok, k, k_ok, stride_w)
+        w = w.to(tl.float32)
         acc += tl.load(Weight + slot).to(tl.float32) * tl.sum(w * h[None, :], 1)
     tl.store(Out + row * stride_out + n, acc.to(Out.dtype.element_ty), mask=n_ok)
 
