@@ -1,5 +1,6 @@
-"""Registers, spills and shared memory of the decode kernels at the embedded default's shapes,
-compiled for an H100/H200 (sm_90) without a GPU (Triton's compiler and its bundled ptxas).
+"""Registers, spills and shared memory of the decode kernels at the embedded default's shapes
+(``decode_moe``'s at OLMoE-1B-7B's), compiled for an H100/H200 (sm_90) without a GPU (Triton's
+compiler and its bundled ptxas).
 
     python benchmarks/kernel_resources.py [--dtype fp32] [--head-dim 128]
         [--matmul-tiles 16x32x4 32x64x8 ...]
@@ -25,14 +26,14 @@ import subprocess
 import tempfile
 
 import triton
-from common import write_json
+from common import OLMOE_7B, write_json
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tidar import decode_attention, decode_matmul, decode_matvec, decode_qkv
+from tidar import decode_attention, decode_matmul, decode_matvec, decode_moe, decode_qkv
 
 TENSORS = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out", "Cos", "Sin", "Q", "KCache",
-                            "VCache"], "*bf16"), "Slots": "*i64"}
+                            "VCache", "H", "Weight"], "*bf16"), "Slots": "*i64", "Expert": "*i64"}
 DIM, HIDDEN = 576, 1536  # SmolLM2-135M
 ATTENTION = {**dict.fromkeys(["Q", "K", "V", "Final"], "*bf16"), "Mask": "*i1", "Out": "*fp32",
              "Lse": "*fp32"}
@@ -118,6 +119,15 @@ def cases(fp32: bool = False, head_dim: int = 64, matmul_tiles=MATMUL_TILES,
             BLOCK_N=attention.BLOCK_N, FP32=fp32, ONE_SLICE=False, PDL=True,
             sm_s=1),  # a contiguous mask
             attention.NUM_WARPS, True))
+    moe_dim, moe_hidden = OLMOE_7B["hidden_size"], OLMOE_7B["intermediate_size"]
+    moe = decode_moe.MOE_MAX_ROWS > 0
+    outputs_per_block, warps = decode_matvec.plan(moe_hidden, moe_dim)
+    out.append(("moe gate/up (OLMoE)", decode_moe._gate_up_kernel, dict(
+        BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(moe_dim)), warps, moe))
+    outputs_per_block, warps = decode_matvec.plan(moe_dim, moe_hidden)
+    out.append(("moe down (OLMoE)", decode_moe._down_kernel, dict(
+        TOP_K=OLMOE_7B["num_experts_per_tok"], BLOCK_N=outputs_per_block,
+        BLOCK_K=triton.next_power_of_2(moe_hidden)), warps, moe))
     return out
 
 
