@@ -4,13 +4,14 @@ residual added.
 
 The grouped-matmul path (``model.Experts``) sorts the rows by expert, counts, gathers, runs
 two grouped GEMMs and scatters the result back, a chain of small kernels for one or two rows.
-On the H100, random weights of OLMoE-1B-7B's shape took 2.16 ms an AR step in 412 kernels,
-against 1.21 ms in 124 for Llama-3.2-1B's, whose step reads about as many bytes (session 45,
-docs/results.md section 2). Here each thread block reads the expert ids of its row and loads
-that expert's weight tile, as ``decode_matvec`` loads a dense one. Off (``MOE_MAX_ROWS`` 0)
-until timed on the GPU: ``pass_latency.py --shape olmoe-7b --kernel-settings engine
-MOE_MAX_ROWS=2``. Importing this module needs Triton; the tests run it in Triton's
-interpreter.
+Here each thread block reads the expert ids of its row and loads that expert's weight tile,
+as ``decode_matvec`` loads a dense one. On the H100, random weights of OLMoE-1B-7B's shape
+took 1.61-1.69 ms an AR step at batch 1 in 236 kernels, against 2.15-2.23 ms in 412 through
+the grouped path (session 46, docs/results.md section 2: ``pass_latency.py --shape olmoe-7b
+--ar-only --kernel-settings engine MOE_MAX_ROWS=2``). Off (``MOE_MAX_ROWS`` 0) until its
+tokens are checked on the GPU: ``gpu_exactness.py --runs eager --families olmoe qwen3_moe
+--kernel-settings MOE_MAX_ROWS=1``. Importing this module needs Triton; the tests run it in
+Triton's interpreter.
 """
 
 from __future__ import annotations
