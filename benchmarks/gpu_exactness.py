@@ -5,19 +5,20 @@
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
 must equal each row run alone, ``ar``'s too (one sequence's AR step runs kernels a batch's does
-not: ``decode_qkv``, ``decode_moe``; its row has block size 1). Every family runs with eager
-blocks, two of them (dense and MoE) also compiled (``Engine(compile=True)``, two of the
-proposal sets). Heads are 16 wide, so decode passes run the Triton attention kernel where the
-model picks it (the report says which kernel ran). ``--runs values``: sampling temperatures,
-top-p values and betas are data the captured (and compiled) passes read; one engine decoding at
-several values must draw what a fresh engine draws at each. ``--runs stops``: rows that end on
-a stop token give the same tokens whether the host looks after every pass or every 8
-(``Engine.stream``), and between looks at most one pass runs after the last row ended. ``--runs
-joins``: prompts that join a running batch (continuous batching) decode as they do alone.
-``--head-dim`` gives the eager and compiled runs' models heads of that width (most models have
-128: the attention kernel's tiles then take more shared memory, and the report lists the tiles
-the device refused, ``decode_attention``'s halving fallback). ``--adapters`` gives them random
-mask-row adapters (a drafter's stacked weights: mask rows read other weights than clean rows).
+not: ``decode_qkv``, ``decode_moe``; a row with ``sampler`` ``ar`` in the report). Every family
+runs with eager blocks, two of them (dense and MoE) also compiled (``Engine(compile=True)``,
+two of the proposal sets). Heads are 16 wide, so decode passes run the Triton attention kernel
+where the model picks it (the report says which kernel ran). ``--runs values``: sampling
+temperatures, top-p values and betas are data the captured (and compiled) passes read; one
+engine decoding at several values must draw what a fresh engine draws at each. ``--runs
+stops``: rows that end on a stop token give the same tokens whether the host looks after every
+pass or every 8 (``Engine.stream``), and between looks at most one pass runs after the last row
+ended. ``--runs joins``: prompts that join a running batch (continuous batching) decode as they
+do alone. ``--head-dim`` gives the eager and compiled runs' models heads of that width (most
+models have 128: the attention kernel's tiles then take more shared memory, and the report
+lists the tiles the device refused, ``decode_attention``'s halving fallback). ``--adapters``
+gives them random mask-row adapters (a drafter's stacked weights: mask rows read other weights
+than clean rows).
 """
 
 from __future__ import annotations
@@ -214,8 +215,9 @@ def check(args) -> None:
         ar, _ = engine.generate(prompts, ar_cfg)
         alone = [engine.generate([p], ar_cfg)[0][0] for p in prompts]
         failures += alone != ar
-        rows.append({"family": family, "seed": seed, "compiled": compiled, "block_size": 1,
-                     "proposals": None, "exact": alone == ar, "tokens_per_pass": 1.0})
+        rows.append({"family": family, "seed": seed, "compiled": compiled, "sampler": "ar",
+                     "block_size": 1, "proposals": [], "exact": alone == ar,
+                     "tokens_per_pass": 1.0})
         configs = COMPILED_CONFIGS if compiled else CONFIGS
         for b, S in configs:
             cfg = DecodeConfig(block_size=b, proposals=S, max_new_tokens=40)
