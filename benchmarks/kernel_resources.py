@@ -33,7 +33,8 @@ from triton.compiler import ASTSource
 from tidar import decode_attention, decode_matmul, decode_matvec, decode_moe, decode_qkv
 
 TENSORS = {**dict.fromkeys(["X", "NormW", "W", "Bias", "Res", "Out", "Cos", "Sin", "Q", "KCache",
-                            "VCache", "H", "Weight"], "*bf16"), "Slots": "*i64", "Expert": "*i64"}
+                            "VCache", "H", "Weight", "Logits"], "*bf16"), "Slots": "*i64",
+           "Expert": "*i64"}
 DIM, HIDDEN = 576, 1536  # SmolLM2-135M
 ATTENTION = {**dict.fromkeys(["Q", "K", "V", "Final"], "*bf16"), "Mask": "*i1", "Out": "*fp32",
              "Lse": "*fp32"}
@@ -120,14 +121,18 @@ def cases(fp32: bool = False, head_dim: int = 64, matmul_tiles=MATMUL_TILES,
             sm_s=1),  # a contiguous mask
             attention.NUM_WARPS, True))
     moe_dim, moe_hidden = OLMOE_7B["hidden_size"], OLMOE_7B["intermediate_size"]
-    moe = decode_moe.MOE_MAX_ROWS > 0
-    outputs_per_block, warps = decode_matvec.plan(moe_hidden, moe_dim)
-    out.append(("moe gate/up (OLMoE)", decode_moe._gate_up_kernel, dict(
-        BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(moe_dim)), warps, moe))
-    outputs_per_block, warps = decode_matvec.plan(moe_dim, moe_hidden)
-    out.append(("moe down (OLMoE)", decode_moe._down_kernel, dict(
-        TOP_K=OLMOE_7B["num_experts_per_tok"], BLOCK_N=outputs_per_block,
-        BLOCK_K=triton.next_power_of_2(moe_hidden)), warps, moe))
+    routing = dict(TOP_K=OLMOE_7B["num_experts_per_tok"], BLOCK_E=OLMOE_7B["num_experts"])
+    for route in (False, True):
+        moe = decode_moe.MOE_MAX_ROWS > 0 and decode_moe.ROUTE_IN_KERNELS == route
+        name = " routed" if route else ""
+        outputs_per_block, warps = decode_matvec.plan(moe_hidden, moe_dim)
+        out.append((f"moe gate/up{name} (OLMoE)", decode_moe._gate_up_kernel, dict(
+            ROUTE=route, BLOCK_N=outputs_per_block, BLOCK_K=triton.next_power_of_2(moe_dim),
+            **routing), warps, moe))
+        outputs_per_block, warps = decode_matvec.plan(moe_dim, moe_hidden)
+        out.append((f"moe down{name} (OLMoE)", decode_moe._down_kernel, dict(
+            ROUTE=route, NORMALIZE=OLMOE_7B["norm_topk_prob"], BLOCK_N=outputs_per_block,
+            BLOCK_K=triton.next_power_of_2(moe_hidden), **routing), warps, moe))
     return out
 
 

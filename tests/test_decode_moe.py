@@ -44,20 +44,51 @@ def test_matches_the_plain_expression(dtype, rows, top_k, dim, hidden):
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
-def test_the_custom_op_traces():
-    """Its schema and fake tensor agree with the kernels (what torch.compile and CUDA graphs
-    trace the AR step with)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_routing_in_the_kernels_picks_as_the_model_does(dtype, normalize):
+    """``decode_moe_routed``: the experts and weights ``model.MoE.route`` takes from the
+    router's logits (softmax, top-k, optionally renormalised, rounded to the rows' dtype);
+    7 experts leave one of the 8-wide tile masked."""
+    gen = torch.Generator().manual_seed(7 + normalize)
+    rows, top_k, experts, dim, hidden = 2, 3, 7, 48, 20
+    x = torch.randn(rows, dim, generator=gen).to(dtype)
+    gate_up = (torch.randn(experts, 2 * hidden, dim, generator=gen) / dim**0.5).to(dtype)
+    down = (torch.randn(experts, dim, hidden, generator=gen) / hidden**0.5).to(dtype)
+    logits = torch.randn(rows, experts, generator=gen).to(dtype)
+    residual = torch.randn(rows, dim, generator=gen).to(dtype)
+    weight, expert = torch.topk(F.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if normalize:
+        weight = weight / weight.sum(-1, keepdim=True)
+    got = decode_moe.decode_moe_routed(x, gate_up, down, logits, residual, top_k, normalize)
+    expected = plain(x.float(), gate_up.float(), down.float(), expert,
+                     weight.to(dtype).float(), residual.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+def test_the_custom_ops_trace():
+    """Their schemas and fake tensors agree with the kernels (what torch.compile and CUDA
+    graphs trace the AR step with)."""
     gen = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, 48, generator=gen), torch.randn(5, 40, 48, generator=gen),
-            torch.randn(5, 48, 20, generator=gen), torch.tensor([[0, 3], [4, 1]]),
-            torch.rand(2, 2, generator=gen), torch.randn(2, 48, generator=gen))
-    torch.library.opcheck(decode_moe.decode_moe, args)
+    x, gate_up, down, residual = (torch.randn(2, 48, generator=gen),
+                                  torch.randn(5, 40, 48, generator=gen),
+                                  torch.randn(5, 48, 20, generator=gen),
+                                  torch.randn(2, 48, generator=gen))
+    torch.library.opcheck(decode_moe.decode_moe, (
+        x, gate_up, down, torch.tensor([[0, 3], [4, 1]]), torch.rand(2, 2, generator=gen),
+        residual))
+    torch.library.opcheck(decode_moe.decode_moe_routed, (
+        x, gate_up, down, torch.randn(2, 5, generator=gen), residual, 2, True))
 
 
-@pytest.fixture
-def moe_on_cpu(monkeypatch):
-    """Let the MoE layers take the kernels on the CPU (the interpreter), counting calls."""
-    return kernel_on_cpu(monkeypatch, decode_moe, "decode_moe", MOE_MAX_ROWS=2)
+@pytest.fixture(params=[False, True], ids=["experts-given", "routed-in-kernels"])
+def moe_on_cpu(request, monkeypatch):
+    """Let the MoE layers take the kernels on the CPU (the interpreter), the routing before
+    them or in them (``ROUTE_IN_KERNELS``), counting calls."""
+    name = "decode_moe_routed" if request.param else "decode_moe"
+    return kernel_on_cpu(monkeypatch, decode_moe, name, MOE_MAX_ROWS=2,
+                         ROUTE_IN_KERNELS=request.param)
 
 
 def sparse_layers(model) -> int:
@@ -86,6 +117,16 @@ def test_off_by_default_and_past_its_rows_and_with_a_shared_expert(moe_on_cpu, m
     monkeypatch.setattr(decode_moe, "MOE_MAX_ROWS", 2)
     ar_step_logits(tiny_model("qwen2_moe", vocab=8, seed=3))
     assert not moe_on_cpu
+
+
+def test_more_experts_than_a_register_tile_are_routed_before_the_kernels(monkeypatch):
+    given = kernel_on_cpu(monkeypatch, decode_moe, "decode_moe", MOE_MAX_ROWS=2,
+                          ROUTE_IN_KERNELS=True, MAX_EXPERTS=2)
+    routed = kernel_on_cpu(monkeypatch, decode_moe, "decode_moe_routed")
+    model = tiny_model("olmoe", vocab=8, seed=3)
+    assert model.layers[0].mlp.experts.gate_up_proj.shape[0] > 2
+    ar_step_logits(model)
+    assert given and not routed
 
 
 def test_decoding_with_the_kernels_gives_the_same_tokens(moe_on_cpu, monkeypatch):

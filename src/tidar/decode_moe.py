@@ -10,8 +10,9 @@ took 1.61-1.69 ms an AR step at batch 1 in 236 kernels, against 2.15-2.23 ms in 
 the grouped path (session 46, docs/results.md section 2: ``pass_latency.py --shape olmoe-7b
 --ar-only --kernel-settings engine MOE_MAX_ROWS=2``). Off (``MOE_MAX_ROWS`` 0) until its
 tokens are checked on the GPU: ``gpu_exactness.py --runs eager --families olmoe qwen3_moe
---kernel-settings MOE_MAX_ROWS=1``. Importing this module needs Triton; the tests run it in
-Triton's interpreter.
+--kernel-settings MOE_MAX_ROWS=1``. ``decode_moe_routed`` takes the router's logits instead
+of the chosen experts and weights, and its kernels pick them (``ROUTE_IN_KERNELS``, off until
+timed). Importing this module needs Triton; the tests run it in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -26,21 +27,54 @@ from .decode_matvec import fits, load_tile, plan, unit_stride
 
 MOE_MAX_ROWS = 0  # rows (sequences of one query) at most; 0: the grouped-matmul path always
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
+# Each kernel picks its rows' experts from the router's logits itself (``decode_moe_routed``)
+# in place of the softmax and ``torch.topk`` before them (two kernels a layer, 164 of an
+# OLMoE-shaped step's 1,676 us in session 46). Off until timed against ``decode_moe``.
+ROUTE_IN_KERNELS = False
+MAX_EXPERTS = 256  # router logits a row, one register tile
 
 
 @triton.jit
-def _gate_up_kernel(X, W, Expert, Out, K, N, top_k, stride_x, stride_e, stride_w,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _probabilities(Logits, row, n_experts, stride_l, BLOCK_E: tl.constexpr):
+    """The experts' indices and row ``row``'s router probabilities (the softmax of its logits
+    in float32), -1 past ``n_experts`` so that they are never picked."""
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(Logits + row * stride_l + e, mask=e < n_experts, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, 0))
+    return e, tl.where(e < n_experts, probs / tl.sum(probs, 0), -1.0)
+
+
+@triton.jit
+def _pick(e, left):
+    """The most probable expert of ``left`` (the lowest index on ties, as ``torch.topk``
+    orders them), its probability, and ``left`` without it."""
+    best, index = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
+    return index.to(tl.int64), best, tl.where(e == index, -1.0, left)
+
+
+@triton.jit
+def _gate_up_kernel(X, W, Expert, Logits, Out, K, N, n_experts, stride_x, stride_e, stride_w,
+                    stride_l, TOP_K: tl.constexpr, ROUTE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """Outputs ``n`` of the SwiGLU of row ``r``'s ``j``-th expert, program (n-tile, r*k+j):
-    ``silu(gate @ x) * (up @ x)``, the weight ``[E, 2N, K]`` gate rows then up rows."""
+    ``silu(gate @ x) * (up @ x)``, the weight ``[E, 2N, K]`` gate rows then up rows. The
+    expert from ``Expert``, or with ``ROUTE`` the ``j``-th most probable by ``Logits``."""
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    slot = tl.program_id(1)  # row * top_k + j
-    expert = tl.load(Expert + slot)
-    x = tl.load(X + (slot // top_k) * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-    weights = W + expert.to(tl.int64) * stride_e
+    slot = tl.program_id(1)  # row * TOP_K + j
+    if ROUTE:
+        e, left = _probabilities(Logits, slot // TOP_K, n_experts, stride_l, BLOCK_E)
+        expert, _, left = _pick(e, left)
+        for j in tl.static_range(1, TOP_K):
+            index, _, left = _pick(e, left)
+            expert = tl.where(slot % TOP_K == j, index, expert)
+    else:
+        expert = tl.load(Expert + slot).to(tl.int64)
+    x = tl.load(X + (slot // TOP_K) * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+    weights = W + expert * stride_e
     gate = tl.sum(load_tile(weights, n, n_ok, k, k_ok, stride_w).to(tl.float32) * x[None, :], 1)
     up = tl.sum(load_tile(weights, n + N, n_ok, k, k_ok, stride_w).to(tl.float32) * x[None, :],
                 1)
@@ -49,24 +83,42 @@ def _gate_up_kernel(X, W, Expert, Out, K, N, top_k, stride_x, stride_e, stride_w
 
 
 @triton.jit
-def _down_kernel(H, W, Expert, Weight, Res, Out, K, N, stride_e, stride_w, stride_res,
-                 stride_out, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _down_kernel(H, W, Expert, Weight, Logits, Res, Out, K, N, n_experts, stride_e, stride_w,
+                 stride_l, stride_res, stride_out, TOP_K: tl.constexpr, ROUTE: tl.constexpr,
+                 NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
     """Outputs ``n`` of row ``r`` (program (n-tile, r)): the residual plus the routing
-    weights times each chosen expert's down projection of its SwiGLU output ``H``."""
+    weights times each chosen expert's down projection of its SwiGLU output ``H``. Experts
+    and weights from ``Expert`` and ``Weight``, or with ``ROUTE`` the most probable by
+    ``Logits`` and their probabilities (``NORMALIZE``: over the chosen), rounded to the
+    output's dtype as ``model.MoE.route`` rounds them."""
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     row = tl.program_id(1)
     acc = tl.load(Res + row * stride_res + n, mask=n_ok, other=0.0).to(tl.float32)
+    if ROUTE:
+        e, probs = _probabilities(Logits, row, n_experts, stride_l, BLOCK_E)
+        total = 1.0
+        if NORMALIZE:
+            left = probs
+            total = 0.0
+            for _ in tl.static_range(TOP_K):
+                _, best, left = _pick(e, left)
+                total += best
+        left = probs
     for j in tl.static_range(TOP_K):
         slot = row * TOP_K + j
-        expert = tl.load(Expert + slot)
+        if ROUTE:
+            expert, weight, left = _pick(e, left)
+            weight = (weight / total).to(Out.dtype.element_ty).to(tl.float32)
+        else:
+            expert = tl.load(Expert + slot).to(tl.int64)
+            weight = tl.load(Weight + slot).to(tl.float32)
         h = tl.load(H + slot * K + k, mask=k_ok, other=0.0).to(tl.float32)
-        w = load_tile(W + expert.to(tl.int64) * stride_e, n, n_ok, k, k_ok, stride_w)
-        w = w.to(tl.float32)
-        acc += tl.load(Weight + slot).to(tl.float32) * tl.sum(w * h[None, :], 1)
+        w = load_tile(W + expert * stride_e, n, n_ok, k, k_ok, stride_w).to(tl.float32)
+        acc += weight * tl.sum(w * h[None, :], 1)
     tl.store(Out + row * stride_out + n, acc.to(Out.dtype.element_ty), mask=n_ok)
 
 
@@ -80,6 +132,45 @@ def supported(x: Tensor, gate_up: Tensor, down: Tensor) -> bool:
             and gate_up.stride(-1) == 1 and down.stride(-1) == 1)
 
 
+def _experts(x: Tensor, gate_up: Tensor, down: Tensor, residual: Tensor, top_k: int,
+             expert: Tensor | None, weight: Tensor | None, logits: Tensor | None,
+             normalize: bool) -> Tensor:
+    """The two kernels, over given experts and weights or (``logits``) routing in them."""
+    rows, inputs = x.shape
+    hidden = down.shape[-1]
+    x, residual = unit_stride(x, residual)
+    route = logits is not None
+    if route:
+        logits = logits.contiguous()
+        expert = weight = logits  # unread
+    else:
+        expert, weight = expert.contiguous(), weight.contiguous()
+        logits = expert  # unread
+    n_experts = gate_up.shape[0]
+    block_e = triton.next_power_of_2(n_experts)
+    swiglu = x.new_empty(rows * top_k, hidden)
+    block_n, warps = plan(hidden, inputs)
+    _gate_up_kernel[(triton.cdiv(hidden, block_n), rows * top_k)](
+        x, gate_up, expert, logits, swiglu, inputs, hidden, n_experts, x.stride(0),
+        gate_up.stride(0), gate_up.stride(1), logits.stride(0), TOP_K=top_k, ROUTE=route,
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(inputs), BLOCK_E=block_e,
+        num_warps=warps)
+    out = x.new_empty(rows, inputs)
+    block_n, warps = plan(inputs, hidden)
+    _down_kernel[(triton.cdiv(inputs, block_n), rows)](
+        swiglu, down, expert, weight, logits, residual, out, hidden, inputs, n_experts,
+        down.stride(0), down.stride(1), logits.stride(0), residual.stride(0), out.stride(0),
+        TOP_K=top_k, ROUTE=route, NORMALIZE=normalize, BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(hidden), BLOCK_E=block_e, num_warps=warps)
+    return out
+
+
+def routed(gate_up: Tensor) -> bool:
+    """Whether ``decode_moe_routed`` picks the experts (``ROUTE_IN_KERNELS``, and the router's
+    logits fit one register tile)."""
+    return ROUTE_IN_KERNELS and gate_up.shape[0] <= MAX_EXPERTS
+
+
 @torch.library.custom_op("tidar::decode_moe", mutates_args=())
 def decode_moe(x: Tensor, gate_up: Tensor, down: Tensor, expert: Tensor, weight: Tensor,
                residual: Tensor) -> Tensor:
@@ -87,26 +178,23 @@ def decode_moe(x: Tensor, gate_up: Tensor, down: Tensor, expert: Tensor, weight:
     (already normalised) rows ``x`` ``[rows, D]`` and their ``top_k`` experts ``expert`` and
     routing weights ``weight`` ``[rows, top_k]``. An opaque custom op, as ``decode_matvec``:
     the compiled pass calls its two kernels as external ones."""
-    rows, inputs = x.shape
-    top_k = expert.shape[1]
-    hidden = down.shape[-1]
-    x, residual = unit_stride(x, residual)
-    expert, weight = expert.contiguous(), weight.contiguous()
-    swiglu = x.new_empty(rows * top_k, hidden)
-    block_n, warps = plan(hidden, inputs)
-    _gate_up_kernel[(triton.cdiv(hidden, block_n), rows * top_k)](
-        x, gate_up, expert, swiglu, inputs, hidden, top_k, x.stride(0), gate_up.stride(0),
-        gate_up.stride(1), BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(inputs),
-        num_warps=warps)
-    out = x.new_empty(rows, inputs)
-    block_n, warps = plan(inputs, hidden)
-    _down_kernel[(triton.cdiv(inputs, block_n), rows)](
-        swiglu, down, expert, weight, residual, out, hidden, inputs, down.stride(0),
-        down.stride(1), residual.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=block_n,
-        BLOCK_K=triton.next_power_of_2(hidden), num_warps=warps)
-    return out
+    return _experts(x, gate_up, down, residual, expert.shape[1], expert, weight, None, False)
 
 
 @decode_moe.register_fake
 def _(x, gate_up, down, expert, weight, residual):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("tidar::decode_moe_routed", mutates_args=())
+def decode_moe_routed(x: Tensor, gate_up: Tensor, down: Tensor, logits: Tensor,
+                      residual: Tensor, top_k: int, normalize: bool) -> Tensor:
+    """``decode_moe`` with the routing in its kernels: the ``top_k`` experts of the softmax
+    of the router's ``logits`` ``[rows, E]``, weighted by their probabilities (``normalize``:
+    divided by the chosen ones' sum), as ``model.MoE.route`` picks them."""
+    return _experts(x, gate_up, down, residual, top_k, None, None, logits, normalize)
+
+
+@decode_moe_routed.register_fake
+def _(x, gate_up, down, logits, residual, top_k, normalize):
     return x.new_empty(x.shape)

@@ -589,9 +589,14 @@ class MoE(nn.Module):
                 or not decode_moe.supported(rows, experts.gate_up_proj, experts.down_proj)):
             return None
         normed = norm(rows)
-        expert, weight = self.route(normed)
-        out = decode_moe.decode_moe(normed, experts.gate_up_proj, experts.down_proj, expert,
-                                    weight, rows)
+        if decode_moe.routed(experts.gate_up_proj):
+            out = decode_moe.decode_moe_routed(normed, experts.gate_up_proj, experts.down_proj,
+                                               self.gate(normed), rows, self.top_k,
+                                               self.normalize)
+        else:
+            expert, weight = self.route(normed)
+            out = decode_moe.decode_moe(normed, experts.gate_up_proj, experts.down_proj,
+                                        expert, weight, rows)
         return out.view(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:
