@@ -105,7 +105,7 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence over either), ``ENABLED=False`` (RoPE
     and the cache writes out of the AR step's q/k/v matvec), ``ONE_HEAD_MAX_ROWS=0`` (two head
     GEMMs in every drafting pass) or ``MOE_MAX_ROWS=2`` (``tidar.decode_moe``'s experts in the
-    AR step of one or two sequences)."""
+    AR step of one or two sequences; with ``ROUTE_IN_KERNELS=True`` they pick the experts)."""
     from tidar import (
         decode_attention,
         decode_matmul,
