@@ -47,8 +47,8 @@ def _probabilities(Logits, row, n_experts, stride_l, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _pick(e, left):
-    """The most probable expert of ``left`` (the lowest index on ties, as ``torch.topk``
-    orders them), its probability, and ``left`` without it."""
+    """The most probable expert of ``left`` (the lowest index on ties), its probability, and
+    ``left`` without it."""
     best, index = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
     return index.to(tl.int64), best, tl.where(e == index, -1.0, left)
 
