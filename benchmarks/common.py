@@ -104,8 +104,9 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     for several sequences; ``WIDE_MLP_MAX_ROWS`` over plain weights,
     ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence over either), ``ENABLED=False`` (RoPE
     and the cache writes out of the AR step's q/k/v matvec), ``ONE_HEAD_MAX_ROWS=0`` (two head
-    GEMMs in every drafting pass) or ``MOE_MAX_ROWS=2`` (``tidar.decode_moe``'s experts in the
-    AR step of one or two sequences; with ``ROUTE_IN_KERNELS=True`` they pick the experts)."""
+    GEMMs in every drafting pass), ``MOE_MAX_ROWS=2`` (``tidar.decode_moe``'s experts in the
+    AR step of two sequences too; 0: of none) or ``ROUTE_IN_KERNELS=False`` (the experts
+    picked before its kernels)."""
     from tidar import (
         decode_attention,
         decode_matmul,

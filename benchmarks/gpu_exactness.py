@@ -4,8 +4,9 @@
         [--families llama qwen3_moe ...] [--head-dim 128] [--adapters 4]
 
 Greedy ``lossless`` (and ``mix`` at beta 1) must equal ``ar`` token for token; a batched run
-must equal each row run alone, ``ar``'s too (one sequence's AR step runs kernels a batch's does
-not: ``decode_qkv``, ``decode_moe``; a row with ``sampler`` ``ar`` in the report). Every family
+must equal each row run alone, ``ar``'s too, and ``ar`` of the first two rows together (an AR
+step of one or two sequences runs kernels a batch's does not: ``decode_qkv``, ``decode_moe``;
+a row with ``sampler`` ``ar`` in the report). Every family
 runs with eager blocks, two of them (dense and MoE) also compiled (``Engine(compile=True)``,
 two of the proposal sets). Heads are 16 wide, so decode passes run the Triton attention kernel
 where the model picks it (the report says which kernel ran). ``--runs values``: sampling
@@ -214,9 +215,10 @@ def check(args) -> None:
         ar_cfg = DecodeConfig(sampler="ar", max_new_tokens=40)
         ar, _ = engine.generate(prompts, ar_cfg)
         alone = [engine.generate([p], ar_cfg)[0][0] for p in prompts]
-        failures += alone != ar
+        pair, _ = engine.generate(prompts[:2], ar_cfg)
+        failures += alone != ar or pair != ar[:2]
         rows.append({"family": family, "seed": seed, "compiled": compiled, "sampler": "ar",
-                     "block_size": 1, "proposals": [], "exact": alone == ar,
+                     "block_size": 1, "proposals": [], "exact": alone == ar and pair == ar[:2],
                      "tokens_per_pass": 1.0})
         configs = COMPILED_CONFIGS if compiled else CONFIGS
         for b, S in configs:

@@ -106,9 +106,22 @@ def test_the_ar_step_with_the_kernels_gives_the_plain_logits(family, moe_on_cpu,
     assert moe_on_cpu == [2] * sparse_layers(model) and sparse_layers(model) > 0
 
 
-def test_off_by_default_and_past_its_rows_and_with_a_shared_expert(moe_on_cpu, monkeypatch):
-    """``MOE_MAX_ROWS`` 0 (the shipped setting) and rows past it keep the grouped matmuls, and
-    so does a layer with a shared expert (qwen2_moe)."""
+def test_the_shipped_setting_routes_one_sequence_in_the_kernels_and_not_two(monkeypatch):
+    """As shipped (``MOE_MAX_ROWS`` 1, ``ROUTE_IN_KERNELS``), one sequence's AR steps pick
+    their experts in the kernels; two sequences' keep the grouped matmuls (their tokens are
+    not yet checked on the GPU)."""
+    given = kernel_on_cpu(monkeypatch, decode_moe, "decode_moe")
+    routed = kernel_on_cpu(monkeypatch, decode_moe, "decode_moe_routed")
+    model = tiny_model("olmoe", vocab=8, seed=3)
+    ar_step_logits(model)  # two rows
+    assert not given and not routed
+    Engine(model).generate([[1, 2, 3]], DecodeConfig(sampler="ar", max_new_tokens=4))
+    assert routed == [1] * 3 * sparse_layers(model) and not given
+
+
+def test_off_past_its_rows_and_with_a_shared_expert(moe_on_cpu, monkeypatch):
+    """``MOE_MAX_ROWS`` 0 and rows past it keep the grouped matmuls, and so does a layer with
+    a shared expert (qwen2_moe)."""
     model = tiny_model("olmoe", vocab=8, seed=3)
     monkeypatch.setattr(decode_moe, "MOE_MAX_ROWS", 0)
     ar_step_logits(model)

@@ -5,14 +5,18 @@ residual added.
 The grouped-matmul path (``model.Experts``) sorts the rows by expert, counts, gathers, runs
 two grouped GEMMs and scatters the result back, a chain of small kernels for one or two rows.
 Here each thread block reads the expert ids of its row and loads that expert's weight tile,
-as ``decode_matvec`` loads a dense one. On the H100, random weights of OLMoE-1B-7B's shape
-took 1.61-1.69 ms an AR step at batch 1 in 236 kernels, against 2.15-2.23 ms in 412 through
-the grouped path (session 46, docs/results.md section 2: ``pass_latency.py --shape olmoe-7b
---ar-only --kernel-settings engine MOE_MAX_ROWS=2``). Off (``MOE_MAX_ROWS`` 0) until its
-tokens are checked on the GPU: ``gpu_exactness.py --runs eager --families olmoe qwen3_moe
---kernel-settings MOE_MAX_ROWS=1``. ``decode_moe_routed`` takes the router's logits instead
-of the chosen experts and weights, and its kernels pick them (``ROUTE_IN_KERNELS``, off until
-timed). Importing this module needs Triton; the tests run it in Triton's interpreter.
+as ``decode_matvec`` loads a dense one. ``decode_moe_routed`` takes the router's logits
+instead, and its kernels pick each row's experts themselves, in place of the softmax and
+``torch.topk`` before them (``ROUTE_IN_KERNELS``). On the H100, random weights of
+OLMoE-1B-7B's shape took 1.49-1.66 ms an AR step at batch 1 in 172 kernels routed here,
+1.62-1.80 in 236 with the experts given and 2.15-2.39 in 412 through the grouped path
+(session 47, docs/results.md section 2: ``pass_latency.py --shape olmoe-7b --ar-only
+--batch 1 --kernel-settings engine MOE_MAX_ROWS=1 MOE_MAX_ROWS=1,ROUTE_IN_KERNELS=True``),
+with the same tokens as the grouped path on the GPU (``gpu_exactness.py --runs eager
+--families olmoe qwen3_moe mixtral``). Two rows (batch 2) took 2.28-2.31 against 2.95-2.98
+ms, but their tokens are not yet checked on the GPU: ``MOE_MAX_ROWS`` stays 1 until
+``gpu_exactness.py ... --kernel-settings MOE_MAX_ROWS=2`` (its ``ar`` row decodes a pair).
+Importing this module needs Triton; the tests run it in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ from torch import Tensor
 from . import decode_matvec
 from .decode_matvec import fits, load_tile, plan, unit_stride
 
-MOE_MAX_ROWS = 0  # rows (sequences of one query) at most; 0: the grouped-matmul path always
+MOE_MAX_ROWS = 1  # rows (sequences of one query) at most; 0: the grouped-matmul path always
 DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 # Each kernel picks its rows' experts from the router's logits itself (``decode_moe_routed``)
-# in place of the softmax and ``torch.topk`` before them (two kernels a layer, 164 of an
-# OLMoE-shaped step's 1,676 us in session 46). Off until timed against ``decode_moe``.
-ROUTE_IN_KERNELS = False
+# in place of the softmax and ``torch.topk`` before them: four kernels fewer a layer.
+ROUTE_IN_KERNELS = True
 MAX_EXPERTS = 256  # router logits a row, one register tile
 
 

@@ -27,7 +27,7 @@ from .files import write_text_atomic
 MARGIN = 0.10
 COST_NOISE = 0.05  # how much a measured pass may come out cheaper than a smaller one
 TUNER_CONTEXT = 128  # tokens in the cache while the tuner times a pass
-PASS_REVISION = 13  # in the cache key of measured pass costs: bump when a pass or its timing does
+PASS_REVISION = 14  # in the cache key of measured pass costs: bump when a pass or its timing does
 
 
 @dataclass(frozen=True)
