@@ -123,6 +123,28 @@ def test_stopped_run_keeps_finished_cells(setup, tmp_path, monkeypatch):
     assert not list(out.glob("*.tmp"))
 
 
+def test_every_batch_is_decoded_once_before_the_timed_repeats(setup, tmp_path, monkeypatch):
+    """The warm-up decodes every batch of prompts with every method (a batch's prefill has
+    its own size class and padded length to compile and capture), so the first repeat times
+    what the others do."""
+    import tidar.bench
+
+    runs, run = [], tidar.bench.run_engine
+
+    def counting(engine, prompts, cfg):
+        runs.append((cfg.sampler, tuple(map(tuple, prompts))))
+        return run(engine, prompts, cfg)
+
+    monkeypatch.setattr(tidar.bench, "run_engine", counting)
+    quick = ("--methods", "ar,lossless", "--batch-sizes", "1", "--pass-repeats", "0")
+    assert run_bench(_args(setup, tmp_path / "out", *quick)) == 0
+    batches = sorted(set(prompts for _, prompts in runs))
+    assert len(batches) == 3  # three prompts, batch size 1
+    warm_up = runs[:len(runs) // 3]  # the warm-up and two repeats run alike
+    assert sorted(warm_up) == sorted((s, b) for s in ("ar", "lossless") for b in batches)
+    assert sorted(runs) == sorted(warm_up * 3)
+
+
 def test_resume_measures_only_the_missing_cells(setup, tmp_path, monkeypatch):
     """``--resume`` keeps a stopped run's cells and measures the rest; a report made with
     other settings, or one that is not a report, is refused in one line."""

@@ -8,7 +8,7 @@ first token, whether greedy outputs equal ``ar``'s, and the pass-latency curve `
 it writes ``bench.json`` and PNG plots.
 
 Timing: wall clock between device synchronisations (the host syncs at the end of every run
-anyway), after one warm-up run of every method per (length, batch size); medians over
+anyway), after a warm-up run of every method on every batch of prompts; medians over
 ``--repeats``. Within a repeat the methods take turns on every batch of prompts, so drift
 (clocks, temperature) hits them alike.
 
@@ -271,9 +271,9 @@ def _measure_cell(methods, engine, eager, hf, groups, max_new: int, repeats: int
             return engine_ttft(eager, prompts, replace(m.cfg, max_new_tokens=max_new))
         return hf.run(prompts, 1, pld=m.kind == "pld").seconds
 
-    for m in methods:  # warm-up: kernels, allocator, compilation
-        full(m, groups[0])
-        for prompts in groups:  # every batch's prefill (Triton compiles per size class)
+    for m in methods:  # warm-up: kernels, allocator, compilation, graph captures
+        for prompts in groups:  # every batch: its prefill's size class and padded length
+            full(m, prompts)
             ttft(m, prompts)
     rec = {m.name: {"seconds": [0.0] * repeats, "decode": [0.0] * repeats,
                     "ttft": [0.0] * repeats, "first": [0.0] * repeats,
@@ -463,8 +463,8 @@ def run_bench(args) -> int:
         "batch 1",
         "identical_to_ar: fraction of sequences whose greedy output equals our ar's, token for "
         "token (bf16 rounding can make correct methods differ)",
-        f"timing: wall clock between device synchronisations, one warm-up run per method, "
-        f"median over {args.repeats} repeats, methods alternated batch by batch",
+        f"timing: wall clock between device synchronisations, a warm-up run per method and "
+        f"batch, median over {args.repeats} repeats, methods alternated batch by batch",
     ]
     report = {
         "meta": {
