@@ -105,8 +105,9 @@ def kernel_settings(spec: str) -> contextlib.ExitStack:
     ``WIDE_MLP_MAX_ROWS_ONE_SEQUENCE`` for one sequence over either), ``ENABLED=False`` (RoPE
     and the cache writes out of the AR step's q/k/v matvec), ``ONE_HEAD_MAX_ROWS=0`` (two head
     GEMMs in every drafting pass), ``MOE_MAX_ROWS=2`` (``tidar.decode_moe``'s experts in the
-    AR step of two sequences too; 0: of none) or ``ROUTE_IN_KERNELS=False`` (the experts
-    picked before its kernels)."""
+    AR step of two sequences too; 0: of none), ``ROUTE_IN_KERNELS=False`` (the experts
+    picked before its kernels, by torch) or ``ROUTE_IN_KERNELS=False,ROUTE_KERNEL=True``
+    (by one kernel)."""
     from tidar import (
         decode_attention,
         decode_matmul,

@@ -133,6 +133,12 @@ def cases(fp32: bool = False, head_dim: int = 64, matmul_tiles=MATMUL_TILES,
         out.append((f"moe down{name} (OLMoE)", decode_moe._down_kernel, dict(
             ROUTE=route, NORMALIZE=OLMOE_7B["norm_topk_prob"], BLOCK_N=outputs_per_block,
             BLOCK_K=triton.next_power_of_2(moe_hidden), **routing), warps, moe))
+    by_kernel = decode_moe.MOE_MAX_ROWS > 0 and decode_moe.ROUTE_KERNEL \
+        and not decode_moe.ROUTE_IN_KERNELS
+    out.append(("moe routing (OLMoE)", decode_moe._route_kernel, dict(
+        NORMALIZE=OLMOE_7B["norm_topk_prob"],
+        BLOCK_TOP=triton.next_power_of_2(OLMOE_7B["num_experts_per_tok"]), **routing), 1,
+        by_kernel))
     return out
 
 

@@ -67,6 +67,31 @@ def test_routing_in_the_kernels_picks_as_the_model_does(dtype, normalize):
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_routing_kernel_picks_as_the_model_does(dtype, normalize):
+    """``route_experts``: ``model.MoE.route``'s experts, in its order, and weights (softmax
+    in float32, top-k, optionally renormalised, rounded to the rows' dtype); 7 experts leave
+    one of the 8-wide tile masked, 3 of them chosen one of the 4-wide."""
+    gen = torch.Generator().manual_seed(11 + normalize)
+    logits = torch.randn(5, 7, generator=gen).to(dtype)
+    weight, expert = torch.topk(F.softmax(logits.float(), dim=-1), 3, dim=-1)
+    if normalize:
+        weight = weight / weight.sum(-1, keepdim=True)
+    got_expert, got_weight = decode_moe.route_experts(logits, logits, 3, normalize)
+    assert torch.equal(got_expert, expert) and got_weight.dtype == dtype
+    torch.testing.assert_close(got_weight, weight.to(dtype))
+
+
+def test_the_routing_kernel_runs_once_a_row_before_the_experts_kernels(monkeypatch):
+    routes = kernel_on_cpu(monkeypatch, decode_moe, "route_experts")
+    experts = kernel_on_cpu(monkeypatch, decode_moe, "decode_moe", MOE_MAX_ROWS=2,
+                            ROUTE_IN_KERNELS=False, ROUTE_KERNEL=True)
+    model = tiny_model("olmoe", vocab=8, seed=3)
+    ar_step_logits(model)
+    assert routes == experts == [2] * sparse_layers(model)
+
+
 def test_the_custom_ops_trace():
     """Their schemas and fake tensors agree with the kernels (what torch.compile and CUDA
     graphs trace the AR step with)."""
@@ -80,15 +105,20 @@ def test_the_custom_ops_trace():
         residual))
     torch.library.opcheck(decode_moe.decode_moe_routed, (
         x, gate_up, down, torch.randn(2, 5, generator=gen), residual, 2, True))
+    torch.library.opcheck(decode_moe.route_experts, (
+        torch.randn(2, 5, generator=gen), x.half(), 3, False))
 
 
-@pytest.fixture(params=[False, True], ids=["experts-given", "routed-in-kernels"])
+@pytest.fixture(params=["torch", "kernels", "kernel"],
+                ids=["routed-before", "routed-in-kernels", "routed-in-a-kernel-before"])
 def moe_on_cpu(request, monkeypatch):
     """Let the MoE layers take the kernels on the CPU (the interpreter), the routing before
-    them or in them (``ROUTE_IN_KERNELS``), counting calls."""
-    name = "decode_moe_routed" if request.param else "decode_moe"
+    them (by torch or by ``route_experts``, ``ROUTE_KERNEL``) or in them
+    (``ROUTE_IN_KERNELS``), counting the experts' kernels' calls."""
+    in_kernels = request.param == "kernels"
+    name = "decode_moe_routed" if in_kernels else "decode_moe"
     return kernel_on_cpu(monkeypatch, decode_moe, name, MOE_MAX_ROWS=2,
-                         ROUTE_IN_KERNELS=request.param)
+                         ROUTE_IN_KERNELS=in_kernels, ROUTE_KERNEL=request.param == "kernel")
 
 
 def sparse_layers(model) -> int:

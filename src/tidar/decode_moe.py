@@ -16,7 +16,9 @@ with the same tokens as the grouped path on the GPU (``gpu_exactness.py --runs e
 --families olmoe qwen3_moe mixtral``). Two rows (batch 2) took 2.28-2.31 against 2.95-2.98
 ms, but their tokens are not yet checked on the GPU: ``MOE_MAX_ROWS`` stays 1 until
 ``gpu_exactness.py ... --kernel-settings MOE_MAX_ROWS=2`` (its ``ar`` row decodes a pair).
-Importing this module needs Triton; the tests run it in Triton's interpreter.
+``route_experts`` (``ROUTE_KERNEL``, off until timed) instead picks each row's experts in
+one small kernel before ``decode_moe``. Importing this module needs Triton; the tests run it
+in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ DEVICES = ("cuda",)  # the tests add "cpu": Triton's interpreter
 # Each kernel picks its rows' experts from the router's logits itself (``decode_moe_routed``)
 # in place of the softmax and ``torch.topk`` before them: four kernels fewer a layer.
 ROUTE_IN_KERNELS = True
+# With ROUTE_IN_KERNELS off: one small kernel picks each row's experts (``route_experts``) in
+# place of the softmax and ``torch.topk``, once a row instead of in every thread block of
+# the two kernels (which made gate/up 7 and down 4 us a layer slower, session 47). Off until
+# timed against ROUTE_IN_KERNELS.
+ROUTE_KERNEL = False
 MAX_EXPERTS = 256  # router logits a row, one register tile
 
 
@@ -54,6 +61,26 @@ def _pick(e, left):
     ``left`` without it."""
     best, index = tl.max(left, 0, return_indices=True, return_indices_tie_break_left=True)
     return index.to(tl.int64), best, tl.where(e == index, -1.0, left)
+
+
+@triton.jit
+def _route_kernel(Logits, Expert, Weight, n_experts, stride_l, TOP_K: tl.constexpr,
+                  NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOP: tl.constexpr):
+    """Row ``r``'s ``TOP_K`` most probable experts by ``Logits`` (program r), in order, and
+    their probabilities (``NORMALIZE``: over the chosen), rounded to ``Weight``'s dtype."""
+    row = tl.program_id(0)
+    e, left = _probabilities(Logits, row, n_experts, stride_l, BLOCK_E)
+    j = tl.arange(0, BLOCK_TOP)
+    expert = tl.zeros([BLOCK_TOP], tl.int64)
+    weight = tl.zeros([BLOCK_TOP], tl.float32)
+    for slot in tl.static_range(TOP_K):
+        index, best, left = _pick(e, left)
+        expert = tl.where(j == slot, index, expert)
+        weight = tl.where(j == slot, best, weight)
+    if NORMALIZE:
+        weight = weight / tl.sum(weight, 0)
+    tl.store(Expert + row * TOP_K + j, expert, mask=j < TOP_K)
+    tl.store(Weight + row * TOP_K + j, weight.to(Weight.dtype.element_ty), mask=j < TOP_K)
 
 
 @triton.jit
@@ -172,6 +199,35 @@ def routed(gate_up: Tensor) -> bool:
     """Whether ``decode_moe_routed`` picks the experts (``ROUTE_IN_KERNELS``, and the router's
     logits fit one register tile)."""
     return ROUTE_IN_KERNELS and gate_up.shape[0] <= MAX_EXPERTS
+
+
+def route_kernel(gate_up: Tensor) -> bool:
+    """Whether ``route_experts`` picks the experts for ``decode_moe`` (``ROUTE_KERNEL``)."""
+    return ROUTE_KERNEL and gate_up.shape[0] <= MAX_EXPERTS
+
+
+@torch.library.custom_op("tidar::route_experts", mutates_args=())
+def route_experts(logits: Tensor, x: Tensor, top_k: int,
+                  normalize: bool) -> tuple[Tensor, Tensor]:
+    """``model.MoE.route`` in one kernel: the ``top_k`` experts of the softmax of the
+    router's ``logits`` ``[rows, E]`` (in float32, the lowest index on ties) and their
+    probabilities (``normalize``: divided by the chosen ones' sum) in ``x``'s dtype."""
+    rows, n_experts = logits.shape
+    logits = logits.contiguous()
+    expert = torch.empty(rows, top_k, dtype=torch.long, device=logits.device)
+    weight = torch.empty(rows, top_k, dtype=x.dtype, device=logits.device)
+    _route_kernel[(rows,)](logits, expert, weight, n_experts, logits.stride(0), TOP_K=top_k,
+                           NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(n_experts),
+                           BLOCK_TOP=triton.next_power_of_2(top_k),
+                           num_warps=1)  # maxima by warp shuffles, no shared memory
+    return expert, weight
+
+
+@route_experts.register_fake
+def _(logits, x, top_k, normalize):
+    rows = logits.shape[0]
+    return (logits.new_empty(rows, top_k, dtype=torch.long),
+            logits.new_empty(rows, top_k, dtype=x.dtype))
 
 
 @torch.library.custom_op("tidar::decode_moe", mutates_args=())

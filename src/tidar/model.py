@@ -594,7 +594,11 @@ class MoE(nn.Module):
                                                self.gate(normed), rows, self.top_k,
                                                self.normalize)
         else:
-            expert, weight = self.route(normed)
+            if decode_moe.route_kernel(experts.gate_up_proj):
+                expert, weight = decode_moe.route_experts(self.gate(normed), normed, self.top_k,
+                                                          self.normalize)
+            else:
+                expert, weight = self.route(normed)
             out = decode_moe.decode_moe(normed, experts.gate_up_proj, experts.down_proj,
                                         expert, weight, rows)
         return out.view(x.shape)
