@@ -78,7 +78,7 @@ def test_the_routing_kernel_picks_as_the_model_does(dtype, normalize):
     weight, expert = torch.topk(F.softmax(logits.float(), dim=-1), 3, dim=-1)
     if normalize:
         weight = weight / weight.sum(-1, keepdim=True)
-    got_expert, got_weight = decode_moe.route_experts(logits, logits, 3, normalize)
+    got_expert, got_weight = decode_moe.route_experts(logits, 3, normalize, dtype)
     assert torch.equal(got_expert, expert) and got_weight.dtype == dtype
     torch.testing.assert_close(got_weight, weight.to(dtype))
 
@@ -106,7 +106,7 @@ def test_the_custom_ops_trace():
     torch.library.opcheck(decode_moe.decode_moe_routed, (
         x, gate_up, down, torch.randn(2, 5, generator=gen), residual, 2, True))
     torch.library.opcheck(decode_moe.route_experts, (
-        torch.randn(2, 5, generator=gen), x.half(), 3, False))
+        torch.randn(2, 5, generator=gen), 3, False, torch.float16))
 
 
 @pytest.fixture(params=["torch", "kernels", "kernel"],

@@ -195,27 +195,26 @@ def _experts(x: Tensor, gate_up: Tensor, down: Tensor, residual: Tensor, top_k: 
     return out
 
 
-def routed(gate_up: Tensor) -> bool:
-    """Whether ``decode_moe_routed`` picks the experts (``ROUTE_IN_KERNELS``, and the router's
-    logits fit one register tile)."""
-    return ROUTE_IN_KERNELS and gate_up.shape[0] <= MAX_EXPERTS
-
-
-def route_kernel(gate_up: Tensor) -> bool:
-    """Whether ``route_experts`` picks the experts for ``decode_moe`` (``ROUTE_KERNEL``)."""
-    return ROUTE_KERNEL and gate_up.shape[0] <= MAX_EXPERTS
+def routing(gate_up: Tensor) -> str:
+    """Who picks the experts of ``gate_up``'s layer: ``"kernels"`` (``decode_moe_routed``,
+    ``ROUTE_IN_KERNELS``), ``"kernel"`` (``route_experts`` before ``decode_moe``,
+    ``ROUTE_KERNEL``) or ``"torch"`` (``model.MoE.route``); torch where the router's logits
+    pass one register tile."""
+    if gate_up.shape[0] > MAX_EXPERTS:
+        return "torch"
+    return "kernels" if ROUTE_IN_KERNELS else "kernel" if ROUTE_KERNEL else "torch"
 
 
 @torch.library.custom_op("tidar::route_experts", mutates_args=())
-def route_experts(logits: Tensor, x: Tensor, top_k: int,
-                  normalize: bool) -> tuple[Tensor, Tensor]:
+def route_experts(logits: Tensor, top_k: int, normalize: bool,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``model.MoE.route`` in one kernel: the ``top_k`` experts of the softmax of the
     router's ``logits`` ``[rows, E]`` (in float32, the lowest index on ties) and their
-    probabilities (``normalize``: divided by the chosen ones' sum) in ``x``'s dtype."""
+    probabilities (``normalize``: divided by the chosen ones' sum) in ``dtype``."""
     rows, n_experts = logits.shape
     logits = logits.contiguous()
     expert = torch.empty(rows, top_k, dtype=torch.long, device=logits.device)
-    weight = torch.empty(rows, top_k, dtype=x.dtype, device=logits.device)
+    weight = torch.empty(rows, top_k, dtype=dtype, device=logits.device)
     _route_kernel[(rows,)](logits, expert, weight, n_experts, logits.stride(0), TOP_K=top_k,
                            NORMALIZE=normalize, BLOCK_E=triton.next_power_of_2(n_experts),
                            BLOCK_TOP=triton.next_power_of_2(top_k),
@@ -224,10 +223,10 @@ def route_experts(logits: Tensor, x: Tensor, top_k: int,
 
 
 @route_experts.register_fake
-def _(logits, x, top_k, normalize):
+def _(logits, top_k, normalize, dtype):
     rows = logits.shape[0]
     return (logits.new_empty(rows, top_k, dtype=torch.long),
-            logits.new_empty(rows, top_k, dtype=x.dtype))
+            logits.new_empty(rows, top_k, dtype=dtype))
 
 
 @torch.library.custom_op("tidar::decode_moe", mutates_args=())

@@ -589,18 +589,19 @@ class MoE(nn.Module):
                 or not decode_moe.supported(rows, experts.gate_up_proj, experts.down_proj)):
             return None
         normed = norm(rows)
-        if decode_moe.routed(experts.gate_up_proj):
+        routing = decode_moe.routing(experts.gate_up_proj)
+        if routing == "kernels":
             out = decode_moe.decode_moe_routed(normed, experts.gate_up_proj, experts.down_proj,
                                                self.gate(normed), rows, self.top_k,
                                                self.normalize)
+            return out.view(x.shape)
+        if routing == "kernel":
+            expert, weight = decode_moe.route_experts(self.gate(normed), self.top_k,
+                                                      self.normalize, normed.dtype)
         else:
-            if decode_moe.route_kernel(experts.gate_up_proj):
-                expert, weight = decode_moe.route_experts(self.gate(normed), normed, self.top_k,
-                                                          self.normalize)
-            else:
-                expert, weight = self.route(normed)
-            out = decode_moe.decode_moe(normed, experts.gate_up_proj, experts.down_proj,
-                                        expert, weight, rows)
+            expert, weight = self.route(normed)
+        out = decode_moe.decode_moe(normed, experts.gate_up_proj, experts.down_proj, expert,
+                                    weight, rows)
         return out.view(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:
