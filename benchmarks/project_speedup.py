@@ -21,7 +21,7 @@ from pathlib import Path
 from tidar.drafter import read_drafter
 from tidar.engine import proposal_set
 from tidar.generate import shipped_drafter
-from tidar.tuner import choose, expected_tokens_per_pass
+from tidar.tuner import Acceptance, choose, expected_tokens_per_pass
 
 
 def profiles(drafter: Path, bench: Path | None) -> dict[str, list[float]]:
@@ -40,7 +40,7 @@ def project(curve: dict[int, float], reach: list[float], block_size: int, batch:
     over ``ar``, and the full set's expected tokens per pass and speedup."""
     ar = curve[1]
     full = block_size * (block_size + 1)
-    pick = choose(curve, reach, "lossless", (block_size,), batch, new_tokens)
+    pick = choose(curve, Acceptance(reach), "lossless", (block_size,), batch, new_tokens)
     tokens = expected_tokens_per_pass(reach, block_size, proposal_set(block_size, block_size))
     blocks = len(pick.proposals)
     return {"pick": "ar" if pick.sampler == "ar" else f"{blocks} block{'s' * (blocks > 1)}",

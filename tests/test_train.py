@@ -91,6 +91,8 @@ def test_frozen_ar_keeps_ar_logits_bit_identical(tiny_setup, tmp_path):
     extra = read_drafter(result["drafter"])[1].extra
     assert len(extra["acceptance_by_position"]) == 3 and extra["calibration"]["prompts"] == 2
     assert extra["calibration"]["tokens_per_pass"] >= 1.0
+    replayed = extra["tokens_per_pass_by_proposals"]  # each proposal count the tuner weighs
+    assert sorted(replayed) == ["1", "2", "4"] and all(m[0] >= 1.0 for m in replayed.values())
     original = load_model(str(tiny_setup[0]))
     converted = load_model(str(tiny_setup[0]))
     info = apply_drafter(converted.model, result["drafter"], converted.fingerprint)

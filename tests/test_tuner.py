@@ -9,6 +9,7 @@ import torch
 
 from tidar.engine import DecodeConfig
 from tidar.tuner import (
+    Acceptance,
     auto_config,
     batch_slowdown,
     choose,
@@ -58,6 +59,34 @@ def test_batch_slowdown_matches_a_simulated_batch(rows):
     assert model > 1.0 and float(simulated) == pytest.approx(model, abs=0.01)
 
 
+def test_replayed_tokens_per_pass_stand_in_for_the_chain():
+    """Session 47's cell (session 44's profile, rounded): the chain counts one block's
+    carried drafts as fresh and projects 1.24x, past the margin; the 1.81 tokens a pass the
+    run committed make it 1.08x, and AR wins. The
+    replay holds for its own block size and proposal sets of the first blocks only."""
+    reach = [0.546, 0.289, 0.151, 0.057, 0.021, 0.006, 0.002, 0.002]
+    seconds = {1: 1.0, 32: 1.67}
+    chain = Acceptance(reach)
+    replayed = Acceptance(reach, 16, {1: [1.81, 0.9]})
+    assert chain.moments(16, (0,))[0] == pytest.approx(2.07, abs=0.01)
+    assert choose(seconds, chain, "lossless", (16,)).sampler == "lossless"
+    assert replayed.moments(16, (0,)) == (1.81, 0.9)
+    assert choose(seconds, replayed, "lossless", (16,)).sampler == "ar"
+    assert replayed.moments(8, (0,)) == chain.moments(8, (0,))
+    other_pair = Acceptance(reach, 16, {2: [9.0, 0.0]})
+    assert other_pair.moments(16, (0, 2)) == chain.moments(16, (0, 2))
+
+
+def test_acceptance_of_a_drafter_file(tmp_path):
+    from tidar.drafter import DrafterInfo
+
+    extra = {"acceptance_by_position": [0.5, 0.2], "tokens_per_pass_by_proposals":
+             json.loads(json.dumps({1: [1.4, 0.3], 4: [1.6, 0.5]}))}  # keys as JSON has them
+    got = Acceptance.of_drafter(DrafterInfo(4, "frozen-ar", "x", extra=extra))
+    assert got == Acceptance([0.5, 0.2], 4, {1: [1.4, 0.3], 4: [1.6, 0.5]})
+    assert Acceptance.of_drafter(DrafterInfo(4, "frozen-ar", "x")) == Acceptance([], 4)
+
+
 def test_expected_max_normal():
     assert expected_max_normal(1) == 0.0
     assert expected_max_normal(2) == pytest.approx(1 / torch.pi**0.5, abs=1e-6)
@@ -70,22 +99,23 @@ def test_the_slowest_row_of_a_batch_can_make_drafting_lose():
     reach = [0.38, 0.125, 0.047, 0.014, 0.002]
     tpp = expected_tokens_per_pass(reach, 16, (0,))
     seconds = {1: 1.0, 32: tpp / 1.115}
-    assert choose(seconds, reach, "lossless", (16,)).sampler == "lossless"
-    slowed = choose(seconds, reach, "lossless", (16,), rows=4, new_tokens=128)
+    assert choose(seconds, Acceptance(reach), "lossless", (16,)).sampler == "lossless"
+    slowed = choose(seconds, Acceptance(reach), "lossless", (16,), rows=4, new_tokens=128)
     assert slowed.sampler == "ar"
-    ar_rows = choose({1: 1.0, 32: 0.5}, [0.0] * 5, "lossless", (16,), rows=4, new_tokens=128)
+    ar_rows = choose({1: 1.0, 32: 0.5}, Acceptance([0.0] * 5), "lossless", (16,), rows=4,
+                     new_tokens=128)
     assert ar_rows.batch_slowdown == 1.0  # AR rows move in step
 
 
 def test_choose_ar_when_passes_are_expensive():
     seconds = {1: 1.0, 8: 3.0, 12: 3.5, 16: 4.0, 20: 4.5}
-    choice = choose(seconds, [0.5, 0.25, 0.1], "lossless", block_sizes=(4,))
+    choice = choose(seconds, Acceptance([0.5, 0.25, 0.1]), "lossless", block_sizes=(4,))
     assert choice.sampler == "ar"
 
 
 def test_choose_drafting_when_it_pays():
     seconds = {1: 1.0, 8: 1.1, 12: 1.2, 16: 1.3, 20: 1.5}
-    choice = choose(seconds, [0.9, 0.8, 0.7], "lossless", block_sizes=(4,))
+    choice = choose(seconds, Acceptance([0.9, 0.8, 0.7]), "lossless", block_sizes=(4,))
     assert choice.sampler == "lossless" and choice.tokens_per_second > 1.0
     best = max(
         expected_tokens_per_pass([0.9, 0.8, 0.7], 4, tuple(range(n))) / seconds[4 + 4 * n]
@@ -95,7 +125,7 @@ def test_choose_drafting_when_it_pays():
 
 
 def test_worth_measuring_skips_shapes_that_cannot_win():
-    weak = [0.4, 0.1, 0.02]  # about 1.5 tokens per pass at most
+    weak = Acceptance([0.4, 0.1, 0.02])  # about 1.5 tokens per pass at most
     assert worth_measuring(8, {}, weak, 4)  # nothing measured yet: AR comes first
     # A one-block pass at 1.6 AR steps: no larger set's 1.5 tokens can pay for that.
     expensive = {1: 1.0, 8: 1.6}
@@ -105,7 +135,7 @@ def test_worth_measuring_skips_shapes_that_cannot_win():
     # Only smaller passes bound a pass's cost (a cached larger one says nothing about it).
     assert worth_measuring(12, {1: 1.0, 8: 1.1, 20: 3.0}, weak, 4)
     # An untrained drafter (never accepted) needs no drafting pass at all.
-    assert not worth_measuring(8, {1: 1.0}, [], 4)
+    assert not worth_measuring(8, {1: 1.0}, Acceptance(), 4)
 
 
 class TimedEngine:
@@ -133,15 +163,15 @@ def test_auto_config_measures_only_what_could_be_picked():
     drafter on the same device later adds the shapes it could use to the cached costs."""
     cfg = DecodeConfig(block_size=4).resolved()
     engine = TimedEngine(per_query=0.1)  # t(8) = 1.7 AR steps
-    got, info = auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    got, info = auto_config(engine, "model", cfg, Acceptance([0.4, 0.1, 0.02]))
     assert got.sampler == "ar" and engine.timed == [1, 8]
     assert info["shapes_measured"] == [1, 8]
     engine.timed.clear()
-    got, info = auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
+    got, info = auto_config(engine, "model", cfg, Acceptance([0.99, 0.98, 0.97]))
     assert engine.timed == [12, 20]  # t(1) and t(8) come from the cache
     assert got.sampler == "lossless" and info["shapes_measured"] == [1, 8, 12, 20]
     engine.timed.clear()
-    auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
+    auto_config(engine, "model", cfg, Acceptance([0.99, 0.98, 0.97]))
     assert engine.timed == []
 
 
@@ -151,10 +181,10 @@ def test_the_shapes_measured_are_timed_again_together():
     kept; a single shape needs no second timing."""
     cfg = DecodeConfig(block_size=4).resolved()
     engine = TimedEngine(per_query=0.1)
-    auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    auto_config(engine, "model", cfg, Acceptance([0.4, 0.1, 0.02]))
     assert engine.calls == [[1], [8], [1, 8]]
     engine.calls.clear()
-    auto_config(engine, "model", cfg, [0.99, 0.98, 0.97])
+    auto_config(engine, "model", cfg, Acceptance([0.99, 0.98, 0.97]))
     assert engine.calls == [[12], [20], [12, 20]]
 
     class Drifting(TimedEngine):  # first timings 20% high: the joint timing must win
@@ -162,7 +192,8 @@ def test_the_shapes_measured_are_timed_again_together():
             seconds = super().time_passes(cfgs, batch, context, repeats)
             return {k: t * (1.2 if len(cfgs) == 1 else 1.0) for k, t in seconds.items()}
 
-    seconds = measure_pass_seconds(Drifting(per_query=0.1), 4, reach=[0.4, 0.1, 0.02])
+    seconds = measure_pass_seconds(Drifting(per_query=0.1), 4,
+                                   acceptance=Acceptance([0.4, 0.1, 0.02]))
     assert seconds == pytest.approx({1: 1.0, 8: 1.7})
 
 
@@ -172,11 +203,11 @@ def test_an_unreadable_cache_is_measured_again(content, tmp_path, capsys):
 
     cfg = DecodeConfig(block_size=4).resolved()
     engine = TimedEngine(per_query=0.1)
-    auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    auto_config(engine, "model", cfg, Acceptance([0.4, 0.1, 0.02]))
     (cached,) = profile_dir().glob("*.json")
     cached.write_text(content)
     engine.timed.clear()
-    got, _ = auto_config(engine, "model", cfg, [0.4, 0.1, 0.02])
+    got, _ = auto_config(engine, "model", cfg, Acceptance([0.4, 0.1, 0.02]))
     assert got.sampler == "ar" and engine.timed == [1, 8]
     assert "unreadable tuner cache" in capsys.readouterr().err
     assert json.loads(cached.read_text())["pass_seconds"]  # written afresh

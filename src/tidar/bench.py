@@ -394,7 +394,7 @@ def run_bench(args) -> int:
     from .generate import DEFAULT_BLOCK_SIZE, decode_config, encode_prompt, shipped_drafter
     from .generate import stop_ids as model_stop_ids
     from .loading import load_model
-    from .tuner import auto_config
+    from .tuner import Acceptance, auto_config
 
     # Validate everything a user can get wrong before loading anything.
     batch_sizes = _ints(args.batch_sizes, "--batch-sizes", 1, 1024)
@@ -421,11 +421,11 @@ def run_bench(args) -> int:
     if drafter_path is None and loaded.is_default:
         drafter_path = shipped_drafter("smollm2-135m-instruct")
     block_size, drafter = DEFAULT_BLOCK_SIZE, "untrained (mean embedding)"
-    reach: list[float] = []  # an untrained drafter is assumed never to be accepted
+    acceptance = Acceptance()  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:
         info = apply_drafter(loaded.model, drafter_path, loaded.fingerprint)
         block_size, drafter = info.block_size, str(drafter_path)
-        reach = (info.extra or {}).get("acceptance_by_position", [])
+        acceptance = Acceptance.of_drafter(info)
     dargs = argparse.Namespace(block_size=args.block_size, proposals=args.proposals,
                                sampler="lossless", beta=None, temperature=0.0, top_k=0,
                                top_p=1.0, max_new_tokens=max(lengths), seed=0)
@@ -518,7 +518,8 @@ def run_bench(args) -> int:
             here = [m for m in methods if m.kind != "pld" or batch == 1]
             for m in here:
                 if m.name == "auto":
-                    m.cfg, m.tuner = auto_config(engine, loaded.fingerprint, base, reach, batch)
+                    m.cfg, m.tuner = auto_config(engine, loaded.fingerprint, base, acceptance,
+                                                  batch)
                     _log(f"auto at batch {batch}: {m.tuner}")
             groups = batches(prompt_ids, batch, args.num_prompts)
             _log(f"max_new_tokens {length}, batch {batch}: {len(groups)} batches x "

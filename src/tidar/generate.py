@@ -13,7 +13,7 @@ from typing import Any
 from .engine import DecodeConfig, Engine, proposal_set
 from .errors import TidarError
 from .sampling import SamplingParams
-from .tuner import MARGIN, auto_config
+from .tuner import MARGIN, Acceptance, auto_config
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_BETA = 0.7  # mix: the weight of the AR logits
@@ -194,7 +194,7 @@ class Decoder:
     engine: Engine
     cfg: DecodeConfig
     drafter_path: Path | None  # None: the untrained drafter
-    reach: list[float]  # the drafter's acceptance profile for the tuner
+    acceptance: Acceptance  # the drafter's, for the tuner
 
     @property
     def drafter(self) -> str:
@@ -207,11 +207,12 @@ class Decoder:
         returns the tuner's summary (None: nothing to tune)."""
         if args.proposals not in (None, "auto") or self.cfg.sampler == "ar":
             return None
-        if self.drafter_path is not None and not self.reach:
+        if self.drafter_path is not None and not self.acceptance.reach:
             print(f"tidar: {self.drafter_path} has no acceptance profile (its conversion "
                   "measured none: --eval-prompt); --proposals auto assumes no draft is "
                   "accepted; pass --proposals N to draft anyway", file=sys.stderr)
-        self.cfg, info = auto_config(self.engine, self.loaded.fingerprint, self.cfg, self.reach)
+        self.cfg, info = auto_config(self.engine, self.loaded.fingerprint, self.cfg,
+                                     self.acceptance)
         return info
 
 
@@ -231,14 +232,14 @@ def load_decoder(args) -> Decoder:
     if drafter_path is None and loaded.is_default:
         drafter_path = shipped_drafter("smollm2-135m-instruct")
     block_size = DEFAULT_BLOCK_SIZE
-    reach: list[float] = []  # an untrained drafter is assumed never to be accepted
+    acceptance = Acceptance()  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:
         info = apply_drafter(loaded.model, drafter_path, loaded.fingerprint)
         block_size = info.block_size
-        reach = (info.extra or {}).get("acceptance_by_position", [])
+        acceptance = Acceptance.of_drafter(info)
     cfg = decode_config(args, block_size)
     engine = Engine(loaded.model, stop_ids(loaded), compile=args.compile)
-    return Decoder(loaded, engine, cfg, drafter_path and Path(drafter_path), reach)
+    return Decoder(loaded, engine, cfg, drafter_path and Path(drafter_path), acceptance)
 
 
 def nonempty_stops(stops, label: str) -> tuple[str, ...]:

@@ -1,8 +1,12 @@
 """Pick block size and proposal set from measured pass costs and the acceptance profile.
 
 Speed of a setting = E[tokens per pass] / t(queries per pass) (DESIGN.md section 4). With a
-partial proposal set ``S`` the next pass may carry fewer real drafts, so the expected tokens
-per pass come from the stationary distribution of a Markov chain over "real drafts carried".
+partial proposal set ``S`` the next pass may carry fewer real drafts. Where the drafter's
+calibration replayed its output with each proposal count (``tidar.acceptance``), the tuner
+takes those tokens per pass; otherwise they come from the stationary distribution of a
+Markov chain over "real drafts carried", which counts carried drafts as fresh ones: one
+block 1.92 tokens a pass where the default with the shipped drafter decodes 1.75
+(docs/results.md section 3, session 48).
 A batch runs until its slowest row is done: drafting spreads the rows' pass counts, so at
 batch B the speed is divided by the expected passes of the slowest of B rows over a mean
 row's (``batch_slowdown``); AR rows move in step. Plain AR (one query per pass, one token) is
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +46,35 @@ class Choice:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens_per_pass / self.seconds_per_pass / self.batch_slowdown
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """A drafter's acceptance as the tuner reads it: ``reach`` (``reach[j-1] = P(k >= j)``
+    with the full proposal set) and, where its calibration replayed them, the tokens a pass
+    commits with ``n`` proposal blocks at its ``block_size``, ``{n: [mean, variance]}``."""
+
+    reach: list[float] = field(default_factory=list)  # none: no draft is ever accepted
+    block_size: int = 0
+    by_proposals: dict[int, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def of_drafter(cls, info) -> Acceptance:
+        """From a drafter file's metadata (``drafter.DrafterInfo``)."""
+        extra = info.extra or {}
+        replayed = extra.get("tokens_per_pass_by_proposals", {})
+        return cls(extra.get("acceptance_by_position", []), info.block_size,
+                   {int(n): list(m) for n, m in replayed.items()})
+
+    def moments(self, block_size: int, proposals: tuple[int, ...]) -> tuple[float, float]:
+        """Mean and variance of the tokens a pass commits: replayed where measured, else
+        the chain's (``tokens_per_pass_moments``)."""
+        replayed = (self.by_proposals.get(len(proposals))
+                    if block_size == self.block_size and proposals == tuple(range(len(proposals)))
+                    else None)
+        if replayed:
+            return replayed[0], replayed[1]
+        return tokens_per_pass_moments(self.reach, block_size, proposals)
 
 
 def expected_tokens_per_pass(reach: list[float], block_size: int, proposals: tuple[int, ...]):
@@ -99,7 +132,7 @@ def batch_slowdown(mean: float, variance: float, new_tokens: int, rows: int) -> 
 
 def choose(
     pass_seconds: dict[int, float],
-    reach: list[float],
+    acceptance: Acceptance,
     sampler: str,
     block_sizes: tuple[int, ...] = (4, 8, 16),
     rows: int = 1,
@@ -114,7 +147,7 @@ def choose(
             if queries not in pass_seconds:
                 continue
             proposals = proposal_set(n, b)
-            tpp, variance = tokens_per_pass_moments(reach, b, proposals)
+            tpp, variance = acceptance.moments(b, proposals)
             if tpp <= 1.0:  # no more tokens than an AR step: faster only by timing noise
                 continue
             cand = Choice(sampler, b, proposals, tpp, pass_seconds[queries],
@@ -136,12 +169,12 @@ def pass_shapes(block_size: int) -> dict:
 
 
 def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = TUNER_CONTEXT,
-                         repeats: int = 5, reach: list[float] | None = None,
+                         repeats: int = 5, acceptance: Acceptance | None = None,
                          known: dict[int, float] | None = None,
                          new_tokens: int = 0) -> dict[int, float]:
     """``t(q)`` of the engine's own pass (captured and compiled as it decodes) for the shapes
     of ``pass_shapes``, in order of query count, kept with the ``known`` ones. Given the
-    drafter's ``reach``, only the shapes ``worth_measuring`` (each costs a compile with
+    drafter's ``acceptance``, only the shapes ``worth_measuring`` (each costs a compile with
     ``--compile``), judged by a first timing of each; the shapes measured are then timed
     again taking turns (``Engine.time_passes``), so that the costs compared were measured
     alike. A bar on stderr while it measures."""
@@ -151,8 +184,8 @@ def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int =
     measured = {}
     bar = None
     for q, cfg in pass_shapes(block_size).items():
-        if q in seconds or (reach is not None
-                            and not worth_measuring(q, seconds, reach, block_size, batch,
+        if q in seconds or (acceptance is not None
+                            and not worth_measuring(q, seconds, acceptance, block_size, batch,
                                                     new_tokens)):
             continue
         if bar is None:
@@ -167,7 +200,7 @@ def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int =
     return seconds
 
 
-def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
+def worth_measuring(queries: int, seconds: dict[int, float], acceptance: Acceptance,
                     block_size: int, rows: int = 1, new_tokens: int = 0) -> bool:
     """Whether a pass of ``queries`` could still be the tuner's pick, given the costs
     ``seconds`` measured for fewer queries. A pass costs at least what a smaller one does
@@ -176,25 +209,24 @@ def worth_measuring(queries: int, seconds: dict[int, float], reach: list[float],
     if 1 not in seconds:
         return True
     n = queries // block_size - 1
-    tokens, variance = tokens_per_pass_moments(reach, block_size,
-                                                proposal_set(n, block_size))
+    tokens, variance = acceptance.moments(block_size, proposal_set(n, block_size))
     if tokens <= 1.0:  # as in choose: never a pick
         return False
     tokens /= batch_slowdown(tokens, variance, new_tokens, rows)
-    best = choose(seconds, reach, "lossless", (block_size,), rows, new_tokens)
+    best = choose(seconds, acceptance, "lossless", (block_size,), rows, new_tokens)
     bar = max(best.tokens_per_second, (1 + MARGIN) / seconds[1])
     floor = max(t for q, t in seconds.items() if q < queries)
     return tokens / (floor * (1 - COST_NOISE)) > bar
 
 
-def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 1):
+def auto_config(engine, fingerprint: str, cfg, acceptance: Acceptance, batch: int = 1):
     """``--proposals auto``: the tuner's pick for ``cfg``'s sampler and block size from this
     device's measured pass costs (cached per model, device, dtype, threads, block size and
-    batch bucket), the drafter's acceptance profile ``reach`` and ``batch`` rows of
-    ``cfg.max_new_tokens``; plain ``ar`` when no drafting setting is expected to be faster.
-    Only the shapes that could be picked are measured (each costs a compile with
-    ``--compile``); a later drafter that could use more shapes adds them to the cache.
-    Returns the configuration and a summary."""
+    batch bucket), the drafter's ``acceptance`` and ``batch`` rows of ``cfg.max_new_tokens``;
+    plain ``ar`` when no drafting setting is expected to be faster. Only the shapes that
+    could be picked are measured (each costs a compile with ``--compile``); a later drafter
+    that could use more shapes adds them to the cache. Returns the configuration and a
+    summary."""
     device, dtype = engine.device, str(engine.dtype).replace("torch.", "")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"cpu{torch.get_num_threads()}")
@@ -205,9 +237,9 @@ def auto_config(engine, fingerprint: str, cfg, reach: list[float], batch: int = 
     path = profile_dir() / f"{key}.json"
     seconds = cached_pass_seconds(path)
     repeats = 9 if device.type == "cuda" else 2
-    seconds = measure_pass_seconds(engine, b, batch, repeats=repeats, reach=reach, known=seconds,
-                                   new_tokens=cfg.max_new_tokens)
-    choice = choose(seconds, reach, cfg.sampler, (b,), batch, cfg.max_new_tokens)
+    seconds = measure_pass_seconds(engine, b, batch, repeats=repeats, acceptance=acceptance,
+                                   known=seconds, new_tokens=cfg.max_new_tokens)
+    choice = choose(seconds, acceptance, cfg.sampler, (b,), batch, cfg.max_new_tokens)
     save_profile(path, seconds, choice)
     info = {"choice": choice.sampler, "block_size": choice.block_size,
             "proposals": len(choice.proposals),
