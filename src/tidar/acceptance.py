@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .engine import proposal_set
 from .layouts import training_layout
 
 
@@ -77,8 +78,6 @@ def tokens_per_pass_by_proposals(model, sequences: list[tuple[list[int], list[in
     """``{n: [mean, variance]}`` of the tokens a greedy decode pass commits with ``n``
     proposal blocks, replayed over ``(prompt, greedy output)`` pairs (each output replayed
     up to ``block_size - 1`` tokens before its end, which later passes would verify)."""
-    from .engine import proposal_set
-
     passes = {n: [] for n in counts}
     for prompt, output in sequences:
         budget = len(output) - block_size + 1
