@@ -21,7 +21,7 @@ import torch
 from tidar.drafter import apply_drafter, read_drafter, save_drafter
 from tidar.generate import encode_prompt, stop_ids
 from tidar.loading import load_model
-from tidar.train import CALIBRATION_PROMPTS, measure_acceptance
+from tidar.train import CALIBRATION_PROMPTS, calibration_extra, measure_acceptance
 
 SHIPPED = Path(__file__).parents[1] / "src/tidar/drafters/smollm2-135m-instruct.safetensors"
 
@@ -45,9 +45,7 @@ def main() -> None:
     print(json.dumps(result))
     if args.write:
         tensors, info = read_drafter(args.drafter)
-        info.extra = (info.extra or {}) | {
-            "acceptance_by_position": result["eval/acceptance_by_position"],
-            "tokens_per_pass_by_proposals": result["eval/tokens_per_pass_by_proposals"],
+        info.extra = (info.extra or {}) | calibration_extra(result) | {
             "calibration": {"prompts": len(prompts), "device": args.device, "dtype": args.dtype,
                             "tokens_per_pass": result["eval/tokens_per_pass"],
                             "by": "benchmarks/calibrate_drafter.py"}}

@@ -27,7 +27,7 @@ from tidar.drafter import apply_drafter
 from tidar.engine import DecodeConfig, Engine, Stats, proposal_set
 from tidar.generate import encode_prompt, shipped_drafter
 from tidar.loading import load_model
-from tidar.tuner import expected_tokens_per_pass, pass_shapes
+from tidar.tuner import expected_tokens_per_pass, proposal_counts
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     drafter = args.drafter or shipped_drafter("smollm2-135m-instruct")
     b = apply_drafter(loaded.model, drafter, loaded.fingerprint).block_size
     model, budget = loaded.model.eval(), args.max_new_tokens
-    counts = [q // b - 1 for q in pass_shapes(b) if q > 1]
+    counts = proposal_counts(b)
     texts = prompt_texts(args.prompt_set, raw=False)[: args.num_prompts]
     prompts = [encode_prompt(loaded.tokenizer, t, raw=False) for t in texts]
     replayed = {n: [] for n in counts}

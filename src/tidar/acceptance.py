@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .engine import proposal_set
+from .engine import proposal_floor, proposal_set
 from .layouts import training_layout
 
 
@@ -54,7 +54,7 @@ def replay(drafts: Tensor, truth: list[int], start: int, block_size: int,
     if len(truth) < budget + b - 1:
         raise ValueError(f"replaying {budget} tokens takes {budget + b - 1} known, "
                          f"got {len(truth)}")
-    floor = [max(j for j in proposals if j <= k) for k in range(b)]
+    floor = proposal_floor(proposals, b)
     committed = []
     current = drafts[start, 1:].tolist()  # the prefill's block, after truth[0]
     generated = 1

@@ -77,6 +77,12 @@ class DecodeConfig:
         return replace(self, proposals=proposals)
 
 
+def proposal_floor(proposals: tuple[int, ...], block_size: int) -> list[int]:
+    """The block each accepted count ``k`` continues from: ``k' = max{j in S : j <= k}``
+    (DESIGN.md section 3; ``S`` holds 0)."""
+    return [max(j for j in proposals if j <= k) for k in range(block_size)]
+
+
 def proposal_set(count: int, block_size: int) -> tuple[int, ...]:
     """``count`` proposal blocks: the shortest acceptance lengths, the most likely ones."""
     if not 1 <= count <= block_size:
@@ -564,7 +570,7 @@ class Engine:
     def _constants(self, cfg: DecodeConfig) -> dict:
         """Per-configuration lookup tensors, built once so a pass does no host work."""
         S, b, dev = cfg.proposals, cfg.block_size, self.device
-        floor = [max(j for j in S if j <= k) for k in range(b)] if S else [0] * b
+        floor = proposal_floor(S, b) if S else [0] * b
         return {
             "floor": torch.tensor(floor, device=dev),
             "slot_of": torch.tensor([S.index(f) if S else 0 for f in floor], device=dev),

@@ -275,24 +275,32 @@ def evaluate(model, rows: Tensor, cfg: TrainConfig, flex: bool) -> dict:
     }
 
 
+def calibration_extra(measured: dict) -> dict:
+    """What a drafter file keeps of ``measure_acceptance``'s result for the tuner
+    (``tuner.Acceptance.of_drafter``); a record from before the replay has no replayed
+    tokens per pass."""
+    return {"acceptance_by_position": measured["eval/acceptance_by_position"],
+            "tokens_per_pass_by_proposals":
+                measured.get("eval/tokens_per_pass_by_proposals", {})}
+
+
 def measure_acceptance(model, prompts: list[list[int]], stop_ids, block_size: int) -> dict:
     """Greedy ``lossless`` tokens per pass and acceptance by draft position (``P(k >= j)``)
     of the model being trained, on a few prompts, and each proposal count's tokens per pass
     replayed from the same outputs (``tidar.acceptance``): the calibration the tuner reads."""
     from .acceptance import tokens_per_pass_by_proposals
     from .engine import DecodeConfig, Engine
-    from .tuner import pass_shapes
+    from .tuner import proposal_counts
 
     model.eval()
     engine = Engine(model, stop_ids)
-    counts = [q // block_size - 1 for q in pass_shapes(block_size) if q > 1]
     # Eagerly: decode shapes would each compile the training blocks again (seconds apiece on
     # a GPU) and use up their recompile limit; a few prompts decode in about a second.
     with torch.compiler.set_stance("force_eager"):
         outputs, stats = engine.generate(prompts, DecodeConfig(block_size=block_size,
                                                                max_new_tokens=128))
         replayed = tokens_per_pass_by_proposals(model, list(zip(prompts, outputs, strict=True)),
-                                                block_size, counts)
+                                                block_size, proposal_counts(block_size))
     model.train()
     return {"eval/tokens_per_pass": stats.tokens_per_pass,
             "eval/acceptance_by_position": stats.acceptance,
@@ -549,12 +557,9 @@ def _save(model, optimizer, names, cfg, out, fingerprint, run_key, step, history
     calibrated = [r for r in history if "eval/acceptance_by_position" in r]
     if calibrated:  # the latest calibration, for the tuner of `--proposals auto`
         latest = calibrated[-1]
-        info.extra |= {"acceptance_by_position": latest["eval/acceptance_by_position"],
-                       "tokens_per_pass_by_proposals":
-                           latest.get("eval/tokens_per_pass_by_proposals", {}),
-                       "calibration": {"step": latest["step"],
-                                       "prompts": len(cfg.eval_prompts),
-                                       "tokens_per_pass": latest["eval/tokens_per_pass"]}}
+        info.extra |= calibration_extra(latest) | {
+            "calibration": {"step": latest["step"], "prompts": len(cfg.eval_prompts),
+                            "tokens_per_pass": latest["eval/tokens_per_pass"]}}
     save_drafter(out / "drafter.safetensors", _drafter_tensors(full, names), info)
 
 

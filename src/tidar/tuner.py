@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import DecodeConfig, batch_bucket, proposal_set
+from .engine import DecodeConfig, batch_bucket, proposal_floor, proposal_set
 from .files import write_text_atomic
 
 # The least expected gain over AR for which the tuner picks drafting. Benches measured
@@ -92,7 +92,7 @@ def tokens_per_pass_moments(reach: list[float], block_size: int,
     ``expected_tokens_per_pass``)."""
     b = block_size
     p_reach = [1.0] + [reach[j - 1] if j - 1 < len(reach) else 0.0 for j in range(1, b)]
-    floor = [max(j for j in proposals if j <= k) for k in range(b)]
+    floor = proposal_floor(proposals, b)
     # State n = real drafts carried into the pass (0 .. b-1).
     transition = torch.zeros(b, b, dtype=torch.float64)
     tokens = torch.zeros(b, dtype=torch.float64)
@@ -158,14 +158,18 @@ def choose(
     return best if best.tokens_per_second > ar.tokens_per_second * (1 + MARGIN) else ar
 
 
+def proposal_counts(block_size: int) -> list[int]:
+    """The proposal blocks a pass the tuner weighs carries: 1, 2, 4, .. (up to all)."""
+    return sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size})
+
+
 def pass_shapes(block_size: int) -> dict:
     """The passes the tuner weighs, by query tokens per sequence: AR, and proposal sets of
-    1, 2, 4, .. blocks (up to all ``block_size``)."""
-    counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64) if n < block_size} | {block_size})
+    ``proposal_counts`` blocks."""
     return {1: DecodeConfig(sampler="ar")} | {
         block_size + n * block_size: DecodeConfig(block_size=block_size,
                                                  proposals=proposal_set(n, block_size))
-        for n in counts}
+        for n in proposal_counts(block_size)}
 
 
 def measure_pass_seconds(engine, block_size: int, batch: int = 1, context: int = TUNER_CONTEXT,
