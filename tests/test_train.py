@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +142,16 @@ def test_resume_reproduces_the_loss_curve(tiny_setup, tmp_path, monkeypatch):
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 41))
+
+
+def test_a_runs_checkpoint_and_drafter_get_the_modes_of_its_other_files(tiny_setup, tmp_path):
+    """Not safetensors' 0600: the run's state.json, written with ``open``, sets the bar."""
+    out = tmp_path / "run"
+    result = train(_config(tiny_setup, out, steps=2, save_every=2, lora_rank=4, lora_alpha=4),
+                   progress=False)
+    plain = stat.S_IMODE((out / "checkpoint" / "state.json").stat().st_mode)
+    for path in (out / "checkpoint" / "trainable.safetensors", Path(result["drafter"])):
+        assert stat.S_IMODE(path.stat().st_mode) == plain, path
 
 
 def test_resume_refuses_another_run(tiny_setup, tmp_path):

@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o22)  # Python can only read the umask by setting it
+    os.umask(mask)
+    return mask
+
+
+def give_plain_mode(path: Path, like: Path | None = None) -> None:
+    """Set ``path``'s permissions to those of ``like`` if it exists, else to what a file or
+    directory made with ``open`` or ``mkdir`` gets under the umask. safetensors (0.8.1 on)
+    and ``tempfile`` create theirs readable by their owner alone, which would keep a drafter
+    or checkpoint from the other users of a machine."""
+    if like is not None and like.exists():
+        mode = stat.S_IMODE(like.stat().st_mode)
+    else:
+        mode = (0o777 if path.is_dir() else 0o666) & ~_umask()
+    os.chmod(path, mode)
+
+
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it replaces ``path`` when the block ends
-    without an error, and is removed when it raises."""
+    """A temporary path beside ``path`` to write to; it replaces ``path`` (with ``path``'s
+    permissions, or a new file's) when the block ends without an error, and is removed when
+    it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         yield tmp
+        give_plain_mode(tmp, like=path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import torch
 from . import default_model
 from .config import ModelConfig, from_hf_config
 from .errors import TidarError
+from .files import give_plain_mode
 from .model import Transformer, rope_frequencies
 from .weights import load_native, read_safetensors_dir, to_native
 
@@ -129,6 +130,8 @@ def _default_model_dir() -> Path:
         cfg.hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        for path in (tmp / "model.safetensors", tmp):
+            give_plain_mode(path)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .drafter import LORA_TARGETS, DrafterInfo, add_row_lora, save_drafter
 from .errors import TidarError
+from .files import give_plain_mode
 from .layouts import FLEX_MASK_BLOCK, CausalMask, Layout, key_meta, training_layout
 from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
@@ -317,6 +318,7 @@ def _write_checkpoint(out: Path, trainable: dict, optim: dict, state: dict) -> N
     tmp.mkdir(parents=True)
     save_file({k: v.float().contiguous().cpu() for k, v in trainable.items()},
               str(tmp / "trainable.safetensors"))
+    give_plain_mode(tmp / "trainable.safetensors")
     torch.save(optim, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():
