@@ -17,6 +17,8 @@ offset (``block_drafts``), cheaper than decoding once with each set.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -73,7 +75,7 @@ def replay(drafts: Tensor, truth: list[int], start: int, block_size: int,
     return committed
 
 
-def tokens_per_pass_by_proposals(model, sequences: list[tuple[list[int], list[int]]],
+def tokens_per_pass_by_proposals(model, sequences: Iterable[tuple[list[int], list[int]]],
                                  block_size: int, counts: list[int]) -> dict[int, list[float]]:
     """``{n: [mean, variance]}`` of the tokens a greedy decode pass commits with ``n``
     proposal blocks, replayed over ``(prompt, greedy output)`` pairs (each output replayed

@@ -78,8 +78,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--prompt-set", "--prompts", dest="prompt_set", default="chat",
-                   help="humaneval, chat (built in) or FILE (one prompt a line, or .jsonl "
-                   "with a \"prompt\" field)")
+                   help="humaneval, chat, calibration (built in) or FILE (one prompt a line, "
+                   "or .jsonl with a \"prompt\" field)")
     p.add_argument("--raw", action="store_true", help="no chat template (HumanEval: the raw "
                    "completion prompt instead of a chat-wrapped one)")
     p.add_argument("--num-prompts", type=int, default=8,
@@ -147,7 +147,7 @@ def _methods(values) -> list[str]:
 def read_prompt_file(path: Path) -> list[str]:
     if not path.is_file():
         raise TidarError(f"prompt file {path} does not exist (--prompt-set takes humaneval, "
-                         "chat or a file)")
+                         "chat, calibration or a file)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -175,6 +175,10 @@ def prompt_texts(spec: str, raw: bool) -> list[str]:
     """The prompt set's texts (HumanEval chat-wrapped unless ``raw``)."""
     if spec == "chat":
         return list(CHAT_PROMPTS)
+    if spec == "calibration":
+        from .train import CALIBRATION_PROMPTS
+
+        return list(CALIBRATION_PROMPTS)
     if spec == "humaneval":
         from .humaneval import humaneval_prompts
 
@@ -243,7 +247,7 @@ def _log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def _resolve_device(args):
+def resolve_device(args):
     import torch
 
     from .cli import _device, _dtype
@@ -391,7 +395,7 @@ def run_bench(args) -> int:
 
     from .drafter import apply_drafter
     from .engine import DecodeConfig, Engine
-    from .generate import DEFAULT_BLOCK_SIZE, decode_config, encode_prompt, shipped_drafter
+    from .generate import DEFAULT_BLOCK_SIZE, decode_config, drafter_for, encode_prompt
     from .generate import stop_ids as model_stop_ids
     from .loading import load_model
     from .tuner import Acceptance, auto_config
@@ -413,13 +417,11 @@ def run_bench(args) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise TidarError(f"--out {out_dir} exists and is not a directory")
-    device, dtype_name, dtype = _resolve_device(args)
+    device, dtype_name, dtype = resolve_device(args)
 
     _log(f"loading the model on {device} ({dtype_name})")
     loaded = load_model(args.model, device=device, dtype=dtype)
-    drafter_path = args.drafter
-    if drafter_path is None and loaded.is_default:
-        drafter_path = shipped_drafter("smollm2-135m-instruct")
+    drafter_path = drafter_for(args.drafter, loaded)
     block_size, drafter = DEFAULT_BLOCK_SIZE, "untrained (mean embedding)"
     acceptance = Acceptance()  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:

@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="decoding speed against transformers and ar"))
+    from .calibrate import add_calibrate_args
+
+    add_calibrate_args(sub.add_parser(
+        "calibrate", help="measure a drafter's acceptance on your prompts for --proposals auto"))
     return parser
 
 
@@ -216,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.command == "calibrate":
+            from .calibrate import run_calibrate
+
+            return run_calibrate(args)
         return 2
     except TidarError as exc:
         print(f"tidar: error: {exc}", file=sys.stderr)

@@ -55,12 +55,14 @@ def add_row_lora(model: Transformer, rank: int, alpha: float, targets=LORA_TARGE
 
 
 def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: DrafterInfo,
-                 dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write atomically; bf16 by default (half the size, and what the GPU computes in)."""
+                 dtype: torch.dtype | None = torch.bfloat16) -> None:
+    """Write atomically; bf16 by default (half the size, and what the GPU computes in), each
+    tensor's own dtype with ``dtype=None``."""
     from safetensors.torch import save_file
 
     with replaced_atomically(Path(path)) as tmp:
-        save_file({k: v.to(dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+        save_file({k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp),
                   metadata=info.metadata())
 
 

@@ -17,6 +17,7 @@ replays.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -107,6 +108,13 @@ class Stats:
     @property
     def tokens_per_pass(self) -> float:
         return sum(self.tokens) / max(1, sum(self.passes))
+
+    def add(self, other: Stats) -> None:
+        """Count another run's rows and passes in with this one's."""
+        self.passes += other.passes
+        self.tokens += other.tokens
+        self.committed_hist = [a + b for a, b in itertools.zip_longest(
+            self.committed_hist, other.committed_hist, fillvalue=0)]
 
     def row_tokens_per_pass(self, row: int) -> float:
         return self.tokens[row] / max(1, self.passes[row])

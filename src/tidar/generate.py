@@ -25,6 +25,14 @@ def shipped_drafter(model_name: str) -> Path | None:
     return Path(str(path)) if path.is_file() else None
 
 
+def drafter_for(requested: str | None, loaded) -> str | Path | None:
+    """The drafter a command uses: the one asked for, else the embedded default's shipped
+    one (None: an untrained drafter)."""
+    if requested is None and loaded.is_default:
+        return shipped_drafter("smollm2-135m-instruct")
+    return requested
+
+
 def encode_prompt(tokenizer, prompt: str, raw: bool) -> list[int]:
     if not raw and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
@@ -209,8 +217,9 @@ class Decoder:
             return None
         if self.drafter_path is not None and not self.acceptance.reach:
             print(f"tidar: {self.drafter_path} has no acceptance profile (its conversion "
-                  "measured none: --eval-prompt); --proposals auto assumes no draft is "
-                  "accepted; pass --proposals N to draft anyway", file=sys.stderr)
+                  "measured none); --proposals auto assumes no draft is accepted; measure "
+                  "one with `tidar calibrate --drafter FILE`, or pass --proposals N to draft "
+                  "anyway", file=sys.stderr)
         self.cfg, info = auto_config(self.engine, self.loaded.fingerprint, self.cfg,
                                      self.acceptance)
         return info
@@ -228,9 +237,7 @@ def load_decoder(args) -> Decoder:
     device = _device(args.device)
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, device=device, dtype=_dtype(args.dtype))
-    drafter_path = args.drafter
-    if drafter_path is None and loaded.is_default:
-        drafter_path = shipped_drafter("smollm2-135m-instruct")
+    drafter_path = drafter_for(args.drafter, loaded)
     block_size = DEFAULT_BLOCK_SIZE
     acceptance = Acceptance()  # an untrained drafter is assumed never to be accepted
     if drafter_path is not None:

@@ -285,23 +285,43 @@ def calibration_extra(measured: dict) -> dict:
                 measured.get("eval/tokens_per_pass_by_proposals", {})}
 
 
-def measure_acceptance(model, prompts: list[list[int]], stop_ids, block_size: int) -> dict:
+def measure_acceptance(model, prompts: list[list[int]], stop_ids, block_size: int,
+                       max_new_tokens: int = 128, batch_size: int = 0,
+                       progress: bool = False) -> dict:
     """Greedy ``lossless`` tokens per pass and acceptance by draft position (``P(k >= j)``)
     of the model being trained, on a few prompts, and each proposal count's tokens per pass
-    replayed from the same outputs (``tidar.acceptance``): the calibration the tuner reads."""
+    replayed from the same outputs (``tidar.acceptance``): the calibration the tuner reads.
+    ``batch_size`` prompts decode together (0: all of them); ``progress``: bars on stderr."""
+    from tqdm import tqdm
+
     from .acceptance import tokens_per_pass_by_proposals
-    from .engine import DecodeConfig, Engine
+    from .engine import DecodeConfig, Engine, Stats
     from .tuner import proposal_counts
 
-    model.eval()
     engine = Engine(model, stop_ids)
+    cfg = DecodeConfig(block_size=block_size, max_new_tokens=max_new_tokens)
+    engine.check_prompts(prompts, cfg)
+    model.eval()
+    stats, pairs = Stats(block_size), []
+    step = batch_size or len(prompts)
     # Eagerly: decode shapes would each compile the training blocks again (seconds apiece on
     # a GPU) and use up their recompile limit; a few prompts decode in about a second.
     with torch.compiler.set_stance("force_eager"):
-        outputs, stats = engine.generate(prompts, DecodeConfig(block_size=block_size,
-                                                               max_new_tokens=128))
-        replayed = tokens_per_pass_by_proposals(model, list(zip(prompts, outputs, strict=True)),
-                                                block_size, proposal_counts(block_size))
+        with tqdm(total=len(prompts) * max_new_tokens, desc="decoding", unit="tok",
+                  disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(prompts), step):
+                chunk = prompts[start:start + step]
+                outputs = [[] for _ in chunk]
+                for row, tokens in engine.stream(chunk, cfg):
+                    outputs[row] += tokens
+                    bar.update(len(tokens))
+                bar.update(len(chunk) * max_new_tokens - sum(map(len, outputs)))  # stopped
+                stats.add(engine.last_stats)
+                pairs += zip(chunk, outputs, strict=True)
+        replayed = tokens_per_pass_by_proposals(
+            model, tqdm(pairs, desc="replaying", unit="prompt", disable=not progress,
+                        file=sys.stderr),
+            block_size, proposal_counts(block_size))
     model.train()
     return {"eval/tokens_per_pass": stats.tokens_per_pass,
             "eval/acceptance_by_position": stats.acceptance,
