@@ -85,6 +85,27 @@ def test_calibrate_stores_the_measurement_in_a_copy(setup, tmp_path, capsys):
         measured["eval/tokens_per_pass_by_proposals"]
 
 
+def _info(capsys, model_dir, drafter) -> dict[str, str]:
+    assert main(["info", str(model_dir), "--drafter", str(drafter)]) == 0
+    return {line.split()[0]: " ".join(line.split()[1:])
+            for line in capsys.readouterr().out.splitlines()}
+
+
+def test_info_describes_the_drafter_and_its_calibration(setup, tmp_path, capsys):
+    model_dir, drafter, prompts = setup
+    before = _info(capsys, model_dir, drafter)
+    assert before["drafter_mode"] == "frozen-ar, block size 4, LoRA rank 4"
+    assert before["drafter_training"] == "40 steps, 20,480 clean tokens in its last run"
+    assert before["drafter_for_this_model"] == "yes"
+    assert before["drafter_calibration"] == "none (`tidar calibrate` measures one)"
+    out = tmp_path / "calibrated.safetensors"
+    assert _calibrate(capsys, setup, "--out", str(out))[0] == 0
+    after = _info(capsys, model_dir, out)["drafter_calibration"]
+    assert after.startswith("1.") and "on 5 prompts (cpu, float32)" in after
+    other = tiny_model_dir(tmp_path / "other", seed=1)
+    assert _info(capsys, other, drafter)["drafter_for_this_model"].startswith("no (trained for")
+
+
 def test_calibrate_in_place_and_dry_run(setup, tmp_path, capsys):
     _, drafter, prompts = setup
     copy = tmp_path / "d.safetensors"

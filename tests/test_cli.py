@@ -118,6 +118,11 @@ def test_stop_string_ends_generation(default, capsys):
 def test_info(default, capsys):
     code, out, _ = _run(capsys, "info")
     assert code == 0 and "llama" in out and "134515008" in out
+    lines = {line.split()[0]: " ".join(line.split()[1:]) for line in out.splitlines()}
+    assert lines["drafter"].endswith("smollm2-135m-instruct.safetensors")  # the shipped one
+    assert lines["drafter_mode"] == "frozen-ar, block size 16, LoRA rank 48"
+    assert lines["drafter_for_this_model"] == "yes"
+    assert lines["drafter_calibration"].startswith("1.594 tokens per pass on 8 prompts")
 
 
 @pytest.mark.parametrize(

@@ -165,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
 
-    info = sub.add_parser("info", help="describe a model")
+    info = sub.add_parser("info", help="describe a model and its drafter")
     info.add_argument("model", nargs="?", default=None)
+    info.add_argument("--drafter", default=None,
+                      help="drafter to describe (default: the model's shipped one, if any)")
 
     serve = sub.add_parser("serve", help="an HTTP API in OpenAI's style (FastAPI)")
     add_model_args(serve)
@@ -257,11 +259,45 @@ def run_info(args) -> int:
     }
     if cfg.moe:
         info["experts"] = f"{cfg.moe.top_k} of {cfg.moe.num_experts}"
+    info |= _drafter_info(args.drafter, loaded)
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     print(f"(loaded in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return 0
+
+
+def _drafter_info(requested: str | None, loaded) -> dict:
+    """What ``tidar info`` says of the drafter: its settings, training, whether it belongs
+    to the model, and the calibration ``--proposals auto`` reads."""
+    from .drafter import read_drafter
+    from .generate import drafter_for
+
+    path = drafter_for(requested, loaded)
+    if path is None:
+        return {"drafter": "none (--drafter FILE from `tidar convert`)"}
+    _, d = read_drafter(path)
+    extra = d.extra or {}
+    adapters = f", LoRA rank {d.lora_rank}" if d.lora_rank else ""
+    total = extra.get("clean_tokens_total")
+    trained = (f"{total:,} clean tokens over all its runs" if total else
+               f"{extra.get('steps', '?')} steps, "
+               f"{extra.get('clean_tokens', 0):,} clean tokens in its last run")
+    out = {"drafter": str(path),
+           "drafter_mode": f"{d.mode}, block size {d.block_size}{adapters}",
+           "drafter_training": trained,
+           "drafter_for_this_model": "yes" if d.base_fingerprint == loaded.fingerprint else
+           f"no (trained for {d.base_fingerprint})"}
+    calibration, reach = extra.get("calibration", {}), extra.get("acceptance_by_position")
+    if reach:
+        where = ", ".join(str(calibration[k]) for k in ("device", "dtype") if k in calibration)
+        out["drafter_calibration"] = (
+            f"{calibration.get('tokens_per_pass', 0):.3f} tokens per pass on "
+            f"{calibration.get('prompts', '?')} prompts" + (f" ({where})" if where else "")
+            + "; P(k >= 1, 2, 3) = " + ", ".join(f"{p:.3f}" for p in reach[:3]))
+    else:
+        out["drafter_calibration"] = "none (`tidar calibrate` measures one)"
+    return out
 
 
 if __name__ == "__main__":
