@@ -162,6 +162,9 @@ def test_deterministic_for_a_seed(tok, tmp_path):
     y = draw(PackedRows(specs, tok, EOS, 16, 4, seed=5), 10)
     z = draw(PackedRows(specs, tok, EOS, 16, 4, seed=6), 10)
     assert torch.equal(x, y) and not torch.equal(x, z)
+    (tmp_path / "elsewhere").mkdir()
+    moved = _two_sources(tmp_path / "elsewhere")  # the same data in another directory
+    assert torch.equal(draw(PackedRows(moved, tok, EOS, 16, 4, seed=5), 10), x)
 
 
 def test_resume_from_state_or_skip_gives_the_same_batches(tok, tmp_path):
