@@ -123,6 +123,7 @@ def test_calibrate_in_place_and_dry_run(setup, tmp_path, capsys):
     (["--max-new-tokens", "4"], "at least the block size + 1 (5)"),
     (["--max-new-tokens", "300"], "exceeds the model's context of 256"),  # before decoding
     (["--out", "."], "is a directory"),
+    (["--out", "/dev/null/drafter.safetensors"], "cannot be written"),  # checked before work
     (["--prompt-set", "/no/such/prompts.txt"], "does not exist"),
     (["--drafter", "/no/such/drafter.safetensors"], "does not exist"),
 ])

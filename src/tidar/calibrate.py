@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import TidarError
+from .files import check_writable
 
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +85,9 @@ def run_calibrate(args) -> int:
     if drafter is None:
         raise TidarError("this model has no shipped drafter: pass --drafter FILE")
     info = apply_drafter(loaded.model, drafter, loaded.fingerprint)
+    out = Path(args.out or drafter)
+    if not args.dry_run:
+        check_writable(out, "--out" if args.out else "the drafter")
     if args.max_new_tokens < info.block_size + 1:
         raise TidarError(f"--max-new-tokens must be at least the block size + 1 "
                          f"({info.block_size + 1}) for the replay, got {args.max_new_tokens}")
@@ -102,7 +106,6 @@ def run_calibrate(args) -> int:
     if args.json:
         print(json.dumps(result | {"calibration": record}))
     if not args.dry_run:
-        out = Path(args.out or drafter)
         tensors, info = read_drafter(drafter)
         info.extra = (info.extra or {}) | calibration_extra(result) | {"calibration": record}
         save_drafter(out, tensors, info, dtype=None)

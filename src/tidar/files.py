@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,19 @@ def give_plain_mode(path: Path, like: Path | None = None) -> None:
     else:
         mode = (0o777 if path.is_dir() else 0o666) & ~_umask()
     os.chmod(path, mode)
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """A one-line error now, not after the work that would write ``path``: its directory
+    must exist (it is made if missing) and take a new file."""
+    from .errors import TidarError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise TidarError(f"{flag} {path} cannot be written: {exc.strerror or exc}") from None
 
 
 @contextmanager
