@@ -203,3 +203,20 @@ def test_help_lists_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["data", "code", "--help"])
     assert "(default: .py .md .rst)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", [
+    ["convert", "--data", "x.txt", "--model", "/no/such/model"],
+    ["bench", "--model", "/no/such/model"],
+    ["data", "code", "--packages", "tidar"],
+    ["data", "synth", "--model", "/no/such/model"],
+])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(command, tmp_path, capsys):
+    """Checked before the model loads: a file in the way, or a directory that cannot be made."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out, message in [(blocker, "exists and is not a directory"),
+                         (blocker / "run", "cannot be written")]:
+        code, _, err = _run(capsys, *command, "--out", str(out))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], err

@@ -39,6 +39,7 @@ from pathlib import Path
 from .bench_plots import plot
 from .bench_report import resume_cells, save_report, table
 from .errors import TidarError
+from .files import output_dir
 from .peers import HFRunner, Run, sync
 
 METHODS = ("hf", "pld", "ar", "lossless", "mix", "auto")
@@ -414,9 +415,7 @@ def run_bench(args) -> int:
     if args.context is not None and args.context < 1:
         raise TidarError(f"--context must be at least 1, got {args.context}")
     texts = prompt_texts(args.prompt_set, args.raw)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TidarError(f"--out {out_dir} exists and is not a directory")
+    out_dir = output_dir(args.out)
     device, dtype_name, dtype = resolve_device(args)
 
     _log(f"loading the model on {device} ({dtype_name})")
@@ -502,7 +501,6 @@ def run_bench(args) -> int:
         "results": [],
         "pass_latency": None,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     kept = resume_cells(out_dir, report) if args.resume else {}
     if args.resume and not kept:
         _log(f"--resume: no cells to keep in {out_dir}, measuring every one")

@@ -31,17 +31,34 @@ def give_plain_mode(path: Path, like: Path | None = None) -> None:
     os.chmod(path, mode)
 
 
-def check_writable(path: Path, flag: str) -> None:
-    """A one-line error now, not after the work that would write ``path``: its directory
-    must exist (it is made if missing) and take a new file."""
+def _check_writing_in(directory: Path, what: str) -> None:
+    """A one-line error now, not a traceback after the work: ``directory`` must exist (it is
+    made if missing) and take a new file."""
     from .errors import TidarError
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        raise TidarError(f"{flag} {path} cannot be written: {exc.strerror or exc}") from None
+        raise TidarError(f"{what} cannot be written: {exc.strerror or exc}") from None
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """``path``, a file to be written after long work, can be."""
+    _check_writing_in(path.parent, f"{flag} {path}")
+
+
+def output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a directory a command writes into: made if missing, checked before the
+    work."""
+    from .errors import TidarError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TidarError(f"{flag} {path} exists and is not a directory")
+    _check_writing_in(path, f"{flag} {path}")
+    return path
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import TidarError
-from .files import write_jsonl_atomic, write_text_atomic
+from .files import output_dir, write_jsonl_atomic, write_text_atomic
 
 SENTINEL = "TIDARUSERTURN7731"
 SHARD_NAME = "synth-{:05d}.jsonl"
@@ -434,9 +434,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def run_data(args) -> int:
-    out = getattr(args, "out", None)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise TidarError(f"--out {out} exists and is not a directory")
+    if getattr(args, "out", None) is not None:
+        output_dir(args.out)
     if args.data_command == "synth":
         return run_synth(args)
     if args.data_command == "code":

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .drafter import LORA_TARGETS, DrafterInfo, add_row_lora, save_drafter
 from .errors import TidarError
-from .files import give_plain_mode
+from .files import give_plain_mode, output_dir
 from .layouts import FLEX_MASK_BLOCK, CausalMask, Layout, key_meta, training_layout
 from .losses import linear_cross_entropy
 from .model import KVCache, MoE, Transformer
@@ -110,8 +110,6 @@ class TrainConfig:
                 raise TidarError(f"{flag} must be a finite number >= 0, got {value}")
         if not self.data:
             raise TidarError("no training data: pass --data SOURCE [SOURCE ...]")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise TidarError(f"--out {self.out} exists and is not a directory")
         if self.init_drafter is not None and not Path(self.init_drafter).is_file():
             raise TidarError(f"drafter {self.init_drafter} does not exist")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -420,8 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.eval_prompts is None:
         cfg = replace(cfg, eval_prompts=default_eval_prompts(device))
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(cfg.out)
 
     loaded = load_model(cfg.model, device="cpu", dtype=torch.float32)
     model, tokenizer = loaded.model, loaded.tokenizer
