@@ -206,6 +206,16 @@ def test_bad_settings(tiny_setup, tmp_path, change, message):
         train(_config(tiny_setup, **change), progress=False)
 
 
+@pytest.mark.parametrize("prompt, message", [("", "at least one token"),
+                                             ("t10 " * 200, "exceeds the model's context")])
+def test_an_unusable_eval_prompt_fails_before_training(tiny_setup, tmp_path, prompt, message):
+    """Not at the first evaluation, which may come hours later."""
+    out = tmp_path / "run"
+    with pytest.raises(TidarError, match=message):
+        train(_config(tiny_setup, out, eval_prompts=[prompt]), progress=False)
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_unusable_data(tiny_setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n{\"text\": \"\"}\n{\"other\": 1}\n")

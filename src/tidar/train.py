@@ -46,6 +46,7 @@ CALIBRATION_PROMPTS = (
     "What is the difference between a list and a tuple in Python?",
     "Give me a short plan for learning to cook.",
 )
+CALIBRATION_NEW_TOKENS = 128  # tokens decoded a calibration prompt
 
 
 @dataclass
@@ -283,8 +284,21 @@ def calibration_extra(measured: dict) -> dict:
                 measured.get("eval/tokens_per_pass_by_proposals", {})}
 
 
+def eval_prompt_ids(loaded, cfg: TrainConfig) -> list[list[int]]:
+    """The evaluations' calibration prompts as tokens, checked now rather than at the first
+    evaluation (an empty one, or one too long for the context)."""
+    from .engine import DecodeConfig, Engine
+    from .generate import encode_prompt
+
+    ids = [encode_prompt(loaded.tokenizer, p, raw=False) for p in cfg.eval_prompts]
+    if ids:
+        Engine(loaded.model, ()).check_prompts(ids, DecodeConfig(
+            block_size=cfg.block_size, max_new_tokens=CALIBRATION_NEW_TOKENS))
+    return ids
+
+
 def measure_acceptance(model, prompts: list[list[int]], stop_ids, block_size: int,
-                       max_new_tokens: int = 128, batch_size: int = 0,
+                       max_new_tokens: int = CALIBRATION_NEW_TOKENS, batch_size: int = 0,
                        progress: bool = False) -> dict:
     """Greedy ``lossless`` tokens per pass and acceptance by draft position (``P(k >= j)``)
     of the model being trained, on a few prompts, and each proposal count's tokens per pass
@@ -400,7 +414,7 @@ def _peak_flops(device: torch.device) -> float | None:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     from .data import PackedRows, held_out_rows
-    from .generate import encode_prompt, stop_ids
+    from .generate import stop_ids
     from .loading import load_model
     from .prefetch import Prefetched
 
@@ -424,6 +438,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise TidarError("the model has no tokenizer: conversion needs one to read the data")
+    prompt_ids = eval_prompt_ids(loaded, cfg)
     run_key = cfg.run_key(loaded.fingerprint)
     eos = (loaded.config.eos_token_ids or (tokenizer.eos_token_id,))[0]
     rows_source = PackedRows(cfg.data, tokenizer, eos, cfg.seq_len, cfg.batch_size, cfg.seed)
@@ -468,7 +483,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         # Metrics logged after the checkpoint are replayed by this run: drop them.
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    prompt_ids = [encode_prompt(tokenizer, p, raw=False) for p in cfg.eval_prompts]
     writer = _tensorboard(out) if rank == 0 else None
     total_params = sum(p.numel() for p in model.parameters())
     flops_per_clean_token = (6 if cfg.mode == "full" else 4) * 2 * total_params
