@@ -135,12 +135,13 @@ def test_bad_input_is_one_line(setup, capsys, extra, message):
 
 
 def test_a_model_without_a_shipped_drafter_needs_one(setup, capsys):
-    code = main(["calibrate", "--model", str(setup[0]), "--device", "cpu"])
+    code = main(["calibrate", "--model", str(setup[0]), "--device", "cpu", "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "pass --drafter FILE" in err
 
 
-def test_the_shipped_drafter_is_not_written_in_place(capsys):
+@pytest.mark.parametrize("model", [[], ["--model", "smollm2-135m-instruct"]])
+def test_the_shipped_drafter_is_not_written_in_place(model, capsys):
     """Refused before anything loads (the embedded default is not needed to see it)."""
-    assert main(["calibrate"]) == 2
+    assert main(["calibrate", *model]) == 2
     assert "pass --out FILE" in capsys.readouterr().err

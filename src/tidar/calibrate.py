@@ -50,21 +50,22 @@ def _check(args) -> None:
             raise TidarError(f"{flag} must be at least 1, got {value}")
     if args.out is not None and Path(args.out).is_dir():
         raise TidarError(f"--out {args.out} is a directory; name the drafter file to write")
-    if args.model is None and args.drafter is None and args.out is None and not args.dry_run:
-        raise TidarError("the shipped drafter is part of the package and is not written in "
-                         "place: pass --out FILE (or --dry-run)")
+    if args.drafter is None and args.out is None and not args.dry_run:
+        raise TidarError("without --drafter the shipped drafter is calibrated, which is part "
+                         "of the package and not written in place: pass --out FILE (or "
+                         "--dry-run)")
 
 
 def summary(result: dict, before: float | None) -> str:
     """The measurement in words."""
     reach = result["eval/acceptance_by_position"]
     replayed = result["eval/tokens_per_pass_by_proposals"]
-    lines = [f"tokens per pass with every proposal block: "
+    lines = [f"tokens per pass with every proposal block, prefill included: "
              f"{result['eval/tokens_per_pass']:.3f}"
              + ("" if before is None else f" (the drafter's calibration said {before:.3f})"),
              f"P(k >= j), a pass accepting j drafts or more, for j = 1..{min(8, len(reach))}: "
              + " ".join(f"{p:.3f}" for p in reach[:8]),
-             "replayed tokens per pass by proposal blocks: "
+             "tokens per decode pass by proposal blocks, replayed: "
              + (", ".join(f"{n}: {m[0]:.3f}" for n, m in replayed.items())
                 or "none (every output ended within a block of its prompt)")]
     return "\n".join(lines)

@@ -62,8 +62,7 @@ def save_drafter(path: str | Path, tensors: dict[str, torch.Tensor], info: Draft
 
     with replaced_atomically(Path(path)) as tmp:
         save_file({k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()},
-                  str(tmp),
-                  metadata=info.metadata())
+                  str(tmp), metadata=info.metadata())
 
 
 def read_drafter(path: str | Path, fingerprint: str | None = None
