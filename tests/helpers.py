@@ -10,6 +10,7 @@ trio.
 from __future__ import annotations
 
 import contextlib
+import random
 
 import numpy as np
 import pytest
@@ -253,6 +254,13 @@ class ScriptedModel(nn.Module):
 
 
 EOS = 127
+
+
+def repeating_doc(rng: random.Random, length: int = 48) -> str:
+    """A random 3-token pattern of t10..t19, repeated: after one period the rest of the
+    document is determined, so a whole block can be drafted in one step."""
+    pattern = [f"t{10 + rng.randrange(10)}" for _ in range(3)]
+    return " ".join(pattern[i % 3] for i in range(length))
 
 
 def tiny_model_dir(path, seed: int = 0):

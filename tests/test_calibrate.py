@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model_dir
+from helpers import repeating_doc, tiny_model_dir
 
 from tidar.cli import main
 from tidar.drafter import apply_drafter, read_drafter
@@ -21,12 +21,6 @@ from tidar.tuner import Acceptance
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _repeating(rng: random.Random, length: int) -> str:
-    """A random 3-token pattern repeated: what the drafter learns to continue."""
-    pattern = [f"t{10 + rng.randrange(10)}" for _ in range(3)]
-    return " ".join(pattern[i % 3] for i in range(length))
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model, a drafter for it (block size 4) trained to draft repeated patterns, and
@@ -35,14 +29,14 @@ def setup(tmp_path_factory):
     model_dir = tiny_model_dir(root / "model", seed=0)
     rng = random.Random(0)
     data = root / "repeat.jsonl"
-    data.write_text("".join(json.dumps({"text": _repeating(rng, 48)}) + "\n"
+    data.write_text("".join(json.dumps({"text": repeating_doc(rng, 48)}) + "\n"
                             for _ in range(300)))
     run = train(TrainConfig(out=str(root / "run"), data=[str(data)], model=str(model_dir),
                             block_size=4, seq_len=32, batch_size=16, steps=40, lr=3e-3,
                             warmup=10, dtype="float32", eval_every=1000, lora_rank=4,
                             lora_alpha=4, save_every=40, seed=0), progress=False)
     prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(_repeating(rng, 6) for _ in range(5)))
+    prompts.write_text("\n".join(repeating_doc(rng, 6) for _ in range(5)))
     return model_dir, Path(run["drafter"]), prompts
 
 

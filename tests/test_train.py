@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EOS, tiny_model_dir
+from helpers import EOS, repeating_doc, tiny_model_dir
 
 from tidar import train as train_mod
 from tidar.drafter import apply_drafter, read_drafter
@@ -23,13 +23,6 @@ from tidar.train import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _repeating_doc(rng: random.Random, length: int = 48) -> str:
-    """A random 3-token pattern of t10..t19, repeated: after one period the rest of the
-    document is determined, so a whole block can be drafted in one step."""
-    pattern = [f"t{10 + rng.randrange(10)}" for _ in range(3)]
-    return " ".join(pattern[i % 3] for i in range(length))
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
@@ -38,7 +31,7 @@ def tiny_setup(tmp_path_factory):
     data = root / "repeat.jsonl"
     with data.open("w") as f:
         for _ in range(600):
-            f.write(json.dumps({"text": _repeating_doc(rng)}) + "\n")
+            f.write(json.dumps({"text": repeating_doc(rng)}) + "\n")
     return model_dir, data
 
 
@@ -54,7 +47,7 @@ def _config(tiny_setup, out, **kw) -> TrainConfig:
 
 def _prompts(n: int = 4) -> list[str]:
     rng = random.Random(123)
-    return [_repeating_doc(rng, 6) for _ in range(n)]
+    return [repeating_doc(rng, 6) for _ in range(n)]
 
 
 def _tokens_per_pass(model_dir, drafter=None) -> tuple[float, bool]:
