@@ -20,6 +20,8 @@ from .files import check_writable
 
 
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    from .train import CALIBRATION_NEW_TOKENS
+
     p.add_argument("--model", default=None, help="HF directory, .gguf file or hub id "
                    "(default: the embedded smollm2-135m-instruct)")
     p.add_argument("--drafter", default=None, help="drafter checkpoint to calibrate "
@@ -33,7 +35,8 @@ def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.add_argument("--num-prompts", type=int, default=16,
                    help="at most this many prompts, the set's first")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens decoded a prompt")
+    p.add_argument("--max-new-tokens", type=int, default=CALIBRATION_NEW_TOKENS,
+                   help="tokens decoded a prompt")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="default: cuda if available")
